@@ -1,0 +1,192 @@
+"""Reading datasets in the MVTec AD layout and anomaly-source folders into in-memory uint8 tensors.
+
+Layout: <data_path>/<category>/train/good/*, <data_path>/<category>/test/<good|defect>/*,
+<data_path>/<category>/ground_truth/<defect>/<stem>_mask.png. Every image file is decoded once per run
+(in parallel threads: OpenCV releases the GIL), resized and kept as a (N, 3, H, W) uint8 BGR tensor,
+the channel order of the official code and its checkpoints.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+# The official --obj_id order (0..14).
+CATEGORIES = ["capsule", "bottle", "carpet", "leather", "pill", "transistor", "tile", "cable", "zipper",
+              "toothbrush", "metal_nut", "hazelnut", "screw", "grid", "wood"]
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+CHANNEL_ORDER = "BGR"
+
+cv2.setNumThreads(1)  # we parallelise over files instead
+
+
+class DataError(ValueError):
+    """A dataset problem the scripts report as one line (no traceback)."""
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in Path(folder).glob(pattern) if is_image(p))
+
+
+def to_bgr8(image: np.ndarray) -> np.ndarray:
+    """Any decoded image (gray, BGR, BGRA; 8 or 16 bit, or float) as 3-channel uint8 BGR."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = np.clip(image.astype(np.float32) * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    return image
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 BGR, resized bilinearly as in the official code."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise DataError(f"cannot decode image {path}")
+    return cv2.resize(to_bgr8(image), (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def read_mask(path: Path, size: int) -> np.ndarray:
+    """(size, size) uint8 in 0..255, resized bilinearly (binarised later, by the evaluation protocol)."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise DataError(f"cannot decode mask {path}")
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def parallel_read(reader, paths: list[Path], size: int, workers: int) -> list[np.ndarray]:
+    """Decode every file; report every unreadable one in one error, not just the first."""
+    def safe(path: Path) -> np.ndarray | str:
+        try:
+            return reader(path, size)
+        except (DataError, cv2.error) as exc:
+            return str(exc).splitlines()[0] if isinstance(exc, DataError) else f"cannot decode {path}"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(safe, paths))
+    bad = [r for r in results if isinstance(r, str)]
+    if bad:
+        raise DataError(f"{len(bad)} unreadable file(s): " + "; ".join(bad))
+    return results
+
+
+def load_images(paths: list[Path], size: int, workers: int | None = None) -> Tensor:
+    """(N, 3, size, size) uint8 BGR tensor."""
+    images = parallel_read(read_image, paths, size, workers or default_workers())
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def category_dir(data_path: Path, category: str) -> Path:
+    folder = Path(data_path) / category
+    if not Path(data_path).is_dir():
+        raise DataError(f"--data_path {data_path} is not a folder")
+    if not folder.is_dir():
+        raise DataError(f"category folder {folder} does not exist (expected <data_path>/<category>/train/good/*)")
+    return folder
+
+
+def load_train_images(data_path: Path, category: str, size: int, workers: int | None = None) -> Tensor:
+    folder = category_dir(data_path, category) / "train" / "good"
+    paths = list_images(folder) if folder.is_dir() else []
+    if not paths:
+        raise DataError(f"no training images in {folder} (expected <data_path>/<category>/train/good/*.png|jpg|...)")
+    return load_images(paths, size, workers)
+
+
+def load_anomaly_sources(source_path: Path, size: int, workers: int | None = None) -> Tensor:
+    """Every image below source_path, recursively (DTD's images/<class>/*.jpg, or a flat folder)."""
+    if not Path(source_path).is_dir():
+        raise DataError(f"--anomaly_source_path {source_path} is not a folder")
+    paths = list_images(source_path, recursive=True)
+    if not paths:
+        raise DataError(f"--anomaly_source_path {source_path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return load_images(paths, size, workers)
+
+
+@dataclass
+class TestSet:
+    images: Tensor  # (N, 3, H, W) uint8 BGR
+    masks: Tensor  # (N, 1, H, W) uint8 0..255, bilinearly resized; zeros for good images
+    labels: Tensor  # (N,) 0 good, 1 defective
+    defect_types: list[str]
+    paths: list[Path]
+
+
+def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
+    for candidate in sorted(gt_dir.glob(f"{image_path.stem}_mask.*")) + sorted(gt_dir.glob(f"{image_path.stem}.*")):
+        if is_image(candidate):
+            return candidate
+    return None
+
+
+def load_test_set(data_path: Path, category: str, size: int, workers: int | None = None) -> TestSet:
+    root = category_dir(data_path, category)
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"no test folder {test_dir} (expected <data_path>/<category>/test/<good|defect>/*)")
+    paths, defect_types, mask_paths, missing = [], [], [], []
+    for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+        for path in list_images(defect_dir):
+            mask_path = None
+            if defect_dir.name != "good":
+                mask_path = mask_path_for(root / "ground_truth" / defect_dir.name, path)
+                if mask_path is None:
+                    missing.append(str(path))
+            paths.append(path)
+            defect_types.append(defect_dir.name)
+            mask_paths.append(mask_path)
+    if not paths:
+        raise DataError(f"no test images below {test_dir}")
+    if missing:
+        raise DataError(f"{len(missing)} defect image(s) without a mask in {root / 'ground_truth'}: "
+                        + "; ".join(missing))
+    workers = workers or default_workers()
+    images = load_images(paths, size, workers)
+    masks = torch.zeros(len(paths), 1, size, size, dtype=torch.uint8)
+    with_mask = [i for i, m in enumerate(mask_paths) if m is not None]
+    if with_mask:
+        read = parallel_read(read_mask, [mask_paths[i] for i in with_mask], size, workers)
+        masks[with_mask] = torch.from_numpy(np.stack(read))[:, None]
+    labels = torch.tensor([t != "good" for t in defect_types], dtype=torch.long)
+    return TestSet(images, masks, labels, defect_types, paths)
+
+
+def available_categories(data_path: Path) -> list[str]:
+    """Categories present under data_path: MVTec names in the official order, then any others sorted."""
+    present = {d.name for d in Path(data_path).iterdir() if (d / "train" / "good").is_dir()}
+    return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES))
+
+
+def resolve_categories(obj_id: str, data_path: Path) -> list[str]:
+    """--obj_id: an index 0..14 (official order), -1 for every category present, or a category name."""
+    if obj_id.lstrip("-").isdigit():
+        index = int(obj_id)
+        if index == -1:
+            if not Path(data_path).is_dir():
+                raise DataError(f"--data_path {data_path} is not a folder")
+            found = available_categories(data_path)
+            if not found:
+                raise DataError(f"no category with train/good/ under --data_path {data_path}")
+            return found
+        if not 0 <= index < len(CATEGORIES):
+            raise DataError(f"--obj_id {obj_id}: expected -1, 0..{len(CATEGORIES) - 1} or a category name")
+        return [CATEGORIES[index]]
+    return [obj_id]

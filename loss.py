@@ -1,0 +1,73 @@
+"""DRAEM's losses, hand-written as in the official code: L2 + SSIM loss + focal loss (+ SSPCAB MSE).
+
+Everything is computed on the inputs' device and dtype and returns tensors: no host syncs.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gaussian_window(size: int, sigma: float, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(channels, 1, size, size) normalised Gaussian kernel for a grouped convolution."""
+    x = torch.arange(size, device=device, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x.square() / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g).to(dtype).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(img1: Tensor, img2: Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
+         reduce: bool = True) -> Tensor:
+    """Structural similarity of two (B, C, H, W) batches; Gaussian window, zero padding (official code).
+
+    Returns the mean SSIM, or with ``reduce=False`` the per-pixel SSIM map.
+    """
+    channels = img1.shape[1]
+    window = gaussian_window(window_size, sigma, channels, img1.device, img1.dtype)
+    pad = window_size // 2
+
+    def blur(x: Tensor) -> Tensor:
+        return F.conv2d(x, window, padding=pad, groups=channels)
+
+    mu1, mu2 = blur(img1), blur(img2)
+    var1 = blur(img1 * img1) - mu1.square()
+    var2 = blur(img2 * img2) - mu2.square()
+    cov = blur(img1 * img2) - mu1 * mu2
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu1 * mu2 + c1) * (2 * cov + c2)) / ((mu1.square() + mu2.square() + c1) * (var1 + var2 + c2))
+    return ssim_map.mean() if reduce else ssim_map
+
+
+def ssim_loss(img1: Tensor, img2: Tensor) -> Tensor:
+    return 1 - ssim(img1, img2)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss on softmax probabilities (not logits), as in the official code: gamma 2, alpha 1."""
+
+    def __init__(self, gamma: float = 2.0, smooth: float = 1e-5):
+        super().__init__()
+        self.gamma, self.smooth = gamma, smooth
+
+    def forward(self, probs: Tensor, mask: Tensor) -> Tensor:
+        """probs: (B, K, H, W) class probabilities; mask: (B, 1, H, W) or (B, H, W) class indices."""
+        target = mask.reshape(mask.shape[0], *probs.shape[2:]).long()
+        one_hot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+        one_hot = one_hot.clamp(self.smooth / (probs.shape[1] - 1), 1 - self.smooth)
+        pt = (one_hot * probs).sum(dim=1) + self.smooth
+        return (-(1 - pt).pow(self.gamma) * pt.log()).mean()
+
+
+def draem_loss(reconstruction: Tensor, clean: Tensor, logits: Tensor, mask: Tensor,
+               block5_input: Tensor | None = None, block5_output: Tensor | None = None,
+               sspcab_lambda: float = 0.1, focal: FocalLoss | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total DRAEM loss and its parts (unweighted sum; SSPCAB term added when its tensors are given)."""
+    focal = focal or FocalLoss()
+    parts = {
+        "l2": F.mse_loss(reconstruction, clean),
+        "ssim": ssim_loss(reconstruction, clean),
+        "focal": focal(torch.softmax(logits, dim=1), mask),
+    }
+    if block5_input is not None and block5_output is not None:
+        parts["sspcab"] = sspcab_lambda * F.mse_loss(block5_output, block5_input)
+    total = torch.stack(list(parts.values())).sum()
+    return total, parts

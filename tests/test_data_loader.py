@@ -1,0 +1,91 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data_loader import (CATEGORIES, DataError, load_anomaly_sources, load_test_set, load_train_images,
+                         resolve_categories)
+
+
+def write_mixed_folder(folder):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(folder / "a.png"), rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "b.JPG"), rng.integers(0, 256, (90, 40, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "c_gray.jpeg"), rng.integers(0, 256, (33, 33), dtype=np.uint8))
+    cv2.imwrite(str(folder / "d_rgba.png"), rng.integers(0, 256, (40, 40, 4), dtype=np.uint8))
+    cv2.imwrite(str(folder / "e_16bit.png"), rng.integers(0, 65536, (40, 60), dtype=np.uint16))
+    cv2.imwrite(str(folder / "f.bmp"), rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "g.tiff"), rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_mixed_formats_load_as_uint8_bgr(tmp_path):
+    write_mixed_folder(tmp_path / "cat" / "train" / "good")
+    images = load_train_images(tmp_path, "cat", 64)
+    assert images.shape == (7, 3, 64, 64) and images.dtype == torch.uint8
+    gray = images[2]  # c_gray: replicated into three equal channels
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_sixteen_bit_keeps_its_top_byte(tmp_path):
+    (tmp_path / "s").mkdir()
+    img = np.full((32, 32), 0xAB12, dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "s" / "x.png"), img)
+    out = load_anomaly_sources(tmp_path / "s", 32)
+    assert (out == 0xAB).all()
+
+
+def test_test_set_masks_labels_and_types(tmp_path):
+    root = tmp_path / "part"
+    write_mixed_folder(root / "train" / "good")
+    (root / "test" / "good").mkdir(parents=True)
+    (root / "test" / "scratch").mkdir(parents=True)
+    (root / "ground_truth" / "scratch").mkdir(parents=True)
+    cv2.imwrite(str(root / "test" / "good" / "0.png"), np.zeros((40, 40, 3), np.uint8))
+    cv2.imwrite(str(root / "test" / "scratch" / "0.jpg"), np.zeros((80, 80), np.uint8))
+    mask = np.zeros((80, 80), np.uint8)
+    mask[:40] = 255
+    cv2.imwrite(str(root / "ground_truth" / "scratch" / "0_mask.png"), mask)
+    test = load_test_set(tmp_path, "part", 32)
+    assert test.labels.tolist() == [0, 1] and test.defect_types == ["good", "scratch"]
+    assert test.masks[0].sum() == 0
+    assert (test.masks[1, 0, :15] == 255).all() and (test.masks[1, 0, 17:] == 0).all()
+
+
+def test_unreadable_files_are_all_listed(tmp_path):
+    folder = tmp_path / "c" / "train" / "good"
+    write_mixed_folder(folder)
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("hello")
+    with pytest.raises(DataError) as err:
+        load_train_images(tmp_path, "c", 32)
+    assert "2 unreadable" in str(err.value) and "zero.png" in str(err.value) and "text.jpg" in str(err.value)
+
+
+def test_recursive_anomaly_sources(tmp_path):
+    write_mixed_folder(tmp_path / "dtd" / "images" / "banded")
+    write_mixed_folder(tmp_path / "dtd" / "images" / "bumpy")
+    assert load_anomaly_sources(tmp_path / "dtd", 32).shape == (14, 3, 32, 32)
+
+
+def test_category_resolution(tmp_path):
+    assert resolve_categories("1", tmp_path) == ["bottle"]
+    assert resolve_categories("my_part", tmp_path) == ["my_part"]
+    for name in ("zipper", "mine"):
+        (tmp_path / name / "train" / "good").mkdir(parents=True)
+    assert resolve_categories("-1", tmp_path) == ["zipper", "mine"]
+    with pytest.raises(DataError, match="--obj_id 15"):
+        resolve_categories("15", tmp_path)
+    assert len(CATEGORIES) == 15
+
+
+def test_real_mtd_dataset(shared_data):
+    train = load_train_images(shared_data, "mtd", 64)
+    assert train.shape == (779, 3, 64, 64)
+    test = load_test_set(shared_data, "mtd", 64)
+    assert len(test.paths) == 565 and test.labels.sum() == 392
+    assert test.masks[test.labels == 0].sum() == 0
+    assert (test.masks[test.labels == 1].flatten(1).amax(1) > 127).float().mean() > 0.95
+    sources = load_anomaly_sources(shared_data / "dtd" / "images", 32)
+    assert sources.shape == (1200, 3, 32, 32)

@@ -1,0 +1,120 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from perlin import AUGMENTERS, MAX_LOG_RES, RECIPES, augment_sources, perlin_noise, rotate, simulate_anomalies
+
+
+def reference_perlin(res_y, res_x, angles, height, width):
+    """Per-pixel Perlin noise with explicit loops: the textbook formula, independent of the batched code."""
+    out = np.zeros((height, width))
+    fade = lambda t: 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3
+    for i in range(height):
+        for j in range(width):
+            py, px = i * res_y / height, j * res_x / width
+            cy, cx = int(py), int(px)
+            fy, fx = py - cy, px - cx
+            dots = {}
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    a = angles[cy + dy, cx + dx]
+                    dots[dy, dx] = math.cos(a) * (fy - dy) + math.sin(a) * (fx - dx)
+            ty, tx = fade(fy), fade(fx)
+            top = dots[0, 0] + ty * (dots[1, 0] - dots[0, 0])
+            bottom = dots[0, 1] + ty * (dots[1, 1] - dots[0, 1])
+            out[i, j] = math.sqrt(2) * (top + tx * (bottom - top))
+    return out
+
+
+def test_perlin_noise_matches_per_pixel_reference():
+    height, width = 32, 24
+    log_res = (torch.tensor([2, 0, 3]), torch.tensor([1, 3, 3]))
+    noise = perlin_noise(3, height, width, torch.Generator().manual_seed(5), log_res=log_res)
+    lattice = 2 ** MAX_LOG_RES + 1
+    angles = 2 * math.pi * torch.rand(3, lattice, lattice, generator=torch.Generator().manual_seed(5))
+    for b in range(3):
+        ref = reference_perlin(2 ** log_res[0][b].item(), 2 ** log_res[1][b].item(), angles[b].double().numpy(),
+                               height, width)
+        np.testing.assert_allclose(noise[b].numpy(), ref, atol=1e-5)
+
+
+def test_lattice_scale_varies_per_sample():
+    noise = perlin_noise(64, 64, 64, torch.Generator().manual_seed(0))
+    roughness = (noise.diff(dim=1).abs().mean((1, 2)) + noise.diff(dim=2).abs().mean((1, 2)))
+    assert roughness.max() / roughness.min() > 8  # 2^0 .. 2^5 lattices differ by up to 32x in frequency
+
+
+def small_batch(n=16, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    sources = torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8, generator=g)
+    return images, sources
+
+
+def test_mask_is_binary_and_only_masked_pixels_change():
+    images, sources = small_batch(32)
+    batch = simulate_anomalies(images, sources, "official", torch.Generator().manual_seed(1))
+    assert set(batch.mask.unique().tolist()) <= {0.0, 1.0}
+    outside = batch.mask.expand_as(batch.image) == 0
+    assert torch.equal(batch.augmented[outside], batch.image[outside])
+    inside = batch.mask.expand_as(batch.image) == 1
+    assert (batch.augmented[inside] != batch.image[inside]).float().mean() > 0.9
+    assert torch.equal(batch.label, (batch.mask.flatten(1).sum(1) > 0).float())
+
+
+def test_mask_is_where_rotated_noise_exceeds_half():
+    # Recompute the mask from the generator's own draws in the same order as simulate_anomalies makes them
+    # when nothing else is drawn: a noise-source batch with no normal-image rotation and no anomaly-free samples.
+    from perlin import Recipe, anomaly_masks
+    recipe = Recipe(0.0, 0.8, rotate_p=0.0, rotate_degrees=0.0, anomaly_free_p=0.0)
+    images = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    batch = simulate_anomalies(images, None, recipe, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    torch.rand(4, generator=g)  # the rotation coins (no sample rotates, so no angle is drawn)
+    mask, noise = anomaly_masks(4, 64, 64, g, "cpu")
+    assert torch.equal(batch.mask, mask)
+    assert torch.equal(mask, (noise > 0.5).float())
+    # With the noise as source, the anomaly is grey levels noise * 0.5 + 0.25 blended in.
+    beta = batch.beta[:, None, None, None]
+    expected = (1 - beta) * (noise * 0.5 + 0.25) * mask
+    torch.testing.assert_close(batch.augmented, expected.expand(-1, 3, -1, -1))
+
+
+@pytest.mark.parametrize("recipe", ["official", "paper"])
+def test_anomaly_free_share_and_beta_range(recipe):
+    images, sources = small_batch(400, 32)
+    batch = simulate_anomalies(images, sources, recipe, torch.Generator().manual_seed(2))
+    free = (batch.augmented == batch.image).flatten(1).all(1) & (batch.mask.flatten(1).sum(1) == 0)
+    assert abs(free.float().mean().item() - 0.5) < 0.1
+    low, high = RECIPES[recipe].beta_low, RECIPES[recipe].beta_high
+    assert batch.beta.min() >= low and batch.beta.max() <= high
+    assert batch.beta.min() < low + 0.05 and batch.beta.max() > high - 0.05
+
+
+def test_same_seed_same_batch_and_other_seed_differs():
+    images, sources = small_batch()
+    a = simulate_anomalies(images, sources, "official", torch.Generator().manual_seed(7))
+    b = simulate_anomalies(images, sources, "official", torch.Generator().manual_seed(7))
+    c = simulate_anomalies(images, sources, "official", torch.Generator().manual_seed(8))
+    assert torch.equal(a.augmented, b.augmented) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.augmented, c.augmented)
+
+
+def test_three_distinct_augmenters_per_sample_and_valid_range():
+    _, sources = small_batch()
+    x = sources[torch.arange(16) % 5].float() / 255
+    out, choice = augment_sources(x, torch.Generator().manual_seed(0))
+    assert choice.shape == (16, 3)
+    assert all(len(set(row.tolist())) == 3 for row in choice)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    for augmenter in AUGMENTERS:
+        y = augmenter(x, torch.Generator().manual_seed(1), "cpu")
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, augmenter.__name__
+
+
+def test_rotation_by_zero_is_identity_and_180_flips():
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(rotate(x, torch.zeros(2)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate(x, torch.full((2,), 180.0)), x.flip(2, 3), atol=1e-4, rtol=0)
