@@ -52,12 +52,17 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 BGR, resized bilinearly as in the official code."""
+def decode(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 BGR at the file's own size."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise DataError(f"cannot decode image {path}")
-    return cv2.resize(to_bgr8(image), (size, size), interpolation=cv2.INTER_LINEAR)
+    return to_bgr8(image)
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 BGR, resized bilinearly as in the official code."""
+    return cv2.resize(decode(path), (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def read_mask(path: Path, size: int) -> np.ndarray:
