@@ -89,6 +89,7 @@ def load_state(path: Path) -> dict:
         rec, seg = read(rec_path), read(seg_path)
         category = category_from_name(rec_path.stem)
         return {"reconstructive": rec, "discriminative": seg, "category": category, "source": "official",
+                "run": rec_path.stem,
                 "config": {**infer_widths(rec, seg), "channel_order": "BGR", "image_size": 256}}
     state = read(path)
     if state.get("format") == FORMAT:

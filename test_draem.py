@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint", type=Path, nargs="+", required=True, help="checkpoint file(s) or folder(s) of them")
     a("--data_path", type=Path, help="folder holding <category>/test/ and <category>/ground_truth/")
     a("--obj_id", help="category to score (default: the checkpoint's own)")
+    a("--image_size", type=int, help="side the images are resized to (default: the checkpoint's; 256 for official "
+                                     "and anomalib checkpoints)")
     a("--images", type=Path, help="an image or a folder of images to score instead of a test set (no labels)")
     a("--out", type=Path, default=Path("results"), help="output folder (default ./results)")
     a("--threshold", type=float, help="with --images: print OK or ANOMALY per image at this image score")
@@ -137,10 +139,10 @@ def score_test_sets(args, device: torch.device) -> None:
         if not category:
             raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
         started = time.perf_counter()
-        test_set = load_test_set(args.data_path, category, config.get("image_size", 256), args.workers or None)
+        test_set = load_test_set(args.data_path, category, args.image_size or config["image_size"], args.workers or None)
         out = evaluate(model, test_set, device, config["channel_order"], args.batch_size, args.mask_protocol,
                        keep_reconstructions=args.save_images)
-        run = path.stem
+        run = state.get("run", path.stem)
         results[run] = {"category": category, "checkpoint": str(path), **out["metrics"],
                         "images": len(test_set.paths), "seconds": round(time.perf_counter() - started, 2)}
         print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
@@ -180,7 +182,7 @@ def score_images(args, device: torch.device) -> None:
         raise DataError(f"--images {args.images} does not exist")
     if not paths:
         raise DataError(f"--images {args.images} holds no images")
-    images = load_images(paths, config.get("image_size", 256), args.workers or default_workers())
+    images = load_images(paths, args.image_size or config["image_size"], args.workers or default_workers())
     maps, recs = predict(model, images, device, config["channel_order"], args.batch_size, keep_reconstructions=True)
     scores = image_scores(maps).tolist()
     rows = []
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
+        parser.error("--image_size must be a positive multiple of 32")
     device = pick_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.images is not None:

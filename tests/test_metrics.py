@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from metrics import aupro, auroc, average_precision, image_scores, pixel_metrics
+
+
+@pytest.mark.parametrize("n,decimals", [(7, 1), (500, 2), (20000, 3)])
+def test_auroc_and_ap_equal_scikit_learn_with_ties(n, decimals):
+    rng = np.random.default_rng(n)
+    scores = np.round(rng.random(n), decimals)
+    labels = rng.random(n) < 0.3
+    labels[:2] = [True, False]
+    assert auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert average_precision(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(
+        average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_one_class_gives_nan():
+    assert np.isnan(auroc(torch.rand(5), torch.zeros(5)))
+
+
+def test_aupro_hand_checked_case():
+    masks = torch.zeros(2, 2, 4, dtype=torch.bool)
+    masks[0, 0, :2] = True  # region 1: two pixels
+    masks[1, 1, 3] = True  # region 2: one pixel
+    maps = torch.full((2, 2, 4), 0.1)
+    maps[0, 0, 0], maps[0, 0, 1], maps[0, 0, 2], maps[1, 1, 3] = 0.9, 0.4, 0.8, 0.7
+    # Thresholds 0.9: PRO (1/2 + 0)/2 = 0.25, FPR 0; 0.8: FPR 1/13; 0.7: PRO 0.75; 0.4: PRO 1; 0.1: FPR 1.
+    # Area to FPR 0.3: 0.25 * 1/13 + 1.0 * (0.3 - 1/13), normalised by 0.3.
+    expected = (0.25 / 13 + 0.3 - 1 / 13) / 0.3
+    assert aupro(maps, masks) == pytest.approx(expected, abs=1e-12)
+    assert aupro(maps, masks, max_fpr=1.0) == pytest.approx(0.25 / 13 + (1 - 1 / 13), abs=1e-12)
+
+
+def test_perfect_and_inverted_maps():
+    masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+    masks[0, 2:6, 2:6] = True
+    masks[2, 10:12, 3:9] = True
+    good = masks.float()
+    result = pixel_metrics(good, masks)
+    assert result == {"pixel_auroc": 1.0, "pixel_ap": 1.0, "aupro": pytest.approx(1.0)}
+    assert pixel_metrics(1 - good, masks)["pixel_auroc"] == 0.0
+
+
+def test_image_score_is_max_of_zero_padded_21x21_mean():
+    maps = torch.rand(3, 24, 30)
+    padded = np.pad(maps.numpy(), ((0, 0), (10, 10), (10, 10)))
+    ref = sliding_window_view(padded, (21, 21), axis=(1, 2)).mean(axis=(-1, -2)).max(axis=(1, 2))
+    np.testing.assert_allclose(image_scores(maps).numpy(), ref, rtol=1e-5)

@@ -1,0 +1,107 @@
+"""End to end through the real scripts, in subprocesses, on a tiny generated MVTec-layout dataset."""
+import csv
+import math
+
+import cv2
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from checkpoint import model_from_checkpoint
+from data_loader import load_test_set
+from helpers import TINY, read_json, run_script, tiny_dataset
+from test_draem import METRICS, predict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    data = tiny_dataset(work / "data")
+    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+               "--epochs", "2", "--visualize", *TINY, cwd=work)
+    ckpt = next((work / "checkpoints").glob("*.pt"))
+    return work, data, ckpt
+
+
+def test_training_writes_a_complete_checkpoint(trained):
+    work, data, ckpt = trained
+    assert "weave" in ckpt.name
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2 * 3  # 12 images, batch 4
+    assert state["config"]["base_width"] == 4 and state["config"]["image_size"] == 32
+    assert state["config"]["channel_order"] == "BGR" and state["category"] == "weave"
+    assert set(state["metrics"]) >= {"image_auroc", "pixel_auroc", "aupro"}
+    assert not list((work / "checkpoints").glob(".*tmp*"))
+
+
+def test_tensorboard_holds_loss_curves_and_images(trained):
+    work, _, ckpt = trained
+    events = EventAccumulator(str(work / "logs" / ckpt.stem)).Reload()
+    tags = events.Tags()
+    assert {"loss/total", "loss/l2", "loss/ssim", "loss/focal", "lr"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("loss/total")] == [2, 4, 6]
+    assert all(math.isfinite(e.value) for e in events.Scalars("loss/total"))
+    assert tags["images"]
+
+
+def test_test_script_writes_results_with_metrics_in_unit_range(trained):
+    work, data, ckpt = trained
+    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res", "--device", "cpu",
+               "--save_images", cwd=work)
+    results = read_json(work / "res" / "results.json")
+    run = results["runs"][ckpt.stem]
+    for metric in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro"):
+        assert 0.0 <= run[metric] <= 1.0, metric
+        assert results["mean"][metric] == run[metric]
+    assert "**mean**" in (work / "res" / "results.md").read_text()
+    rows = list(csv.DictReader(open(work / "res" / f"scores_{ckpt.stem}.csv")))
+    assert len(rows) == 10 and {r["defect_type"] for r in rows} == {"good", "scratch", "hole", "stain"}
+    panels = sorted((work / "res" / "images" / ckpt.stem).rglob("*.png"))
+    assert len(panels) == 10
+    picture = cv2.imread(str(panels[0]))
+    assert picture.shape == (160, 3 * 160, 3)  # three tiles at the original 160 px
+
+
+def test_official_two_file_and_anomalib_checkpoints_give_identical_outputs(trained):
+    work, data, ckpt = trained
+    model, _ = model_from_checkpoint(ckpt)
+    name = "DRAEM_test_0.0001_2_bs4_weave_"
+    torch.save(model.reconstructive_subnetwork.state_dict(), work / f"{name}.pckl")
+    torch.save(model.discriminative_subnetwork.state_dict(), work / f"{name}_seg.pckl")
+    anomalib = {f"model.reconstructive_subnetwork.{k}": v for k, v in model.reconstructive_subnetwork.state_dict().items()}
+    anomalib |= {f"model.discriminative_subnetwork.{k}": v for k, v in model.discriminative_subnetwork.state_dict().items()}
+    torch.save({"state_dict": anomalib}, work / "anomalib_weave.ckpt")
+    images = load_test_set(data, "weave", 32).images
+    reference, _ = predict(model, images, torch.device("cpu"))
+    for path in (work / f"{name}.pckl", work / f"{name}_seg.pckl"):
+        loaded, state = model_from_checkpoint(path)
+        assert state["category"] == "weave" and state["config"]["base_width"] == 4
+        torch.testing.assert_close(predict(loaded, images, torch.device("cpu"))[0], reference, rtol=0, atol=0)
+    loaded, state = model_from_checkpoint(work / "anomalib_weave.ckpt")
+    assert state["config"]["channel_order"] == "RGB"  # anomalib reads RGB: its input is flipped
+    rgb = predict(loaded, images.flip(1), torch.device("cpu"), channel_order="RGB")[0]
+    torch.testing.assert_close(rgb, reference, rtol=0, atol=0)
+    # The official pair scores through the script too, category taken from the file name.
+    run_script("test_draem.py", "--checkpoint", work / f"{name}_seg.pckl", "--data_path", data, "--out", work / "off",
+               "--device", "cpu", "--image_size", "32", cwd=work)
+    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "own", "--device", "cpu",
+               cwd=work)
+    official = read_json(work / "off" / "results.json")["runs"][name]
+    own = read_json(work / "own" / "results.json")["runs"][ckpt.stem]
+    assert official["category"] == "weave"
+    assert {m: official[m] for m in METRICS} == {m: own[m] for m in METRICS}
+
+
+def test_inference_on_a_folder_of_images(trained, tmp_path):
+    work, data, ckpt = trained
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, size in enumerate([(50, 70), (97, 33), (128, 128)]):
+        cv2.imwrite(str(folder / f"img{i}.jpg"), cv2.resize(cv2.imread(str(data / "weave" / "test" / "hole" / "000.png")), size[::-1]))
+    proc = run_script("test_draem.py", "--checkpoint", ckpt, "--images", folder, "--out", tmp_path / "out",
+                      "--threshold", "0.5", "--device", "cpu", cwd=work)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert len(rows) == 3 and all(r["verdict"] in ("OK", "ANOMALY") for r in rows)
+    assert proc.stdout.count("OK") + proc.stdout.count("ANOMALY") == 3
+    for i, size in enumerate([(50, 70), (97, 33), (128, 128)]):
+        assert cv2.imread(str(tmp_path / "out" / f"img{i}.png")).shape == (size[0], 3 * size[1], 3)
