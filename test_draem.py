@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path

@@ -8,17 +8,23 @@ anomalies on the device (perlin.py), runs both sub-networks and steps Adam on L2
 One checkpoint per category and run, written atomically; TensorBoard logs under --log_path/<run>.
 """
 import argparse
+import hashlib
 import math
+import os
 import random
 import signal
 import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -26,8 +32,8 @@ from cli import pick_device, run_cli
 from checkpoint import FORMAT, CheckpointError, load_state, load_weights, save_checkpoint
 from data_loader import CHANNEL_ORDER, DataError, load_anomaly_sources, load_train_images, resolve_categories
 from loss import FocalLoss, draem_loss
-from model_unet import DraemModel, init_weights
-from perlin import RECIPES, simulate_anomalies
+from model_unet import DraemModel, DraemOutput, init_weights
+from perlin import RECIPES, SyntheticBatch, simulate_anomalies
 
 # LR milestones as fractions of the epochs, and the decay factor (../shared/DRAEM_FACTS.md section 3).
 LR_SCHEDULES = {"official": ([0.8, 0.9], 0.2), "paper": ([400 / 700, 600 / 700], 0.1)}
@@ -67,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="score the test set every N epochs; 0 = at the end only; -1 = never (default 0)")
     a("--resume", nargs="?", const="auto", default=None,
       help="continue from this run's checkpoint (or the checkpoint PATH given)")
+    a("--ddp", action="store_true", help="under torchrun: train one model data-parallel (global batch = --bs x "
+                                         "processes) instead of spreading the categories over the processes")
+    a("--sync_bn", action="store_true", help="with --ddp on GPUs: synchronise BatchNorm statistics across ranks")
     a("--demo", action="store_true", help="build ./datasets/demo, train a small model on it and score it")
     a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
@@ -115,16 +124,17 @@ def config_of(args: argparse.Namespace, category: str) -> dict:
             "data_path": str(args.data_path), "anomaly_source_path": str(args.anomaly_source_path or "")}
 
 
-def rng_states(g: torch.Generator) -> dict:
+def rng_states(g: torch.Generator, sim_g: torch.Generator) -> dict:
     np_state = np.random.get_state()
-    return {"generator": g.get_state(), "torch": torch.get_rng_state(),
+    return {"generator": g.get_state(), "simulation": sim_g.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": random.getstate()}
 
 
-def restore_rng_states(states: dict, g: torch.Generator) -> None:
+def restore_rng_states(states: dict, g: torch.Generator, sim_g: torch.Generator) -> None:
     g.set_state(states["generator"])
+    sim_g.set_state(states["simulation"])
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -147,6 +157,12 @@ class StopRequest:
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
 
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was asked to stop (one all-reduce, at log points only)."""
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
 
 def epoch_batches(n: int, bs: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
     """(steps, bs) indices: a random permutation, its last batch topped up with random images so all are full."""
@@ -162,22 +178,57 @@ def to_rgb_grid(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.flip(1)
 
 
-def train_category(args, category: str, device: torch.device, sources: torch.Tensor | None, stop: StopRequest) -> Path:
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands under torchrun (rank 0 of 1 without it)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    ddp: bool = False  # one model data-parallel (--ddp), rather than categories spread over the processes
+
+    @property
+    def writes(self) -> bool:  # checkpoints and logs are written once, by their owner
+        return not self.ddp or self.rank == 0
+
+
+def setup_distributed(args: argparse.Namespace) -> Distributed:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if args.ddp:
+            print("note: --ddp without torchrun: training on one process", file=sys.stderr)
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    if use_cuda:
+        args.device, args.gpu_id = f"cuda:{local_rank}", None
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Distributed(rank, world, local_rank, args.ddp)
+
+
+def train_category(args, category: str, device: torch.device, sources: torch.Tensor | None, stop: StopRequest,
+                   where: Distributed = Distributed()) -> Path:
     name = run_name(args, category)
     ckpt_path = args.checkpoint_path / f"{name}.pt"
     images = load_train_images(args.data_path, category, args.image_size, args.workers).to(device)
-    print(f"[{category}] {len(images)} training images cached on {device}; run {name}")
+    if where.writes:
+        print(f"[{category}] {len(images)} training images cached on {device}; run {name}")
+    # In DDP every rank draws the same batch order (the global batch is bs x world: rank r takes its
+    # bs columns) but simulates its own anomalies.
+    world, rank = (where.world, where.rank) if where.ddp else (1, 0)
 
     torch.manual_seed(args.seed)
     model = DraemModel(args.base_width, args.seg_base_width, args.sspcab)
     init_weights(model)
-    model.to(device, memory_format=torch.channels_last)
+    memory_format = preferred_memory_format(device)
+    model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     fractions, gamma = LR_SCHEDULES[args.recipe]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(f * args.epochs) for f in fractions], gamma)
     dtype = amp_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    g = torch.Generator(device).manual_seed(args.seed)
+    g = torch.Generator(device).manual_seed(args.seed)  # batch order
+    sim_g = torch.Generator(device).manual_seed(args.seed + 1 + rank)  # anomaly simulation, per rank
     start_epoch, step, resume_batch, order, metrics = 0, 0, 0, None, {}
 
     if args.resume:
@@ -188,7 +239,9 @@ def train_category(args, category: str, device: torch.device, sources: torch.Ten
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            restore_rng_states(state["rng"], g)
+            restore_rng_states(state["rng"], g, sim_g)
+            if rank:  # only rank 0's simulation stream was saved; the others restart theirs, still distinct
+                sim_g.manual_seed(args.seed + 1 + rank + 1000 * state["step"])
             start_epoch, step, resume_batch, metrics = state["epoch"], state["step"], state["batch"], state["metrics"]
             order = state["order"].to(device) if state["order"] is not None else None
             print(f"[{category}] resumed from {path} at epoch {start_epoch}, step {step}")
@@ -202,61 +255,94 @@ def train_category(args, category: str, device: torch.device, sources: torch.Ten
             "discriminative": model.discriminative_subnetwork.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "batch": batch, "step": step, "order": None if order_now is None else order_now.cpu(),
-            "metrics": metrics, "rng": rng_states(g)}, ckpt_path)
+            "metrics": metrics, "rng": rng_states(g, sim_g)}, ckpt_path)
 
     net = torch.compile(model) if args.compile else model
+    if where.ddp:
+        if args.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     focal = FocalLoss()
-    writer = SummaryWriter(args.log_path / name, purge_step=step if step else None)
+    writer = SummaryWriter(args.log_path / name, purge_step=step if step else None) if where.writes else None
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked when logging
-    steps_per_epoch = math.ceil(len(images) / args.bs)
+    steps_per_epoch = math.ceil(len(images) / (args.bs * world))
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     model.train()
-    epochs = tqdm(range(start_epoch, args.epochs), desc=category, initial=start_epoch, total=args.epochs, unit="ep")
+    epochs = tqdm(range(start_epoch, args.epochs), desc=category, initial=start_epoch, total=args.epochs, unit="ep",
+                  disable=not where.writes)
     for epoch in epochs:
-        order = order if order is not None else epoch_batches(len(images), args.bs, g, device)
-        for batch_index in tqdm(range(resume_batch, steps_per_epoch), leave=False, unit="step"):
-            batch = simulate_anomalies(images[order[batch_index]], sources, args.recipe, g)
-            with autocast:
-                out = net(batch.augmented.contiguous(memory_format=torch.channels_last))
-            total, parts = draem_loss(out.reconstruction.float(), batch.image, out.logits.float(), batch.mask,
-                                      *((out.block5_input.float(), out.block5_output.float()) if args.sspcab else ()),
-                                      focal=focal)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        order = order if order is not None else epoch_batches(len(images), args.bs * world, g, device)
+        for batch_index in tqdm(range(resume_batch, steps_per_epoch), leave=False, unit="step", disable=not where.writes):
+            mine = order[batch_index, rank * args.bs:(rank + 1) * args.bs]
+            batch = simulate_anomalies(images[mine], sources, args.recipe, sim_g)
+            out, total, parts = train_step(net, batch, optimizer, scaler, autocast, focal, args.sspcab, memory_format)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total), step, first_bad)
             step += 1
-            if step % args.log_every == 0 or stop.requested:
+            log_now = step % args.log_every == 0
+            # Under DDP the ranks agree to stop at a log point, so none is left waiting in an all-reduce.
+            stopping = stop.agreed(device) if where.ddp and log_now else stop.requested and not where.ddp
+            if log_now or stopping:
                 check_finite(first_bad, ckpt_path)
                 values = {k: v.item() for k, v in parts.items()} | {"total": total.item()}
-                for key, value in values.items():
-                    writer.add_scalar(f"loss/{key}", value, step)
-                writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
+                if writer:
+                    for key, value in values.items():
+                        writer.add_scalar(f"loss/{key}", value, step)
+                    writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
                 epochs.set_postfix(loss=f"{values['total']:.4f}")
-            if stop.requested:
-                checkpoint(epoch, batch_index + 1, order)
-                writer.close()
-                print(f"[{category}] stopped at step {step}; resume with --resume", file=sys.stderr)
+            if stopping:
+                if where.writes:
+                    checkpoint(epoch, batch_index + 1, order)
+                    writer.close()
+                    print(f"[{category}] stopped at step {step}; resume with --resume", file=sys.stderr)
                 sys.exit(130)
         check_finite(first_bad, ckpt_path)
         scheduler.step()
         order, resume_batch = None, 0
-        if args.visualize:
+        if args.visualize and writer:
             grid = torch.cat([to_rgb_grid(t) for t in (batch.augmented, out.reconstruction, batch.mask,
                                                          torch.softmax(out.logits.float(), 1)[:, 1:])])
             writer.add_images("train/augmented_reconstruction_target_predicted", grid, step)
         last = epoch + 1 == args.epochs
-        if evaluation_due(args, epoch + 1, last, category):
+        if where.writes and evaluation_due(args, epoch + 1, last, category):
             metrics = {"epoch": epoch + 1, **evaluate_category(model, args, category, device)}
             for key, value in metrics.items():
                 writer.add_scalar(f"test/{key}", value, step)
             model.train()
-        if (epoch + 1) % args.save_every == 0 or last:
+        if where.writes and ((epoch + 1) % args.save_every == 0 or last):
             checkpoint(epoch + 1, 0, None)
-    writer.close()
-    print(f"[{category}] checkpoint {ckpt_path}" + (f"  metrics {format_metrics(metrics)}" if metrics else ""))
+    if where.ddp:
+        print(f"[{category}] rank {rank} parameter fingerprint {parameter_fingerprint(model)}")
+    if writer:
+        writer.close()
+        print(f"[{category}] checkpoint {ckpt_path}" + (f"  metrics {format_metrics(metrics)}" if metrics else ""))
     return ckpt_path
+
+
+def parameter_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter's bytes: equal on all DDP ranks when they stayed in step."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def preferred_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last feeds cuDNN's NHWC tensor-core kernels; on the CPU plain NCHW measured faster (bench_draem.py)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def train_step(net, batch: SyntheticBatch, optimizer, scaler, autocast, focal: FocalLoss, sspcab: bool,
+               memory_format: torch.memory_format = torch.contiguous_format) -> tuple[DraemOutput, torch.Tensor, dict]:
+    """One optimisation step on both sub-networks; the loss is computed in fp32 outside autocast."""
+    with autocast:
+        out = net(batch.augmented.contiguous(memory_format=memory_format))
+    total, parts = draem_loss(out.reconstruction.float(), batch.image, out.logits.float(), batch.mask,
+                              *((out.block5_input.float(), out.block5_output.float()) if sspcab else ()), focal=focal)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return out, total, parts
 
 
 def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
@@ -290,8 +376,11 @@ def main(argv: list[str] | None = None) -> None:
         from demo import apply_demo_defaults
         apply_demo_defaults(args)
     check_args(args, parser)
+    where = setup_distributed(args)
     device = pick_device(args.device, args.gpu_id)
     categories = resolve_categories(str(args.obj_id), args.data_path)
+    if where.world > 1 and not where.ddp:  # category-parallel: each process trains its share, one after another
+        categories = categories[where.rank::where.world]
     for folder, flag in ((args.checkpoint_path, "--checkpoint_path"), (args.log_path, "--log_path")):
         ensure_writable(folder, flag)
     if args.anomaly_source_path is None:
@@ -305,10 +394,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True
     stop = StopRequest()
     started = time.perf_counter()
-    paths = [train_category(args, category, device, sources, stop) for category in categories]
-    print(f"trained {len(paths)} categor{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - started:.0f} s; "
-          f"TensorBoard: tensorboard --logdir {args.log_path}")
-    if args.demo:
+    paths = [train_category(args, category, device, sources, stop, where) for category in categories]
+    if where.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if where.writes:
+        print(f"trained {len(paths)} categor{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - started:.0f} s;"
+              f" TensorBoard: tensorboard --logdir {args.log_path}")
+    if args.demo and where.rank == 0:
         from demo import finish_demo
         finish_demo(args, paths)
 

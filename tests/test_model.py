@@ -1,5 +1,4 @@
 import torch
-import pytest
 
 from model_unet import SSPCAB, DraemModel, DiscriminativeSubNetwork, ReconstructiveSubNetwork, init_weights
 

@@ -165,7 +165,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data):
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, data):
     rng = random.Random(0)
     for attempt in range(3):
-        proc = start(train_args(data, 30) + ["--resume"], tmp_path)
+        proc = start(train_args(data, 12) + ["--resume"], tmp_path)
         wait_for_checkpoint(tmp_path, proc)
         time.sleep(rng.uniform(0.0, 1.0))
         proc.kill()
@@ -173,5 +173,5 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         ckpt = next((tmp_path / "checkpoints").glob("*.pt"))
         state = torch.load(ckpt, weights_only=True)
         assert state["format"] == "draem-checkpoint-v1"
-    run_script("train_draem.py", *train_args(data, 30), "--resume", cwd=tmp_path, timeout=600)
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 30
+    run_script("train_draem.py", *train_args(data, 12), "--resume", cwd=tmp_path, timeout=600)
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 12
