@@ -5,8 +5,8 @@
 
 Prints a table and writes JSON (--json). FLOPs are counted with torch.utils.flop_counter on one training
 step; MFU = achieved model FLOP/s / the device's peak (--peak_tflops, known GPUs looked up by name).
-The CPU preset also times a straightforward fp32 loop over the same model (NCHW, plain Adam, no
-tricks) so the training step can be compared with it.
+It also times a straightforward fp32 loop over the same model (NCHW, plain Adam, no autocast) so the
+training step can be compared with it.
 """
 import argparse
 import json
@@ -23,7 +23,7 @@ from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, init_weights
 from perlin import simulate_anomalies
 from test_draem import predict
-from train_draem import preferred_memory_format, train_step
+from train_draem import train_step
 
 PRESETS = {
     "cpu": {"image_size": 128, "base_width": 32, "seg_base_width": 16, "bs": 8, "amp": "off", "steps": 8},
@@ -88,13 +88,12 @@ def main() -> None:
         return model.to(device, memory_format=memory_format).train()
 
     # Training step, as train_draem.py runs it.
-    memory_format = preferred_memory_format(device)
-    model = make_model(memory_format)
+    model = make_model(torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     focal, batch = FocalLoss(), batch_of()
-    step = lambda net: train_step(net, batch, optimizer, scaler, autocast, focal, False, memory_format)
+    step = lambda net: train_step(net, batch, optimizer, scaler, autocast, focal, False)
     with FlopCounterMode(display=False) as counter:
         step(model)
     flops_per_step = counter.get_total_flops()

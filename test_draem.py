@@ -21,7 +21,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from checkpoint import CheckpointError, model_from_checkpoint
 from cli import pick_device, run_cli
-from data_loader import DataError, TestSet, decode, default_workers, list_images, load_images, load_test_set
+from data_loader import (DataError, TestSet, decode, default_workers, list_images, load_images, load_test_set,
+                         resolve_categories)
 from metrics import auroc, average_precision, image_scores, pixel_metrics
 from model_unet import DraemModel
 from visualize import panel, write_png
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--checkpoint", type=Path, nargs="+", required=True, help="checkpoint file(s) or folder(s) of them")
     a("--data_path", type=Path, help="folder holding <category>/test/ and <category>/ground_truth/")
-    a("--obj_id", help="category to score (default: the checkpoint's own)")
+    a("--obj_id", help="category to score: 0..14 or a folder name (default: the checkpoint's own)")
     a("--image_size", type=int, help="side the images are resized to (default: the checkpoint's; 256 for official "
                                      "and anomalib checkpoints)")
     a("--images", type=Path, help="an image or a folder of images to score instead of a test set (no labels)")
@@ -82,6 +83,13 @@ def evaluate(model: DraemModel, test_set: TestSet, device: torch.device, channel
     metrics = {"image_auroc": auroc(scores, labels), "image_ap": average_precision(scores, labels),
                **pixel_metrics(maps, masks)}
     return {"metrics": metrics, "scores": scores.cpu(), "maps": maps, "masks": masks, "reconstructions": recs}
+
+
+def one_category(obj_id: str, data_path: Path) -> str:
+    categories = resolve_categories(obj_id, data_path)
+    if len(categories) != 1:
+        raise DataError(f"--obj_id {obj_id}: name one category (0..14 or a folder name)")
+    return categories[0]
 
 
 def checkpoint_files(paths: list[Path]) -> list[Path]:
@@ -134,7 +142,7 @@ def score_test_sets(args, device: torch.device) -> None:
     for path in checkpoint_files(args.checkpoint):
         model, state = model_from_checkpoint(path)
         config = state["config"]
-        category = args.obj_id or state.get("category")
+        category = one_category(args.obj_id, args.data_path) if args.obj_id else state.get("category")
         if not category:
             raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
         started = time.perf_counter()

@@ -175,3 +175,13 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         assert state["format"] == "draem-checkpoint-v1"
     run_script("train_draem.py", *train_args(data, 12), "--resume", cwd=tmp_path, timeout=600)
     assert torch.load(ckpt, weights_only=True)["epoch"] == 12
+
+
+def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path, data):
+    # Adam with an absurd learning rate drives the weights to Inf within a few steps.
+    proc = fails("train_draem.py", "--data_path", data, "--obj_id", "weave", "--lr", "1e30", "--epochs", "3",
+                 "--eval_every", "-1", *TINY, cwd=tmp_path, expect="NaN or Inf at step")
+    for path in (tmp_path / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["reconstructive"].values() if v.is_floating_point())
+    assert "step" in proc.stderr.splitlines()[-1]
