@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from test_draem import main as test_main
+
 DEMO_ROOT = Path("datasets/demo")
 CATEGORY = "weave"
 DEFECTS = ("scratch", "hole", "stain")
@@ -111,7 +113,6 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
 
 
 def finish_demo(args: argparse.Namespace, checkpoints: list[Path]) -> None:
-    from test_draem import main as test_main
     out = Path("results") / "demo"
     test_main(["--checkpoint", *map(str, checkpoints), "--data_path", str(args.data_path), "--out", str(out),
                "--save_images", "--device", str(args.device)])

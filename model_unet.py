@@ -35,6 +35,13 @@ def head(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1))
 
 
+def add_down_path(module: nn.Module, in_channels: int, w: int) -> None:
+    """block1..block4 (widths w, 2w, 4w, 8w), each followed by mp1..mp4: both encoders start this way."""
+    for i, (cin, cout) in enumerate(((in_channels, w), (w, 2 * w), (2 * w, 4 * w), (4 * w, 8 * w)), start=1):
+        module.add_module(f"block{i}", block(cin, cout))
+        module.add_module(f"mp{i}", pool())
+
+
 class SSPCAB(nn.Module):
     """Self-supervised predictive convolutional attention block (Ristea et al., CVPR 2022).
 
@@ -68,10 +75,7 @@ class EncoderReconstructive(nn.Module):
     def __init__(self, in_channels: int, base_width: int, sspcab: bool = False):
         super().__init__()
         w = base_width
-        self.block1, self.mp1 = block(in_channels, w), pool()
-        self.block2, self.mp2 = block(w, 2 * w), pool()
-        self.block3, self.mp3 = block(2 * w, 4 * w), pool()
-        self.block4, self.mp4 = block(4 * w, 8 * w), pool()
+        add_down_path(self, in_channels, w)
         self.block5 = SSPCAB(8 * w) if sspcab else block(8 * w, 8 * w)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,10 +119,7 @@ class EncoderDiscriminative(nn.Module):
     def __init__(self, in_channels: int, base_width: int):
         super().__init__()
         w = base_width
-        self.block1, self.mp1 = block(in_channels, w), pool()
-        self.block2, self.mp2 = block(w, 2 * w), pool()
-        self.block3, self.mp3 = block(2 * w, 4 * w), pool()
-        self.block4, self.mp4 = block(4 * w, 8 * w), pool()
+        add_down_path(self, in_channels, w)
         self.block5, self.mp5 = block(8 * w, 8 * w), pool()
         self.block6 = block(8 * w, 8 * w)
 

@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,14 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 def predict(model: DraemModel, images: torch.Tensor, device: torch.device, channel_order: str = "BGR",
             batch_size: int = 16, keep_reconstructions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Anomaly maps (N, H, W) float32 on device for (N, 3, H, W) uint8 BGR images; optionally reconstructions."""
-    model.eval().to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    model.eval().to(device)  # fp32: the metrics must not depend on the training precision
     maps, recs = [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True).float() / 255
         x = x.flip(1) if channel_order == "RGB" else x
-        with autocast:
-            out = model(x.contiguous(memory_format=torch.channels_last))
+        out = model(x.contiguous(memory_format=torch.channels_last))
         maps.append(torch.softmax(out.logits.float(), dim=1)[:, 1])
         if keep_reconstructions:
             rec = out.reconstruction.float()

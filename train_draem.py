@@ -30,10 +30,13 @@ from tqdm import tqdm
 
 from cli import pick_device, run_cli
 from checkpoint import FORMAT, CheckpointError, load_state, load_weights, save_checkpoint
-from data_loader import CHANNEL_ORDER, DataError, load_anomaly_sources, load_train_images, resolve_categories
+from data_loader import (CHANNEL_ORDER, DataError, load_anomaly_sources, load_test_set, load_train_images,
+                         resolve_categories)
+from demo import apply_demo_defaults, finish_demo
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
 from perlin import RECIPES, SyntheticBatch, simulate_anomalies
+from test_draem import evaluate
 
 # LR milestones as fractions of the epochs, and the decay factor (../shared/DRAEM_FACTS.md section 3).
 LR_SCHEDULES = {"official": ([0.8, 0.9], 0.2), "paper": ([400 / 700, 600 / 700], 0.1)}
@@ -269,6 +272,7 @@ def train_category(args, category: str, device: torch.device, sources: torch.Ten
     model.train()
     epochs = tqdm(range(start_epoch, args.epochs), desc=category, initial=start_epoch, total=args.epochs, unit="ep",
                   disable=not where.writes)
+    out = None  # the last step's output, for the image grids
     for epoch in epochs:
         order = order if order is not None else epoch_batches(len(images), args.bs * world, g, device)
         for batch_index in tqdm(range(resume_batch, steps_per_epoch), leave=False, unit="step", disable=not where.writes):
@@ -297,7 +301,7 @@ def train_category(args, category: str, device: torch.device, sources: torch.Ten
         check_finite(first_bad, ckpt_path)
         scheduler.step()
         order, resume_batch = None, 0
-        if args.visualize and writer:
+        if args.visualize and writer and out is not None:
             grid = torch.cat([to_rgb_grid(t) for t in (batch.augmented, out.reconstruction, batch.mask,
                                                          torch.softmax(out.logits.float(), 1)[:, 1:])])
             writer.add_images("train/augmented_reconstruction_target_predicted", grid, step)
@@ -354,8 +358,6 @@ def evaluation_due(args, epoch: int, last: bool, category: str) -> bool:
 
 
 def evaluate_category(model: DraemModel, args, category: str, device: torch.device) -> dict:
-    from test_draem import evaluate
-    from data_loader import load_test_set
     test_set = load_test_set(args.data_path, category, args.image_size, args.workers)
     return evaluate(model, test_set, device, channel_order=CHANNEL_ORDER)["metrics"]
 
@@ -368,7 +370,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        from demo import apply_demo_defaults
         apply_demo_defaults(args)
     check_args(args, parser)
     where = setup_distributed(args)
@@ -397,7 +398,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trained {len(paths)} categor{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - started:.0f} s;"
               f" TensorBoard: tensorboard --logdir {args.log_path}")
     if args.demo and where.rank == 0:
-        from demo import finish_demo
         finish_demo(args, paths)
 
 
