@@ -6,6 +6,7 @@ Layout: <data_path>/<category>/train/good/*, <data_path>/<category>/test/<good|d
 the channel order of the official code and its checkpoints.
 """
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,28 +66,45 @@ def read_image(path: Path, size: int) -> np.ndarray:
     return cv2.resize(decode(path), (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def read_mask(path: Path, size: int) -> np.ndarray:
-    """(size, size) uint8 in 0..255, resized bilinearly (binarised later, by the evaluation protocol)."""
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+def read_test_pair(pair: tuple[Path, Path | None], size: int) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """A test image and its mask (None for good images), both resized bilinearly to size x size, and
+    notes on masks that needed fixing: of another size than their image, or not binary."""
+    image_path, mask_path = pair
+    image = decode(image_path)
+    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    if mask_path is None:
+        return resized, None, []
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
-        raise DataError(f"cannot decode mask {path}")
-    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR)
+        raise DataError(f"cannot decode mask {mask_path}")
+    notes = []
+    if mask.shape != image.shape[:2]:
+        notes.append(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, its image "
+                     f"{image.shape[1]}x{image.shape[0]}: resized")
+    if not np.isin(mask, (0, 255)).all():
+        notes.append(f"mask {mask_path} is not binary (0/255): thresholded by --mask_protocol")
+    # Kept 0..255 after bilinear resizing; the evaluation protocol binarises it.
+    return resized, cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR), notes
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def parallel_read(reader, paths: list[Path], size: int, workers: int) -> list[np.ndarray]:
-    """Decode every file; report every unreadable one in one error, not just the first."""
-    def safe(path: Path) -> np.ndarray | str:
+def parallel_read(reader, items: list, size: int, workers: int) -> list:
+    """reader(item, size) for every item; report every unreadable file in one error, not just the first."""
+    def safe(item):
         try:
-            return reader(path, size)
+            return reader(item, size)
         except (DataError, cv2.error) as exc:
-            return str(exc).splitlines()[0] if isinstance(exc, DataError) else f"cannot decode {path}"
+            return str(exc).splitlines()[0] if isinstance(exc, DataError) else f"cannot decode {item}"
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(safe, paths))
+        results = list(pool.map(safe, items))
     bad = [r for r in results if isinstance(r, str)]
     if bad:
         raise DataError(f"{len(bad)} unreadable file(s): " + "; ".join(bad))
@@ -163,13 +181,15 @@ def load_test_set(data_path: Path, category: str, size: int, workers: int | None
     if missing:
         raise DataError(f"{len(missing)} defect image(s) without a mask in {root / 'ground_truth'}: "
                         + "; ".join(missing))
-    workers = workers or default_workers()
-    images = load_images(paths, size, workers)
-    masks = torch.zeros(len(paths), 1, size, size, dtype=torch.uint8)
-    with_mask = [i for i, m in enumerate(mask_paths) if m is not None]
-    if with_mask:
-        read = parallel_read(read_mask, [mask_paths[i] for i in with_mask], size, workers)
-        masks[with_mask] = torch.from_numpy(np.stack(read))[:, None]
+    read = parallel_read(read_test_pair, list(zip(paths, mask_paths)), size, workers or default_workers())
+    images = torch.from_numpy(np.stack([image for image, _, _ in read])).permute(0, 3, 1, 2).contiguous()
+    empty = np.zeros((size, size), np.uint8)
+    masks = torch.from_numpy(np.stack([empty if mask is None else mask for _, mask, _ in read]))[:, None]
+    notes = [note for _, _, found in read for note in found]
+    for note in notes[:5]:
+        warn(note)
+    if len(notes) > 5:
+        warn(f"... and {len(notes) - 5} more mask notes")
     labels = torch.tensor([t != "good" for t in defect_types], dtype=torch.long)
     return TestSet(images, masks, labels, defect_types, paths)
 

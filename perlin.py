@@ -192,14 +192,14 @@ AUGMENTERS = [aug_gamma, aug_brightness, aug_sharpness, aug_hue_saturation, aug_
               aug_invert, aug_autocontrast, aug_equalize, aug_rotate]
 
 
-def apply_where(selected: Tensor, fn, x: Tensor) -> Tensor:
+def apply_where(selected: Tensor, fn, x: Tensor, whole_batch: bool | None = None) -> Tensor:
     """fn applied to the samples of x (B, ...) where selected (B,) is true.
 
-    On a GPU, fn runs on the whole batch and torch.where keeps the selected samples: shapes never depend
-    on a random draw, so there is no host sync, and the GPU has compute to spare. On the CPU, syncs
-    are free and compute is not, so fn runs on the selected samples only.
+    On a GPU (whole_batch by default), fn runs on the whole batch and torch.where keeps the selected
+    samples: shapes never depend on a random draw, so there is no host sync, and the GPU has compute to
+    spare. On the CPU, syncs are free and compute is not, so fn runs on the selected samples only.
     """
-    if x.device.type != "cpu":
+    if whole_batch if whole_batch is not None else x.device.type != "cpu":
         return torch.where(selected.view(-1, *[1] * (x.dim() - 1)), fn(x), x)
     index = selected.nonzero()[:, 0]
     if index.numel() == 0:

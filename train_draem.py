@@ -309,7 +309,8 @@ def train_category(args, category: str, device: torch.device, sources: torch.Ten
         if where.writes and evaluation_due(args, epoch + 1, last, category):
             metrics = {"epoch": epoch + 1, **evaluate_category(model, args, category, device)}
             for key, value in metrics.items():
-                writer.add_scalar(f"test/{key}", value, step)
+                if key != "epoch":
+                    writer.add_scalar(f"test/{key}", value, step)
             model.train()
         if where.writes and ((epoch + 1) % args.save_every == 0 or last):
             checkpoint(epoch + 1, 0, None)

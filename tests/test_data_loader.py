@@ -89,3 +89,23 @@ def test_real_mtd_dataset(shared_data):
     assert (test.masks[test.labels == 1].flatten(1).amax(1) > 127).float().mean() > 0.95
     sources = load_anomaly_sources(shared_data / "dtd" / "images", 32)
     assert sources.shape == (1200, 3, 32, 32)
+
+
+def test_masks_of_another_size_or_not_binary_are_fixed_with_a_warning(tmp_path, capsys):
+    root = tmp_path / "part"
+    (root / "test" / "dent").mkdir(parents=True)
+    (root / "ground_truth" / "dent").mkdir(parents=True)
+    cv2.imwrite(str(root / "test" / "dent" / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    cv2.imwrite(str(root / "test" / "dent" / "b.png"), np.zeros((64, 64, 3), np.uint8))
+    small = np.zeros((32, 32), np.uint8)
+    small[:16] = 255
+    cv2.imwrite(str(root / "ground_truth" / "dent" / "a_mask.png"), small)
+    soft = np.zeros((64, 64), np.uint8)
+    soft[:, :32] = 200
+    cv2.imwrite(str(root / "ground_truth" / "dent" / "b_mask.png"), soft)
+    test = load_test_set(tmp_path, "part", 64)
+    err = capsys.readouterr().err
+    assert "a_mask.png is 32x32, its image 64x64: resized" in err
+    assert "b_mask.png is not binary" in err
+    assert (test.masks[0, 0, :30] == 255).all() and (test.masks[0, 0, 34:] == 0).all()
+    assert (test.masks[1, 0, :, :30] == 200).all()

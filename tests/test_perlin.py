@@ -118,3 +118,16 @@ def test_rotation_by_zero_is_identity_and_180_flips():
     x = torch.rand(2, 1, 16, 16)
     torch.testing.assert_close(rotate(x, torch.zeros(2)), x, atol=1e-5, rtol=0)
     torch.testing.assert_close(rotate(x, torch.full((2,), 180.0)), x.flip(2, 3), atol=1e-4, rtol=0)
+
+
+def test_whole_batch_and_subset_paths_agree():
+    # The GPU path (whole batch + torch.where, no host sync) and the CPU path (selected samples only) must
+    # give the same result for a deterministic augmenter.
+    from perlin import apply_where, aug_equalize
+    x = torch.rand(6, 3, 16, 16)
+    selected = torch.tensor([True, False, True, True, False, False])
+    fn = lambda s: aug_equalize(s, None, "cpu")
+    whole = apply_where(selected, fn, x, whole_batch=True)
+    subset = apply_where(selected, fn, x, whole_batch=False)
+    assert torch.equal(whole, subset)
+    assert torch.equal(whole[~selected], x[~selected]) and not torch.equal(whole[selected], x[selected])
