@@ -56,9 +56,13 @@ def uniform(shape: tuple[int, ...], low: float, high: float, g: torch.Generator 
 def rotate(images: Tensor, degrees: Tensor, mode: str = "bilinear") -> Tensor:
     """Rotate each image of (B, C, H, W) about its centre by its own angle; zero fill outside."""
     theta = degrees.to(images.dtype) * (math.pi / 180)
-    cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
-    matrix = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1)
-    grid = F.affine_grid(matrix, list(images.shape), align_corners=False)
+    height, width = images.shape[-2:]
+    # Pixel centres in grid_sample's [-1, 1] coordinates (align_corners=False), rotated per sample by
+    # broadcasting: cheaper than affine_grid's batched matrix product.
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=images.device, dtype=images.dtype)[None, :, None]
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=images.device, dtype=images.dtype)[None, None, :]
+    cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
+    grid = torch.stack((cos * xs - sin * ys, sin * xs + cos * ys), dim=-1)
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
@@ -75,18 +79,18 @@ def perlin_noise(batch: int, height: int, width: int, g: torch.Generator | None 
     res_y, res_x = 2.0 ** log_res[0].float(), 2.0 ** log_res[1].float()
     lattice = 2 ** MAX_LOG_RES + 1
     angles = 2 * math.pi * torch.rand(batch, lattice, lattice, generator=g, device=device)
-    gradients = torch.stack((angles.cos(), angles.sin()), dim=-1)  # component 0 pairs with rows
+    gradients = torch.stack((angles.cos(), angles.sin()), dim=1)  # (B, 2, L, L); component 0 pairs with rows
 
     pos_y = torch.arange(height, device=device) / height * res_y[:, None]  # (B, H), lattice units
     pos_x = torch.arange(width, device=device) / width * res_x[:, None]  # (B, W)
     cell_y, cell_x = pos_y.floor().long(), pos_x.floor().long()
     fy, fx = (pos_y - cell_y)[:, :, None], (pos_x - cell_x)[:, None, :]  # (B, H, 1), (B, 1, W)
-    b = torch.arange(batch, device=device)[:, None, None]
-    cy, cx = cell_y[:, :, None], cell_x[:, None, :]
 
     def corner(dy: int, dx: int) -> Tensor:
-        grad = gradients[b, cy + dy, cx + dx]  # (B, H, W, 2)
-        return grad[..., 0] * (fy - dy) + grad[..., 1] * (fx - dx)
+        # Gather lattice rows, then columns: two small gathers instead of one per pixel and corner.
+        rows = torch.gather(gradients, 2, (cell_y + dy)[:, None, :, None].expand(-1, 2, -1, lattice))
+        grad = torch.gather(rows, 3, (cell_x + dx)[:, None, None, :].expand(-1, 2, height, -1))  # (B, 2, H, W)
+        return grad[:, 0] * (fy - dy) + grad[:, 1] * (fx - dx)
 
     ty, tx = fade(fy), fade(fx)
     top = torch.lerp(corner(0, 0), corner(1, 0), ty)

@@ -50,3 +50,11 @@ def test_image_score_is_max_of_zero_padded_21x21_mean():
     padded = np.pad(maps.numpy(), ((0, 0), (10, 10), (10, 10)))
     ref = sliding_window_view(padded, (21, 21), axis=(1, 2)).mean(axis=(-1, -2)).max(axis=(1, 2))
     np.testing.assert_allclose(image_scores(maps).numpy(), ref, rtol=1e-5)
+
+
+def test_mask_protocols():
+    from test_draem import MASK_PROTOCOLS
+    resized = torch.tensor([0, 127, 128, 254, 255], dtype=torch.uint8)
+    assert MASK_PROTOCOLS["standard"](resized).tolist() == [False, False, True, True, True]
+    # The official code's uint8 cast of mask / 255 keeps only pixels that are exactly 255.
+    assert MASK_PROTOCOLS["official"](resized).tolist() == [False, False, False, False, True]

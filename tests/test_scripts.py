@@ -86,6 +86,14 @@ def test_official_two_file_and_anomalib_checkpoints_give_identical_outputs(train
                "--device", "cpu", "--image_size", "32", cwd=work)
     run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "own", "--device", "cpu",
                cwd=work)
+    # A folder of checkpoints: every file scored once, the official pair counted as one run.
+    folder = work / "folder"
+    folder.mkdir()
+    for path in (ckpt, work / f"{name}.pckl", work / f"{name}_seg.pckl"):
+        (folder / path.name).write_bytes(path.read_bytes())
+    run_script("test_draem.py", "--checkpoint", folder, "--data_path", data, "--out", work / "both", "--device", "cpu",
+               "--image_size", "32", cwd=work)
+    assert sorted(read_json(work / "both" / "results.json")["runs"]) == sorted([name, ckpt.stem])
     official = read_json(work / "off" / "results.json")["runs"][name]
     own = read_json(work / "own" / "results.json")["runs"][ckpt.stem]
     assert official["category"] == "weave"
