@@ -259,10 +259,10 @@ def train_category(args, category: str, device: torch.device, sources: torch.Ten
             "epoch": epoch, "batch": batch, "step": step, "order": None if order_now is None else order_now.cpu(),
             "metrics": metrics, "rng": rng_states(g, sim_g)}, ckpt_path)
 
+    if where.ddp and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.compile(model) if args.compile else model
     if where.ddp:
-        if args.sync_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     focal = FocalLoss()
     writer = SummaryWriter(args.log_path / name, purge_step=step if step else None) if where.writes else None
