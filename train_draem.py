@@ -265,7 +265,8 @@ def train_category(args, category: str, device: torch.device, sources: torch.Ten
     if where.ddp:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     focal = FocalLoss()
-    writer = SummaryWriter(args.log_path / name, purge_step=step if step else None) if where.writes else None
+    # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
+    writer = SummaryWriter(args.log_path / name, purge_step=step + 1 if step else None) if where.writes else None
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked when logging
     steps_per_epoch = math.ceil(len(images) / (args.bs * world))
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()

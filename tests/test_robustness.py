@@ -160,6 +160,10 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data):
     assert stopped_at <= 12
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # TensorBoard continues at the same step: one curve, steps strictly increasing up to the last.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    steps = [e.step for e in EventAccumulator(str(tmp_path / "b" / "logs" / ckpt.stem)).Reload().Scalars("loss/total")]
+    assert steps == sorted(set(steps)) and steps[-1] == 12 and {2, 4, 6, 8, 10, 12} <= set(steps)
 
 
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, data):
