@@ -51,11 +51,12 @@ def test_defect_image_without_mask(tmp_path, data):
     import shutil
     shutil.copytree(data / "weave", tmp_path / "d" / "weave")
     (tmp_path / "d" / "weave" / "ground_truth" / "hole" / "001_mask.png").unlink()
-    ckpt = tmp_path / "c.pt"
-    torch.save({"x": torch.zeros(1)}, ckpt)
-    from data_loader import DataError, load_test_set
-    with pytest.raises(DataError, match="without a mask.*hole/001.png"):
-        load_test_set(tmp_path / "d", "weave", 32)
+    run_script("train_draem.py", "--data_path", tmp_path / "d", "--obj_id", "weave", "--epochs", "1",
+               "--eval_every", "-1", *TINY, cwd=tmp_path)
+    ckpt = next((tmp_path / "checkpoints").glob("*.pt"))
+    proc = fails("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--device", "cpu", cwd=tmp_path,
+                 expect="1 defect image(s) without a mask")
+    assert "hole/001.png" in proc.stderr
 
 
 def test_anomaly_source_problems(tmp_path, data):
