@@ -113,7 +113,11 @@ def parallel_read(reader, items: list, size: int, workers: int) -> list:
 
 def load_images(paths: list[Path], size: int, workers: int | None = None) -> Tensor:
     """(N, 3, size, size) uint8 BGR tensor."""
-    images = parallel_read(read_image, paths, size, workers or default_workers())
+    return to_tensor(parallel_read(read_image, paths, size, workers or default_workers()))
+
+
+def to_tensor(images: list[np.ndarray]) -> Tensor:
+    """(H, W, 3) uint8 arrays -> one (N, 3, H, W) uint8 tensor."""
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -182,7 +186,7 @@ def load_test_set(data_path: Path, category: str, size: int, workers: int | None
         raise DataError(f"{len(missing)} defect image(s) without a mask in {root / 'ground_truth'}: "
                         + "; ".join(missing))
     read = parallel_read(read_test_pair, list(zip(paths, mask_paths)), size, workers or default_workers())
-    images = torch.from_numpy(np.stack([image for image, _, _ in read])).permute(0, 3, 1, 2).contiguous()
+    images = to_tensor([image for image, _, _ in read])
     empty = np.zeros((size, size), np.uint8)
     masks = torch.from_numpy(np.stack([empty if mask is None else mask for _, mask, _ in read]))[:, None]
     notes = [note for _, _, found in read for note in found]

@@ -15,6 +15,7 @@ Where torchvision or a direct formula differs from the official imgaug augmenter
 The augmented source only has to look unlike the normal image inside the mask; these variants give
 the same variety of colours, contrasts and textures, which is what the discriminator learns from.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -130,15 +131,21 @@ def aug_sharpness(x: Tensor, g, device) -> Tensor:
     return (degenerate + factor * (x - degenerate)).clamp(0, 1)
 
 
+@functools.lru_cache
+def yiq_matrices(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RGB -> YIQ and its inverse, made once per device: no host copy or inverse (a GPU sync) per step."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          dtype=torch.float64)
+    return to_yiq.to(device, dtype), torch.linalg.inv(to_yiq).to(device, dtype)
+
+
 def rotate_hue(x: Tensor, g, device) -> Tensor:
     theta = uniform((x.shape[0],), -50 / 255, 50 / 255, g, device) * 2 * math.pi
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=device, dtype=x.dtype)
+    to_yiq, from_yiq = yiq_matrices(torch.device(device), x.dtype)
     cos, sin, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
     rotation = torch.stack((torch.stack((one, zero, zero), 1), torch.stack((zero, cos, -sin), 1),
-                            torch.stack((zero, sin, cos), 1)), 1)  # (n, 3, 3)
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
-    return torch.einsum("nij,njhw->nihw", matrix, x).clamp(0, 1)
+                            torch.stack((zero, sin, cos), 1)), 1)  # (n, 3, 3): turns the chroma (I, Q) plane
+    return torch.einsum("nij,njhw->nihw", from_yiq @ rotation @ to_yiq, x).clamp(0, 1)
 
 
 def scale_saturation(x: Tensor, g, device) -> Tensor:

@@ -131,3 +131,13 @@ def test_whole_batch_and_subset_paths_agree():
     subset = apply_where(selected, fn, x, whole_batch=False)
     assert torch.equal(whole, subset)
     assert torch.equal(whole[~selected], x[~selected]) and not torch.equal(whole[selected], x[selected])
+
+
+def test_hue_rotation_keeps_luminance_and_changes_colour():
+    from perlin import rotate_hue, yiq_matrices
+    x = 0.4 + 0.2 * torch.rand(4, 3, 8, 8)  # near grey: no clamping
+    out = rotate_hue(x, torch.Generator().manual_seed(0), "cpu")
+    to_yiq, _ = yiq_matrices(torch.device("cpu"), torch.float32)
+    luma = lambda t: torch.einsum("j,njhw->nhw", to_yiq[0], t)
+    torch.testing.assert_close(luma(out), luma(x), atol=1e-5, rtol=0)
+    assert (out - x).abs().max() > 1e-3
