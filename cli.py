@@ -1,5 +1,7 @@
 """What the two scripts share on the command line: device choice and one-line errors."""
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -26,12 +28,14 @@ def pick_device(name: str = "auto", gpu_id: int | None = None) -> torch.device:
     return device
 
 
-def run_cli(main_fn) -> None:
-    """Run main_fn(); known problems become one line on stderr and exit status 2 (a traceback with --debug)."""
+@contextmanager
+def one_line_errors(debug: bool = False) -> Iterator[None]:
+    """Known problems (bad data, flags or checkpoints) become one line on stderr and exit status 2;
+    with debug (the parsed --debug), the traceback instead."""
     try:
-        main_fn()
+        yield
     except (DataError, CheckpointError, FloatingPointError) as exc:
-        if "--debug" in sys.argv:
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

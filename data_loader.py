@@ -22,9 +22,6 @@ CATEGORIES = ["capsule", "bottle", "carpet", "leather", "pill", "transistor", "t
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 CHANNEL_ORDER = "BGR"
 
-cv2.setNumThreads(1)  # we parallelise over files instead
-
-
 class DataError(ValueError):
     """A dataset problem the scripts report as one line (no traceback)."""
 
@@ -103,8 +100,13 @@ def parallel_read(reader, items: list, size: int, workers: int) -> list:
         except (DataError, cv2.error) as exc:
             return str(exc).splitlines()[0] if isinstance(exc, DataError) else f"cannot decode {item}"
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(safe, items))
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # parallel over files instead: OpenCV's own threads would oversubscribe the cores
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            results = list(pool.map(safe, items))
+    finally:
+        cv2.setNumThreads(threads)
     bad = [r for r in results if isinstance(r, str)]
     if bad:
         raise DataError(f"{len(bad)} unreadable file(s): " + "; ".join(bad))

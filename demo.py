@@ -15,6 +15,9 @@ DEMO_ROOT = Path("datasets/demo")
 CATEGORY = "weave"
 DEFECTS = ("scratch", "hole", "stain")
 SIZE = 160  # px; the demo trains at 128
+# Parser defaults under --demo (any flag given explicitly still wins): trains in a few minutes on two CPU cores.
+DEMO_DEFAULTS = {"data_path": DEMO_ROOT, "anomaly_source_path": DEMO_ROOT / "sources", "obj_id": CATEGORY,
+                 "epochs": 30, "image_size": 128, "base_width": 16, "seg_base_width": 16, "log_every": 8}
 
 
 def texture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
@@ -96,20 +99,6 @@ def make_demo_dataset(root: Path = DEMO_ROOT, train: int = 64, test_good: int = 
         save(root / "sources" / f"{i:03d}.png", source_texture(rng))
     done.write_text("ok\n")
     return root
-
-
-def apply_demo_defaults(args: argparse.Namespace) -> None:
-    """A configuration that trains in a few minutes on two CPU cores; flags given explicitly still win."""
-    root = make_demo_dataset()
-    print(f"demo dataset: {root} (category '{CATEGORY}', anomaly sources {root / 'sources'})")
-    args.data_path = args.data_path or root
-    args.anomaly_source_path = args.anomaly_source_path or root / "sources"
-    args.obj_id = CATEGORY
-    defaults = {"epochs": 700, "image_size": 256, "base_width": 128, "seg_base_width": 64, "log_every": 50}
-    demo = {"epochs": 30, "image_size": 128, "base_width": 16, "seg_base_width": 16, "log_every": 8}
-    for key, value in demo.items():
-        if getattr(args, key) == defaults[key]:
-            setattr(args, key, value)
 
 
 def finish_demo(args: argparse.Namespace, checkpoints: list[Path]) -> None:

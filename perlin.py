@@ -1,9 +1,9 @@
 """DRAEM's anomaly simulation for a whole batch, on the images' device.
 
-Per sample (../shared/DRAEM_FACTS.md section 4): maybe rotate the normal image; draw a Perlin noise mask
-(lattice 2^a x 2^b, a, b in 0..5, rotated, thresholded at 0.5); augment a random anomaly-source image with
-3 distinct of 10 augmenters in random order; blend it into the masked region with factor beta; keep half
-of the batch anomaly-free. Every random draw comes from one ``torch.Generator``, so a seeded CPU batch
+Per sample, as the official code's data loader does it (the paper, section 3.1): maybe rotate the normal
+image; draw a Perlin noise mask (lattice 2^a x 2^b, a, b in 0..5, rotated, thresholded at 0.5); augment
+a random anomaly-source image with 3 distinct of 10 augmenters in random order; blend it into the masked
+region with factor beta; keep a share of the batch anomaly-free (recipe.py holds the numbers). Every random draw comes from one ``torch.Generator``, so a seeded CPU batch
 is repeatable, and nothing leaves the device: no per-sample NumPy, no host syncs.
 
 Where torchvision or a direct formula differs from the official imgaug augmenters:
@@ -24,20 +24,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from recipe import RECIPES, Recipe
 
-@dataclass(frozen=True)
-class Recipe:
-    beta_low: float  # blend factor beta ~ U(beta_low, beta_high)
-    beta_high: float
-    rotate_p: float  # probability of rotating the normal image
-    rotate_degrees: float  # ... by U(-rotate_degrees, rotate_degrees)
-    anomaly_free_p: float = 0.5
-
-
-RECIPES = {
-    "official": Recipe(beta_low=0.0, beta_high=0.8, rotate_p=0.3, rotate_degrees=90.0),
-    "paper": Recipe(beta_low=0.1, beta_high=1.0, rotate_p=0.3, rotate_degrees=45.0),
-}
 MAX_LOG_RES = 5  # lattice resolutions 2^0 .. 2^5 per axis
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from checkpoint import CheckpointError, model_from_checkpoint
-from cli import pick_device, run_cli
+from cli import one_line_errors, pick_device
 from data_loader import (DataError, TestSet, decode, default_workers, list_images, load_images, load_test_set,
                          resolve_categories)
 from metrics import auroc, average_precision, image_scores, pixel_metrics
@@ -210,13 +210,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--batch_size must be at least 1")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         parser.error("--image_size must be a positive multiple of 32")
-    device = pick_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.images is not None:
-        score_images(args, device)
-    else:
-        score_test_sets(args, device)
+    with one_line_errors(args.debug):
+        device = pick_device(args.device)
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.images is not None:
+            score_images(args, device)
+        else:
+            score_test_sets(args, device)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

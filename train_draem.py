@@ -11,16 +11,15 @@ import argparse
 import hashlib
 import math
 import os
-import random
 import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,19 +27,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cli import pick_device, run_cli
 from checkpoint import FORMAT, CheckpointError, load_state, load_weights, save_checkpoint
+from cli import one_line_errors, pick_device
 from data_loader import (CHANNEL_ORDER, DataError, load_anomaly_sources, load_test_set, load_train_images,
                          resolve_categories)
-from demo import apply_demo_defaults, finish_demo
+from demo import DEMO_DEFAULTS, finish_demo, make_demo_dataset
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
-from perlin import RECIPES, SyntheticBatch, simulate_anomalies
-from test_draem import evaluate
+from perlin import SyntheticBatch, simulate_anomalies
+from recipe import RECIPES
+from test_draem import METRICS, evaluate
 
-# LR milestones as fractions of the epochs, and the decay factor (../shared/DRAEM_FACTS.md section 3).
-LR_SCHEDULES = {"official": ([0.8, 0.9], 0.2), "paper": ([400 / 700, 600 / 700], 0.1)}
 
+# ---- configuration ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image_size", type=int, default=256, help="training side in pixels, a multiple of 32 (default 256)")
     a("--base_width", type=int, default=128, help="reconstructive sub-network width (default 128)")
     a("--seg_base_width", type=int, default=64, help="discriminative sub-network width (default 64)")
+    recipes = "; ".join(f"{name}: {recipe.describe()}" for name, recipe in RECIPES.items())
     a("--recipe", choices=sorted(RECIPES), default="official",
-      help="official: the authors' code (beta U(0,0.8), LR x0.2 at 80%%/90%%); paper: beta U(0.1,1), "
-           "rotation +-45, LR x0.1 at epochs 400/600 of 700 (default official)")
+      help=f"{recipes} (default official)".replace("%", "%%"))
     a("--sspcab", action="store_true", help="replace encoder block5 with SSPCAB and add its loss (x0.1)")
-    a("--seed", type=int, default=0, help="seed for initialisation and anomaly simulation (default 0)")
+    a("--seed", type=int, default=0, help="seed for initialisation, batch order and anomaly simulation (default 0)")
     a("--workers", type=int, default=0, help="threads that decode images (default: up to 8)")
     a("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
       help="mixed precision: auto = bf16 on a GPU that supports it, off on the CPU (default auto)")
@@ -79,9 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ddp", action="store_true", help="under torchrun: train one model data-parallel (global batch = --bs x "
                                          "processes) instead of spreading the categories over the processes")
     a("--sync_bn", action="store_true", help="with --ddp on GPUs: synchronise BatchNorm statistics across ranks")
-    a("--demo", action="store_true", help="build ./datasets/demo, train a small model on it and score it")
+    a("--demo", action="store_true", help="build ./datasets/demo and train a small model on it, then score it; "
+                                          "its settings are defaults that any flag given overrides")
     a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; under --demo the demo's settings are the defaults, so every flag given still wins."""
+    parser = build_parser()
+    if parser.parse_known_args(argv)[0].demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -97,7 +107,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--base_width and --seg_base_width must be at least 1")
     if args.save_every < 1 or args.log_every < 1:
         parser.error("--save_every and --log_every must be at least 1")
-    if args.data_path is None and not args.demo:
+    if args.data_path is None:
         parser.error("--data_path is required (or use --demo)")
 
 
@@ -111,6 +121,12 @@ def run_name(args: argparse.Namespace, category: str) -> str:
     return f"DRAEM_{category}_{args.recipe}_lr{args.lr:g}_ep{args.epochs}_bs{args.bs}"
 
 
+def config_of(args: argparse.Namespace, category: str) -> dict:
+    keys = ("bs", "lr", "epochs", "image_size", "base_width", "seg_base_width", "recipe", "sspcab", "seed", "amp")
+    return {**{k: getattr(args, k) for k in keys}, "category": category, "channel_order": CHANNEL_ORDER,
+            "data_path": str(args.data_path), "anomaly_source_path": str(args.anomaly_source_path or "")}
+
+
 def ensure_writable(folder: Path, flag: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,38 +137,52 @@ def ensure_writable(folder: Path, flag: str) -> None:
         raise DataError(f"{flag} {folder} cannot be written ({exc.strerror or exc})")
 
 
-def config_of(args: argparse.Namespace, category: str) -> dict:
-    keys = ("bs", "lr", "epochs", "image_size", "base_width", "seg_base_width", "recipe", "sspcab", "seed", "amp")
-    return {**{k: getattr(args, k) for k in keys}, "category": category, "channel_order": CHANNEL_ORDER,
-            "data_path": str(args.data_path), "anomaly_source_path": str(args.anomaly_source_path or "")}
+# ---- processes: torchrun, and stopping on a signal ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place under torchrun (process 0 of 1 without it)."""
+    rank: int = 0  # torchrun's global rank
+    world_size: int = 1
+    data_parallel: bool = False  # --ddp: the processes train one model; otherwise each trains its own categories
+    device: str | None = None  # cuda:LOCAL_RANK on a multi-GPU launch
+
+    @property
+    def dp_rank(self) -> int:  # which slice of the global batch this process trains on
+        return self.rank if self.data_parallel else 0
+
+    @property
+    def dp_size(self) -> int:  # how many processes share one model's batch
+        return self.world_size if self.data_parallel else 1
+
+    @property
+    def writes_outputs(self) -> bool:  # checkpoints, logs and progress come from one process per model
+        return not self.data_parallel or self.rank == 0
 
 
-def rng_states(g: torch.Generator, sim_g: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    return {"generator": g.get_state(), "simulation": sim_g.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
+def start_processes(args: argparse.Namespace) -> Launch:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        if args.ddp:
+            print("note: --ddp without torchrun: training on one process", file=sys.stderr)
+        return Launch()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Launch(rank, world_size, args.ddp, f"cuda:{local_rank}" if use_cuda else None)
 
 
-def restore_rng_states(states: dict, g: torch.Generator, sim_g: torch.Generator) -> None:
-    g.set_state(states["generator"])
-    sim_g.set_state(states["simulation"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, keys, *rest = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+class TrainingStopped(Exception):
+    """Raised after the checkpoint of a run stopped by SIGINT / SIGTERM was written."""
 
 
 class StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and stops."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
 
     def handle(self, signum, frame) -> None:
         if self.requested:  # a second Ctrl-C stops at once
@@ -167,169 +197,100 @@ class StopRequest:
         return bool(flag.item())
 
 
-def epoch_batches(n: int, bs: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    """(steps, bs) indices: a random permutation, its last batch topped up with random images so all are full."""
-    steps = math.ceil(n / bs)
-    order = torch.randperm(n, generator=g, device=device)
-    extra = torch.randint(0, n, (steps * bs - n,), generator=g, device=device)
-    return torch.cat((order, extra)).view(steps, bs)
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Install the SIGINT / SIGTERM handlers for the training run; put the previous ones back after it."""
+    stop = StopRequest()
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def to_rgb_grid(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) BGR or 1-channel in [0, 1] -> (B, 3, H, W) RGB for TensorBoard."""
-    images = images.detach().float().clamp(0, 1)
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.flip(1)
+# ---- the pieces of a run: model and optimiser, random streams, checkpoints -----------------------------
+
+@dataclass
+class Training:
+    """What the optimisation updates and a checkpoint restores."""
+    model: DraemModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
 
 
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process stands under torchrun (rank 0 of 1 without it)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    ddp: bool = False  # one model data-parallel (--ddp), rather than categories spread over the processes
-
-    @property
-    def writes(self) -> bool:  # checkpoints and logs are written once, by their owner
-        return not self.ddp or self.rank == 0
-
-
-def setup_distributed(args: argparse.Namespace) -> Distributed:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        if args.ddp:
-            print("note: --ddp without torchrun: training on one process", file=sys.stderr)
-        return Distributed()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and args.device != "cpu"
-    if use_cuda:
-        args.device, args.gpu_id = f"cuda:{local_rank}", None
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(rank, world, local_rank, args.ddp)
-
-
-def train_category(args, category: str, device: torch.device, sources: torch.Tensor | None, stop: StopRequest,
-                   where: Distributed = Distributed()) -> Path:
-    name = run_name(args, category)
-    ckpt_path = args.checkpoint_path / f"{name}.pt"
-    images = load_train_images(args.data_path, category, args.image_size, args.workers).to(device)
-    if where.writes:
-        print(f"[{category}] {len(images)} training images cached on {device}; run {name}")
-    # In DDP every rank draws the same batch order (the global batch is bs x world: rank r takes its
-    # bs columns) but simulates its own anomalies.
-    world, rank = (where.world, where.rank) if where.ddp else (1, 0)
-
-    torch.manual_seed(args.seed)
-    model = DraemModel(args.base_width, args.seg_base_width, args.sspcab)
-    init_weights(model)
+def build_training(args: argparse.Namespace, device: torch.device) -> Training:
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(args.seed)
+        model = DraemModel(args.base_width, args.seg_base_width, args.sspcab)
+        init_weights(model)
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-    fractions, gamma = LR_SCHEDULES[args.recipe]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [round(f * args.epochs) for f in fractions], gamma)
-    dtype = amp_dtype(args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    g = torch.Generator(device).manual_seed(args.seed)  # batch order
-    sim_g = torch.Generator(device).manual_seed(args.seed + 1 + rank)  # anomaly simulation, per rank
-    start_epoch, step, resume_batch, order, metrics = 0, 0, 0, None, {}
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args, device) == torch.float16)
+    return Training(model, optimizer, scaler)
 
-    if args.resume:
-        path = ckpt_path if args.resume == "auto" else Path(args.resume)
-        if path.is_file():
-            state = load_state(path)
-            load_weights(model, state["reconstructive"], state["discriminative"], path)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            restore_rng_states(state["rng"], g, sim_g)
-            if rank:  # only rank 0's simulation stream was saved; the others restart theirs, still distinct
-                sim_g.manual_seed(args.seed + 1 + rank + 1000 * state["step"])
-            start_epoch, step, resume_batch, metrics = state["epoch"], state["step"], state["batch"], state["metrics"]
-            order = state["order"].to(device) if state["order"] is not None else None
-            print(f"[{category}] resumed from {path} at epoch {start_epoch}, step {step}")
-        elif args.resume != "auto":
-            raise CheckpointError(f"--resume {path}: no such checkpoint")
 
-    def checkpoint(epoch: int, batch: int, order_now: torch.Tensor | None) -> None:
-        save_checkpoint({
-            "format": FORMAT, "config": config_of(args, category), "category": category,
-            "reconstructive": model.reconstructive_subnetwork.state_dict(),
-            "discriminative": model.discriminative_subnetwork.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "batch": batch, "step": step, "order": None if order_now is None else order_now.cpu(),
-            "metrics": metrics, "rng": rng_states(g, sim_g)}, ckpt_path)
+def resume_path(args: argparse.Namespace, ckpt_path: Path) -> Path | None:
+    """The checkpoint --resume names, or this run's own if it exists ("auto"); None to start afresh."""
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        return ckpt_path if ckpt_path.is_file() else None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such checkpoint")
+    return path
 
-    if where.ddp and args.sync_bn:
+
+def restore(training: Training, path: Path) -> tuple[int, dict]:
+    """Weights, optimiser and scaler from a checkpoint; returns its step and metrics."""
+    state = load_state(path)
+    load_weights(training.model, state["reconstructive"], state["discriminative"], path)
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scaler.load_state_dict(state["scaler"])
+    return state["step"], state["metrics"]
+
+
+def save(path: Path, training: Training, config: dict, step: int, steps_per_epoch: int, metrics: dict) -> None:
+    save_checkpoint({
+        "format": FORMAT, "config": config, "category": config["category"],
+        "reconstructive": training.model.reconstructive_subnetwork.state_dict(),
+        "discriminative": training.model.discriminative_subnetwork.state_dict(),
+        "optimizer": training.optimizer.state_dict(), "scaler": training.scaler.state_dict(),
+        "epoch": step // steps_per_epoch, "step": step, "metrics": metrics}, path)
+
+
+def stream_seed(seed: int, *place: object) -> int:
+    """The seed of one random stream (an epoch's batch order, a step's simulation on one rank): a function
+    of the run's seed and the place alone, so a checkpoint needs only its step to resume exactly."""
+    return int.from_bytes(hashlib.sha256(repr((seed, *place)).encode()).digest()[:8], "little") >> 1
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """(steps, batch_size) image indices: a random permutation, the last batch topped up with random images."""
+    g = torch.Generator(device).manual_seed(stream_seed(seed, "order", epoch))
+    steps = math.ceil(n / batch_size)
+    order = torch.randperm(n, generator=g, device=device)
+    extra = torch.randint(0, n, (steps * batch_size - n,), generator=g, device=device)
+    return torch.cat((order, extra)).view(steps, batch_size)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def prepare_network(model: DraemModel, args: argparse.Namespace, launch: Launch, device: torch.device) -> nn.Module:
+    """What the step calls: the model, maybe with SyncBatchNorm, compiled and wrapped for DDP."""
+    if launch.data_parallel and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.compile(model) if args.compile else model
-    if where.ddp:
+    if launch.data_parallel:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    focal = FocalLoss()
-    # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
-    writer = SummaryWriter(args.log_path / name, purge_step=step + 1 if step else None) if where.writes else None
-    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked when logging
-    steps_per_epoch = math.ceil(len(images) / (args.bs * world))
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    model.train()
-    epochs = tqdm(range(start_epoch, args.epochs), desc=category, initial=start_epoch, total=args.epochs, unit="ep",
-                  disable=not where.writes)
-    out = None  # the last step's output, for the image grids
-    for epoch in epochs:
-        order = order if order is not None else epoch_batches(len(images), args.bs * world, g, device)
-        for batch_index in tqdm(range(resume_batch, steps_per_epoch), leave=False, unit="step", disable=not where.writes):
-            mine = order[batch_index, rank * args.bs:(rank + 1) * args.bs]
-            batch = simulate_anomalies(images[mine], sources, args.recipe, sim_g)
-            out, total, parts = train_step(net, batch, optimizer, scaler, autocast, focal, args.sspcab)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total), step, first_bad)
-            step += 1
-            log_now = step % args.log_every == 0
-            # Under DDP the ranks agree to stop at a log point, so none is left waiting in an all-reduce.
-            stopping = stop.agreed(device) if where.ddp and log_now else stop.requested and not where.ddp
-            if log_now or stopping:
-                check_finite(first_bad, ckpt_path)
-                values = {k: v.item() for k, v in parts.items()} | {"total": total.item()}
-                if writer:
-                    for key, value in values.items():
-                        writer.add_scalar(f"loss/{key}", value, step)
-                    writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
-                epochs.set_postfix(loss=f"{values['total']:.4f}")
-            if stopping:
-                if where.writes:
-                    checkpoint(epoch, batch_index + 1, order)
-                    writer.close()
-                    print(f"[{category}] stopped at step {step}; resume with --resume", file=sys.stderr)
-                sys.exit(130)
-        check_finite(first_bad, ckpt_path)
-        scheduler.step()
-        order, resume_batch = None, 0
-        if args.visualize and writer and out is not None:
-            grid = torch.cat([to_rgb_grid(t) for t in (batch.augmented, out.reconstruction, batch.mask,
-                                                         torch.softmax(out.logits.float(), 1)[:, 1:])])
-            writer.add_images("train/augmented_reconstruction_target_predicted", grid, step)
-        last = epoch + 1 == args.epochs
-        if where.writes and evaluation_due(args, epoch + 1, last, category):
-            metrics = {"epoch": epoch + 1, **evaluate_category(model, args, category, device)}
-            for key, value in metrics.items():
-                if key != "epoch":
-                    writer.add_scalar(f"test/{key}", value, step)
-            model.train()
-        if where.writes and ((epoch + 1) % args.save_every == 0 or last):
-            checkpoint(epoch + 1, 0, None)
-    if where.ddp:
-        print(f"[{category}] rank {rank} parameter fingerprint {parameter_fingerprint(model)}")
-    if writer:
-        writer.close()
-        print(f"[{category}] checkpoint {ckpt_path}" + (f"  metrics {format_metrics(metrics)}" if metrics else ""))
-    return ckpt_path
+    return net
 
 
-def parameter_fingerprint(model: nn.Module) -> str:
-    """A digest of every parameter's bytes: equal on all DDP ranks when they stayed in step."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
+# ---- the step ---------------------------------------------------------------------------------------
 
 def train_step(net, batch: SyntheticBatch, optimizer, scaler, autocast, focal: FocalLoss,
                sspcab: bool) -> tuple[DraemOutput, torch.Tensor, dict]:
@@ -346,6 +307,63 @@ def train_step(net, batch: SyntheticBatch, optimizer, scaler, autocast, focal: F
     return out, total, parts
 
 
+# ---- what people see: progress, TensorBoard, evaluation ---------------------------------------------------
+
+class Progress:
+    """One tqdm bar over a category's steps when stderr is a terminal; otherwise (CI, nohup, a cluster job,
+    where a bar's redraws fill the log with cursor codes) one plain line per log point."""
+
+    def __init__(self, category: str, start: int, total: int, steps_per_epoch: int, images_per_step: int,
+                 shown: bool):
+        self.category, self.total, self.steps_per_epoch, self.images_per_step = category, total, steps_per_epoch, images_per_step
+        self.bar = tqdm(desc=category, initial=start, total=total, unit="step") if shown and sys.stderr.isatty() else None
+        self.lines = shown and self.bar is None
+        self.since_step, self.since_time = start, time.perf_counter()
+
+    def advance(self) -> None:
+        if self.bar:
+            self.bar.update()
+
+    def report(self, step: int, loss: float, lr: float) -> None:
+        epoch = f"{(step - 1) // self.steps_per_epoch + 1}/{self.total // self.steps_per_epoch}"
+        if self.bar:
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+        elif self.lines:
+            now = time.perf_counter()
+            rate = (step - self.since_step) * self.images_per_step / max(now - self.since_time, 1e-9)
+            self.since_step, self.since_time = step, now
+            print(f"[{self.category}] step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3g} "
+                  f"{rate:.1f} img/s", flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def log_step(writer: SummaryWriter | None, progress: Progress, step: int, total: torch.Tensor, parts: dict,
+             optimizer: torch.optim.Optimizer) -> None:
+    """Losses and learning rate to TensorBoard and the progress display (reading the losses syncs the device)."""
+    values = {k: v.item() for k, v in parts.items()} | {"total": total.item()}
+    lr = optimizer.param_groups[0]["lr"]
+    if writer:
+        for key, value in values.items():
+            writer.add_scalar(f"loss/{key}", value, step)
+        writer.add_scalar("lr", lr, step)
+    progress.report(step, values["total"], lr)
+
+
+def to_rgb_grid(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) BGR or 1-channel in [0, 1] -> (B, 3, H, W) RGB for TensorBoard."""
+    images = images.detach().float().clamp(0, 1)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.flip(1)
+
+
+def log_image_grid(writer: SummaryWriter, batch: SyntheticBatch, out: DraemOutput, step: int) -> None:
+    predicted = torch.softmax(out.logits.float(), 1)[:, 1:]
+    grid = torch.cat([to_rgb_grid(t) for t in (batch.augmented, out.reconstruction, batch.mask, predicted)])
+    writer.add_images("train/augmented_reconstruction_target_predicted", grid, step)
+
+
 def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
     bad = first_bad.item()
     if bad >= 0:
@@ -353,13 +371,13 @@ def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
         raise FloatingPointError(f"loss is NaN or Inf at step {bad + 1}; stopped ({kept})")
 
 
-def evaluation_due(args, epoch: int, last: bool, category: str) -> bool:
+def evaluation_due(args: argparse.Namespace, epoch: int, category: str) -> bool:
     if args.eval_every < 0 or not (args.data_path / category / "test").is_dir():
         return False
-    return last or (args.eval_every > 0 and epoch % args.eval_every == 0)
+    return epoch == args.epochs or (args.eval_every > 0 and epoch % args.eval_every == 0)
 
 
-def evaluate_category(model: DraemModel, args, category: str, device: torch.device) -> dict:
+def evaluate_category(model: DraemModel, args: argparse.Namespace, category: str, device: torch.device) -> dict:
     test_set = load_test_set(args.data_path, category, args.image_size, args.workers)
     return evaluate(model, test_set, device, channel_order=CHANNEL_ORDER)["metrics"]
 
@@ -368,17 +386,106 @@ def format_metrics(metrics: dict) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "epoch")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def parameter_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter's bytes: equal on all DDP ranks when they stayed in step."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+
+def train_category(args: argparse.Namespace, category: str, device: torch.device, sources: torch.Tensor | None,
+                   stop: StopRequest, launch: Launch = Launch()) -> Path:
+    name = run_name(args, category)
+    ckpt_path = args.checkpoint_path / f"{name}.pt"
+    config, recipe = config_of(args, category), RECIPES[args.recipe]
+    images = load_train_images(args.data_path, category, args.image_size, args.workers).to(device)
+    training = build_training(args, device)
+    model, optimizer, scaler = training.model, training.optimizer, training.scaler
+    start, metrics = 0, {}
+    if path := resume_path(args, ckpt_path):
+        start, metrics = restore(training, path)
+        print(f"[{category}] resumed from {path} at step {start}")
+    net = prepare_network(model, args, launch, device)
+    # Under --ddp the global batch is bs x dp_size: every rank draws the same order and trains its slice.
+    steps_per_epoch = math.ceil(len(images) / (args.bs * launch.dp_size))
+    total_steps = steps_per_epoch * args.epochs
+    writes = launch.writes_outputs
+    if writes:
+        print(f"[{category}] {len(images)} training images cached on {device}; run {name}")
+    # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
+    writer = SummaryWriter(args.log_path / name, purge_step=start + 1 if start else None) if writes else None
+    progress = Progress(category, start, total_steps, steps_per_epoch, args.bs * launch.dp_size, shown=writes)
+    dtype = amp_dtype(args, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    focal, simulation_g = FocalLoss(), torch.Generator(device)
+    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, read at log points only
+    order = None
+    model.train()
+    for step in range(start, total_steps):
+        # schedule: the epoch's batch order and learning rate
+        epoch, index = divmod(step, steps_per_epoch)
+        if order is None or index == 0:
+            order = epoch_order(len(images), args.bs * launch.dp_size, args.seed, epoch, device)
+            set_learning_rate(optimizer, recipe.learning_rate(args.lr, epoch, args.epochs))
+
+        # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
+        normal = images[order[index].view(launch.dp_size, args.bs)[launch.dp_rank]]
+        simulation_g.manual_seed(stream_seed(args.seed, "simulation", launch.dp_rank, step))
+        batch = simulate_anomalies(normal, sources, recipe, simulation_g)
+
+        # step
+        out, total, parts = train_step(net, batch, optimizer, scaler, autocast, focal, args.sspcab)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total), step, first_bad)
+        done = step + 1
+        progress.advance()
+
+        # log: the only host syncs of the loop. Under DDP the ranks agree to stop here, so none is left
+        # waiting in an all-reduce.
+        log_now = done % args.log_every == 0
+        stopping = stop.agreed(device) if launch.data_parallel and log_now else stop.requested and not launch.data_parallel
+        if log_now or stopping:
+            check_finite(first_bad, ckpt_path)
+            log_step(writer, progress, done, total, parts, optimizer)
+
+        # end of an epoch: visualise, evaluate, save
+        if index + 1 == steps_per_epoch:
+            check_finite(first_bad, ckpt_path)
+            if args.visualize and writer:
+                log_image_grid(writer, batch, out, done)
+            if writes and evaluation_due(args, epoch + 1, category):
+                metrics = {"epoch": epoch + 1, **evaluate_category(model, args, category, device)}
+                for key in METRICS:
+                    writer.add_scalar(f"test/{key}", metrics[key], done)
+                model.train()
+            if writes and ((epoch + 1) % args.save_every == 0 or done == total_steps):
+                save(ckpt_path, training, config, done, steps_per_epoch, metrics)
+
+        if stopping:
+            if writes:
+                save(ckpt_path, training, config, done, steps_per_epoch, metrics)
+                writer.close()
+            progress.close()
+            raise TrainingStopped(f"[{category}] stopped at step {done}; resume with --resume")
+    progress.close()
+    if launch.data_parallel:
+        print(f"[{category}] rank {launch.rank} parameter fingerprint {parameter_fingerprint(model)}")
+    if writer:
+        writer.close()
+        print(f"[{category}] checkpoint {ckpt_path}" + (f"  metrics {format_metrics(metrics)}" if metrics else ""))
+    return ckpt_path
+
+
+def train(args: argparse.Namespace) -> None:
     if args.demo:
-        apply_demo_defaults(args)
-    check_args(args, parser)
-    where = setup_distributed(args)
-    device = pick_device(args.device, args.gpu_id)
+        print(f"demo dataset: {make_demo_dataset()}")
+    launch = start_processes(args)
+    device = pick_device(launch.device) if launch.device else pick_device(args.device, args.gpu_id)
     categories = resolve_categories(str(args.obj_id), args.data_path)
-    if where.world > 1 and not where.ddp:  # category-parallel: each process trains its share, one after another
-        categories = categories[where.rank::where.world]
+    if launch.world_size > 1 and not launch.data_parallel:  # each process trains its share, one after another
+        categories = categories[launch.rank::launch.world_size]
     for folder, flag in ((args.checkpoint_path, "--checkpoint_path"), (args.log_path, "--log_path")):
         ensure_writable(folder, flag)
     if args.anomaly_source_path is None:
@@ -390,18 +497,28 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(sources)} anomaly-source images cached on {device}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    stop = StopRequest()
     started = time.perf_counter()
-    paths = [train_category(args, category, device, sources, stop, where) for category in categories]
-    if where.world > 1:
+    with stop_on_signals() as stop:
+        try:
+            paths = [train_category(args, category, device, sources, stop, launch) for category in categories]
+        except TrainingStopped as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(130)
+    if launch.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if where.writes:
+    if launch.writes_outputs:
         print(f"trained {len(paths)} categor{'y' if len(paths) == 1 else 'ies'} in {time.perf_counter() - started:.0f} s;"
               f" TensorBoard: tensorboard --logdir {args.log_path}")
-    if args.demo and where.rank == 0:
+    if args.demo and launch.rank == 0:
         finish_demo(args, paths)
 
 
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with one_line_errors(args.debug):
+        train(args)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    main()

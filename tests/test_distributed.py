@@ -50,3 +50,25 @@ def test_ddp_keeps_ranks_identical_and_writes_one_checkpoint(two_categories, tmp
     # 12 images, global batch 2 x 4 = 8: two steps per epoch.
     assert state["step"] == 4 and state["epoch"] == 2
     assert proc.stdout.count("] checkpoint") == 1
+
+
+def test_ddp_resume_is_exact(two_categories, tmp_path):
+    # Every random stream is a function of (seed, epoch or step, rank), so a checkpoint's step is all a
+    # data-parallel run needs to continue exactly, on every rank.
+    _, data = two_categories
+    common = ["--ddp", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+              "--eval_every", "-1", *TINY]
+    for run in ("whole", "split"):
+        (tmp_path / run).mkdir()
+    torchrun(*common, "--epochs", "2", cwd=tmp_path / "whole")
+    torchrun(*common, "--epochs", "1", cwd=tmp_path / "split")
+    first = tmp_path / "split" / "checkpoints" / "DRAEM_weave_official_lr0.0001_ep1_bs4.pt"
+    proc = torchrun(*common, "--epochs", "2", "--resume", first, cwd=tmp_path / "split")
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    name = "DRAEM_weave_official_lr0.0001_ep2_bs4.pt"
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / name, weights_only=True)
+    split = torch.load(tmp_path / "split" / "checkpoints" / name, weights_only=True)
+    assert whole["step"] == split["step"] == 4
+    for net in ("reconstructive", "discriminative"):
+        for key, value in whole[net].items():
+            torch.testing.assert_close(split[net][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -1,0 +1,82 @@
+"""The training script as a library and as a logged job: flags, demo defaults, handlers, logs, the LR table."""
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_draem
+from data_loader import DataError
+from demo import DEMO_DEFAULTS
+from helpers import ROOT, TINY, run_script, tiny_dataset
+from recipe import RECIPES
+
+
+def test_demo_settings_are_defaults_that_explicit_flags_override(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plain = train_draem.parse_args(["--demo"])
+    assert {k: getattr(plain, k) for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
+    # Values equal to the normal defaults were silently replaced before.
+    given = train_draem.parse_args(["--demo", "--epochs", "700", "--image_size", "256", "--obj_id", "my_part",
+                                    "--base_width", "128"])
+    assert (given.epochs, given.image_size, given.obj_id, given.base_width) == (700, 256, "my_part", 128)
+    assert given.seg_base_width == DEMO_DEFAULTS["seg_base_width"]
+    assert not (tmp_path / "datasets").exists()  # parsing builds nothing
+    assert train_draem.parse_args(["--data_path", "x"]).epochs == 700  # no --demo: the normal defaults
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_learning_rate_table_matches_multisteplr(name):
+    recipe = RECIPES[name]
+    for epochs in (1, 7, 10, 700):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, [round(f * epochs) for f in recipe.lr_milestones], recipe.lr_decay)
+        for epoch in range(epochs):
+            assert recipe.learning_rate(1e-4, epoch, epochs) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+            optimizer.step()
+            scheduler.step()
+
+
+def test_recipe_help_is_built_from_the_table():
+    text = " ".join(train_draem.build_parser().format_help().split())
+    for name, recipe in RECIPES.items():
+        assert f"{name}: {recipe.describe()}" in text
+
+
+def test_main_from_python_restores_signal_handlers_and_honours_debug(tmp_path, monkeypatch):
+    data = tiny_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    train_draem.main(["--data_path", str(data), "--obj_id", "weave", "--epochs", "1", "--eval_every", "-1", *TINY])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert list((tmp_path / "checkpoints").glob("*.pt"))
+    bad = ["--data_path", str(tmp_path / "nope"), "--obj_id", "weave", *TINY]
+    with pytest.raises(SystemExit) as exit_info:  # one line and status 2 without --debug ...
+        train_draem.main(bad)
+    assert exit_info.value.code == 2
+    with pytest.raises(DataError):  # ... the exception itself with the parsed --debug (not sys.argv)
+        train_draem.main(bad + ["--debug"])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_importing_the_loader_leaves_opencv_threads_alone():
+    code = ("import cv2; cv2.setNumThreads(3); import data_loader; imported = cv2.getNumThreads(); "
+            "during = data_loader.parallel_read(lambda item, size: cv2.getNumThreads(), [1, 2], 0, 2); "
+            "print(imported, *during, cv2.getNumThreads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["3", "1", "1", "3"]  # untouched at import, 1 while reading in parallel, restored
+
+
+def test_logs_without_a_terminal_are_plain_lines(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    proc = run_script("train_draem.py", "--data_path", data, "--obj_id", "weave", "--epochs", "2", "--eval_every", "-1",
+                      *TINY, cwd=tmp_path)
+    for stream in (proc.stdout, proc.stderr):
+        assert "\r" not in stream and "\x1b[" not in stream  # no bar redraws, no cursor movement
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[weave] step ")]
+    # 12 images, batch 4: 3 steps per epoch, a line every 2 steps.
+    assert [line.split()[2] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert [line.split()[4] for line in lines] == ["1/2", "2/2", "2/2"]
+    assert all("loss" in line and "img/s" in line for line in lines)
