@@ -92,8 +92,8 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def parallel_read(reader, items: list, size: int, workers: int) -> list:
-    """reader(item, size) for every item; report every unreadable file in one error, not just the first."""
+def read_each(reader, items: list, size: int, workers: int) -> list:
+    """reader(item, size) for every item in parallel threads; an unreadable item gives its error message (str)."""
     def safe(item):
         try:
             return reader(item, size)
@@ -104,9 +104,14 @@ def parallel_read(reader, items: list, size: int, workers: int) -> list:
     cv2.setNumThreads(1)  # parallel over files instead: OpenCV's own threads would oversubscribe the cores
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = list(pool.map(safe, items))
+            return list(pool.map(safe, items))
     finally:
         cv2.setNumThreads(threads)
+
+
+def parallel_read(reader, items: list, size: int, workers: int) -> list:
+    """read_each, reporting every unreadable file in one error, not just the first."""
+    results = read_each(reader, items, size, workers)
     bad = [r for r in results if isinstance(r, str)]
     if bad:
         raise DataError(f"{len(bad)} unreadable file(s): " + "; ".join(bad))

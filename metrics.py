@@ -1,4 +1,5 @@
-"""Anomaly-detection metrics on tensors (any device): AUROC, AP, AUPRO and DRAEM's image score.
+"""Anomaly-detection metrics on tensors (any device): AUROC, AP, AUPRO, DRAEM's image score, and the
+operating points (thresholds) a user picks from: maximum F1, no escapes, no false alarms.
 
 Exact, tie-aware equivalents of scikit-learn's roc_auc_score and average_precision_score, computed by
 one sort on the scores' device: pixel metrics pool every pixel of every test image (tens of millions
@@ -38,6 +39,70 @@ def roc_pr_counts(ranking: Ranking, labels: Tensor) -> tuple[Tensor, Tensor]:
     """True and false positive counts (float64) at each distinct threshold."""
     tps = cumulative(ranking, labels.bool())
     return tps.double(), (ranking[1] + 1 - tps).double()
+
+
+def threshold_values(ranking: Ranking, scores: Tensor) -> Tensor:
+    """The distinct scores, highest first: the threshold of each row of roc_pr_counts."""
+    order, group_end = ranking
+    return scores.flatten().float()[order[group_end]]
+
+
+def best_f1(tps: Tensor, fps: Tensor, thresholds: Tensor) -> dict[str, float]:
+    """The threshold of maximum F1 (anomalous when score >= threshold), with its precision, recall and F1.
+
+    On a tie the lowest threshold wins, as in anomalib's adaptive threshold (argmax over thresholds in
+    increasing order). F1 = 2 TP / (TP + FP + P): equal ratios give bit-equal floats, so ties are exact.
+    """
+    if tps[-1] == 0:
+        return {"threshold": float("nan"), "precision": float("nan"), "recall": float("nan"), "f1": float("nan")}
+    f1 = 2 * tps / (tps + fps + tps[-1])
+    best = f1.numel() - 1 - f1.flip(0).argmax()
+    return {"threshold": thresholds[best].item(), "precision": (tps[best] / (tps[best] + fps[best])).item(),
+            "recall": (tps[best] / tps[-1]).item(), "f1": f1[best].item()}
+
+
+def f1_operating_point(scores: Tensor, labels: Tensor, ranking: Ranking | None = None) -> dict[str, float]:
+    """best_f1 for raw scores and binary labels (one sort, or the ranking given)."""
+    ranking = ranking or rank(scores)
+    return best_f1(*roc_pr_counts(ranking, labels), threshold_values(ranking, scores))
+
+
+def image_operating_points(scores: Tensor, labels: Tensor, ranking: Ranking | None = None) -> dict[str, float]:
+    """Three image thresholds (anomalous when score >= threshold) and what each costs on this test set.
+
+    f1: maximum F1. no_escape: the highest threshold that flags every defective image (its false-alarm
+    rate: the share of good images flagged). no_false_alarm: the lowest threshold that flags no good
+    image (its escape rate: the share of defective images missed).
+    """
+    ranking = ranking or rank(scores)
+    tps, fps = roc_pr_counts(ranking, labels)
+    thresholds = threshold_values(ranking, scores)
+    best = best_f1(tps, fps, thresholds)
+    points = {"threshold": best["threshold"], "precision": best["precision"], "recall": best["recall"],
+              "f1": best["f1"]}
+    positives, negatives = tps[-1], fps[-1]
+    if positives == 0 or negatives == 0:
+        nan = float("nan")
+        return points | {"threshold_no_escape": nan, "false_alarm_rate": nan, "threshold_no_false_alarm": nan,
+                         "escape_rate": nan}
+    first_full = (tps == positives).nonzero()[0, 0]
+    clean = (fps == 0).nonzero()
+    if clean.numel():
+        last_clean = clean[-1, 0]
+        no_false_alarm, escape = thresholds[last_clean].item(), (1 - tps[last_clean] / positives).item()
+    else:  # the highest score is a good image's: only a threshold above every score flags no good image
+        no_false_alarm, escape = torch.nextafter(thresholds[0], torch.full_like(thresholds[0], float("inf"))).item(), 1.0
+    return points | {"threshold_no_escape": thresholds[first_full].item(),
+                     "false_alarm_rate": (fps[first_full] / negatives).item(),
+                     "threshold_no_false_alarm": no_false_alarm, "escape_rate": escape}
+
+
+def curve_points(tps: Tensor, fps: Tensor, max_points: int = 1000) -> dict[str, list[float]]:
+    """ROC (fpr, tpr) and PR (recall, precision) curves, at most max_points evenly spaced rows, for plots."""
+    keep = torch.linspace(0, tps.numel() - 1, min(max_points, tps.numel()), device=tps.device).round().long().unique()
+    tp, fp = tps[keep], fps[keep]
+    return {"fpr": [0.0] + (fp / fps[-1].clamp_min(1)).tolist(), "tpr": [0.0] + (tp / tps[-1].clamp_min(1)).tolist(),
+            "recall": (tp / tps[-1].clamp_min(1)).tolist(), "precision": (tp / (tp + fp)).tolist()}
 
 
 def auroc_from_counts(tps: Tensor, fps: Tensor) -> float:
@@ -106,9 +171,10 @@ def aupro(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3, ranking: Ra
     return (area / max_fpr).item()
 
 
-def pixel_metrics(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3) -> dict[str, float]:
-    """Pixel AUROC, AP and AUPRO over all pixels of all images pooled, from one sort."""
-    ranking = rank(anomaly_maps)
+def pixel_metrics(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3,
+                  ranking: Ranking | None = None) -> dict[str, float]:
+    """Pixel AUROC, AP and AUPRO over all pixels of all images pooled, from one sort (or the ranking given)."""
+    ranking = ranking or rank(anomaly_maps)
     tps, fps = roc_pr_counts(ranking, masks)
     return {"pixel_auroc": auroc_from_counts(tps, fps), "pixel_ap": average_precision_from_counts(tps, fps),
             "aupro": aupro(anomaly_maps, masks, max_fpr, ranking, fps)}

@@ -12,25 +12,42 @@ import argparse
 import csv
 import json
 import math
+import statistics
+import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from checkpoint import CheckpointError, model_from_checkpoint
 from cli import one_line_errors, pick_device
-from data_loader import (DataError, TestSet, decode, default_workers, list_images, load_images, load_test_set,
-                         resolve_categories)
-from metrics import auroc, average_precision, image_scores, pixel_metrics
+from data_loader import (DataError, TestSet, decode, default_workers, list_images, load_test_set, read_each,
+                         resolve_categories, to_tensor, warn)
+from metrics import (auroc, auroc_from_counts, average_precision, average_precision_from_counts, curve_points,
+                     f1_operating_point, image_operating_points, image_scores, pixel_metrics, rank, roc_pr_counts)
 from model_unet import DraemModel
+from regions import defect_regions, resize_map
+from report import write_report
 from visualize import panel, write_png
 
-METRICS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro"]
+METRICS = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"]
 MASK_PROTOCOLS = {
     "standard": lambda m: m >= 128,  # bilinearly resized mask > 0.5
     "official": lambda m: m == 255,  # the official code's uint8 cast of mask / 255: only exact 255 counts
 }
+
+
+def threshold_value(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, not {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and anomalib checkpoints)")
     a("--images", type=Path, help="an image or a folder of images to score instead of a test set (no labels)")
     a("--out", type=Path, default=Path("results"), help="output folder (default ./results)")
-    a("--threshold", type=float, help="with --images: print OK or ANOMALY per image at this image score")
-    a("--save_images", action="store_true", help="write a panel per test image (input, reconstruction, heatmap)")
+    a("--threshold", type=threshold_value,
+      help="with --images: image score at or above which an image is ANOMALY; auto = the checkpoint's max-F1 "
+           "threshold (default: auto when the checkpoint holds one)")
+    a("--pixel_threshold", type=threshold_value,
+      help="with --images: anomaly-map value at or above which a pixel is defective (defect masks and regions); "
+           "auto = the checkpoint's max-F1 pixel threshold (default: auto when the checkpoint holds one)")
+    a("--save_images", action=argparse.BooleanOptionalAction, default=True,
+      help="write a labelled panel per image: input, reconstruction, heatmap (default on; --no-save_images skips "
+           "them, and the report then shows no pictures)")
     a("--mask_protocol", choices=sorted(MASK_PROTOCOLS), default="standard",
       help="standard: masks binarised at 0.5; official: only pixels exactly 255 after resizing (default standard)")
-    a("--batch_size", type=int, default=16, help="images per forward pass (default 16)")
+    a("--batch_size", type=int, default=16, help="images per forward pass, and per chunk with --images (default 16)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--workers", type=int, default=0, help="threads that decode images (default: up to 8)")
     a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -73,13 +97,36 @@ def predict(model: DraemModel, images: torch.Tensor, device: torch.device, chann
 
 def evaluate(model: DraemModel, test_set: TestSet, device: torch.device, channel_order: str = "BGR",
              batch_size: int = 16, mask_protocol: str = "standard", keep_reconstructions: bool = False) -> dict:
+    """Metrics, operating points, per-defect-type rows and curves; one sort for the images, one for the pixels."""
     maps, recs = predict(model, test_set.images, device, channel_order, batch_size, keep_reconstructions)
     scores = image_scores(maps)
     labels = test_set.labels.to(device)
     masks = MASK_PROTOCOLS[mask_protocol](test_set.masks[:, 0].to(device))
-    metrics = {"image_auroc": auroc(scores, labels), "image_ap": average_precision(scores, labels),
-               **pixel_metrics(maps, masks)}
-    return {"metrics": metrics, "scores": scores.cpu(), "maps": maps, "masks": masks, "reconstructions": recs}
+    image_ranking, pixel_ranking = rank(scores), rank(maps)
+    image_counts, pixel_counts = roc_pr_counts(image_ranking, labels), roc_pr_counts(pixel_ranking, masks)
+    image_points = image_operating_points(scores, labels, image_ranking)
+    pixel_point = f1_operating_point(maps, masks, pixel_ranking)
+    metrics = {"image_auroc": auroc_from_counts(*image_counts), "image_ap": average_precision_from_counts(*image_counts),
+               "image_f1_max": image_points["f1"], **pixel_metrics(maps, masks, ranking=pixel_ranking),
+               "pixel_f1_max": pixel_point["f1"]}
+    return {"metrics": {m: metrics[m] for m in METRICS},
+            "operating_points": {"image": image_points, "pixel": pixel_point},
+            "per_defect_type": per_defect_type(scores, maps, labels, masks, test_set.defect_types),
+            "curves": {"image": curve_points(*image_counts), "pixel": curve_points(*pixel_counts)},
+            "scores": scores.cpu(), "maps": maps, "masks": masks, "reconstructions": recs}
+
+
+def per_defect_type(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+                    defect_types: list[str]) -> dict[str, dict]:
+    """Each defect type against the good images: its image AUROC and its pixel AP (its images' and the good
+    images' pixels pooled)."""
+    types = np.array(defect_types)
+    rows = {}
+    for defect in sorted(set(defect_types) - {"good"}):
+        keep = torch.from_numpy((types == defect) | (types == "good")).to(scores.device)
+        rows[defect] = {"images": int((types == defect).sum()), "image_auroc": auroc(scores[keep], labels[keep]),
+                        "pixel_ap": average_precision(maps[keep], masks[keep])}
+    return rows
 
 
 def one_category(obj_id: str, data_path: Path) -> str:
@@ -115,15 +162,6 @@ def percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
 
 
-def results_markdown(results: dict[str, dict]) -> str:
-    head = "| run | category | image AUROC | image AP | pixel AUROC | pixel AP | AUPRO |\n|---|---|---|---|---|---|---|\n"
-    rows = [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS) + " |"
-            for run, r in results.items()]
-    mean = mean_metrics(results)
-    rows.append("| **mean** | | " + " | ".join(f"**{percent(mean[m])}**" for m in METRICS) + " |")
-    return head + "\n".join(rows) + "\n"
-
-
 def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
     mean = {}
     for m in METRICS:
@@ -132,10 +170,89 @@ def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
     return mean
 
 
+def seed_summary(results: dict[str, dict]) -> list[dict]:
+    """Mean and sample standard deviation of each metric over runs that differ only in --seed (2 or more)."""
+    groups: dict[str, list[str]] = {}
+    for run, r in results.items():
+        if "seed" in r["config"]:  # this project's checkpoints; official and anomalib ones record no seed
+            groups.setdefault(json.dumps({k: v for k, v in r["config"].items() if k != "seed"}, sort_keys=True),
+                              []).append(run)
+    rows = []
+    for runs in (runs for runs in groups.values() if len(runs) > 1):
+        row = {"category": results[runs[0]]["category"], "runs": runs,
+               "seeds": [results[run]["config"]["seed"] for run in runs]}
+        for m in METRICS:
+            values = [results[run][m] for run in runs if not math.isnan(results[run][m])]
+            row[m] = ({"mean": statistics.fmean(values), "std": statistics.stdev(values)} if len(values) > 1
+                      else {"mean": float("nan"), "std": float("nan")})
+        rows.append(row)
+    return rows
+
+
+def results_markdown(results: dict[str, dict], seeds: list[dict]) -> str:
+    names = ["image AUROC", "image AP", "image F1max", "pixel AUROC", "pixel AP", "pixel F1max", "AUPRO"]
+    lines = ["| run | category | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS) + " |"
+              for run, r in results.items()]
+    mean = mean_metrics(results)
+    lines.append("| **mean** | | " + " | ".join(f"**{percent(mean[m])}**" for m in METRICS) + " |")
+    if seeds:
+        lines += ["", "Runs that differ only in --seed: mean ± sample standard deviation.", "",
+                  "| category | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        lines += [f"| {row['category']} | {', '.join(map(str, row['seeds']))} | "
+                  + " | ".join(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRICS) + " |"
+                  for row in seeds]
+    lines += ["", "Operating points (image: anomalous when score >= threshold; rates on this test set).", "",
+              "| run | max-F1 threshold | precision | recall | no-escape threshold | false alarms | "
+              "no-false-alarm threshold | escapes | pixel max-F1 threshold |", "|---|---|---|---|---|---|---|---|---|"]
+    for run, r in results.items():
+        image, pixel = r["operating_points"]["image"], r["operating_points"]["pixel"]
+        lines.append(f"| {run} | {image['threshold']:.6g} | {percent(image['precision'])} | {percent(image['recall'])} | "
+                     f"{image['threshold_no_escape']:.6g} | {percent(image['false_alarm_rate'])} | "
+                     f"{image['threshold_no_false_alarm']:.6g} | {percent(image['escape_rate'])} | "
+                     f"{pixel['threshold']:.6g} |")
+    lines += ["", "Per defect type (each against the good images).", "",
+              "| run | defect type | images | image AUROC | pixel AP |", "|---|---|---|---|---|"]
+    lines += [f"| {run} | {defect} | {row['images']} | {percent(row['image_auroc'])} | {percent(row['pixel_ap'])} |"
+              for run, r in results.items() for defect, row in r["per_defect_type"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(score: float, threshold: float | None) -> str:
+    return "" if threshold is None or math.isnan(threshold) else ("ANOMALY" if score >= threshold else "OK")
+
+
+def test_cases(test_set: TestSet, scores: list[float], threshold: float, run: str, panels: bool) -> list[dict]:
+    """One row per test image for the CSV and the report: its label, score, verdict and whether it is an error."""
+    cases = []
+    for path, defect, label, score in zip(test_set.paths, test_set.defect_types, test_set.labels.tolist(), scores):
+        decision = verdict(score, threshold)
+        error = ("missed defect" if label and decision == "OK" else "false alarm" if not label and decision == "ANOMALY"
+                 else "")
+        cases.append({"path": str(path), "defect_type": defect, "label": label, "score": score, "verdict": decision,
+                      "error": error, "panel": f"images/{run}/{defect}/{path.stem}.png" if panels else ""})
+    return cases
+
+
+def log_to_tensorboard(writer: SummaryWriter, run: str, out: dict, labels: torch.Tensor) -> None:
+    for m in METRICS:
+        writer.add_scalar(f"{run}/{m}", out["metrics"][m], 0)
+    writer.add_pr_curve(f"{run}/image", labels, out["scores"])
+    writer.add_pr_curve(f"{run}/pixel", out["masks"].flatten().cpu(), out["maps"].flatten().cpu())
+
+
+def write_test_panels(out_dir: Path, test_set: TestSet, out: dict, cases: list[dict], threshold: float) -> None:
+    for i, case in enumerate(cases):
+        caption = (f"{case['defect_type']} | score {case['score']:.3f} | {case['verdict']} at max-F1 threshold "
+                   f"{threshold:.3f}" + (f" | {case['error'].upper()}" if case["error"] else ""))
+        picture = panel(decode(test_set.paths[i]), out["reconstructions"][i], out["maps"][i], out["masks"][i], caption)
+        write_png(out_dir / case["panel"], picture)
+
+
 def score_test_sets(args, device: torch.device) -> None:
     if args.data_path is None:
         raise DataError("--data_path is required to score a test set (or pass --images)")
-    results, writer = {}, SummaryWriter(args.out / "tensorboard")
+    results, details, writer = {}, {}, SummaryWriter(args.out / "tensorboard")
     for path in checkpoint_files(args.checkpoint):
         model, state = model_from_checkpoint(path)
         config = state["config"]
@@ -147,37 +264,64 @@ def score_test_sets(args, device: torch.device) -> None:
         out = evaluate(model, test_set, device, config["channel_order"], args.batch_size, args.mask_protocol,
                        keep_reconstructions=args.save_images)
         run = state.get("run", path.stem)
+        threshold = out["operating_points"]["image"]["threshold"]
+        cases = test_cases(test_set, out["scores"].tolist(), threshold, run, args.save_images)
         results[run] = {"category": category, "checkpoint": str(path), **out["metrics"],
-                        "images": len(test_set.paths), "seconds": round(time.perf_counter() - started, 2)}
+                        "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
+                        "config": config, "images": len(test_set.paths),
+                        "seconds": round(time.perf_counter() - started, 2)}
         print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
               + f" ({len(test_set.paths)} images, {results[run]['seconds']} s)")
         write_scores_csv(args.out / f"scores_{run}.csv", [
-            {"path": str(p), "defect_type": t, "label": int(y), "score": f"{s:.6f}"}
-            for p, t, y, s in zip(test_set.paths, test_set.defect_types, test_set.labels.tolist(), out["scores"].tolist())])
-        for m in METRICS:
-            writer.add_scalar(f"{run}/{m}", out["metrics"][m], 0)
-        writer.add_pr_curve(f"{run}/image", test_set.labels, out["scores"])
-        writer.add_pr_curve(f"{run}/pixel", out["masks"].flatten().cpu(), out["maps"].flatten().cpu())
+            {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
+             "verdict": c["verdict"]} for c in cases])
+        log_to_tensorboard(writer, run, out, test_set.labels)
         if args.save_images:
-            for i, image_path in enumerate(test_set.paths):
-                picture = panel(decode(image_path), out["reconstructions"][i], out["maps"][i], out["masks"][i])
-                write_png(args.out / "images" / run / test_set.defect_types[i] / f"{image_path.stem}.png", picture)
+            write_test_panels(args.out, test_set, out, cases, threshold)
+        details[run] = {"curves": out["curves"], "cases": cases}
     writer.close()
-    mean = mean_metrics(results)
-    (args.out / "results.json").write_text(json.dumps({"runs": results, "mean": mean,
+    mean, seeds = mean_metrics(results), seed_summary(results)
+    (args.out / "results.json").write_text(json.dumps({"runs": results, "mean": mean, "seeds": seeds,
                                                        "mask_protocol": args.mask_protocol}, indent=2))
-    (args.out / "results.md").write_text(results_markdown(results))
+    (args.out / "results.md").write_text(results_markdown(results, seeds))
+    write_report(args.out, results, details, seeds)
     print("mean " + " ".join(f"{m}={percent(mean[m])}" for m in METRICS))
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} and per-image scores_*.csv"
-          + (f"; panels under {args.out / 'images'}" if args.save_images else ""))
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'report.html'} and per-image "
+          f"scores_*.csv" + (f"; panels under {args.out / 'images'}" if args.save_images else ""))
+
+
+def stored_threshold(state: dict, kind: str) -> float | None:
+    """The max-F1 threshold ("image" or "pixel") the checkpoint's end-of-training evaluation stored, if any."""
+    value = state.get("metrics", {}).get("operating_points", {}).get(kind, {}).get("threshold")
+    return None if value is None or math.isnan(value) else value
+
+
+def chosen_threshold(value: str | float | None, state: dict, kind: str, flag: str, path: Path) -> float | None:
+    """A number as given; auto (and the default) from the checkpoint; auto without a stored one is an error."""
+    if value is not None and value != "auto":
+        return value
+    stored = stored_threshold(state, kind)
+    if value == "auto" and stored is None:
+        raise CheckpointError(f"{flag} auto: {path} holds no {kind} threshold (it is stored when training scores a "
+                              f"labelled test set); score a labelled test set first and pass its threshold from "
+                              f"results.json, or give a number")
+    return stored
+
+
+def output_stem(args, path: Path) -> Path:
+    return path.relative_to(args.images).with_suffix("") if args.images.is_dir() else Path(path.stem)
 
 
 def score_images(args, device: torch.device) -> None:
-    """Unlabelled images: a CSV of scores and a panel per image at its own resolution."""
+    """Unlabelled images, streamed in chunks of --batch_size: scores.csv and regions.csv grow as it goes;
+    per image a labelled panel and, with a pixel threshold, a defect mask, at the image's own resolution."""
     if len(args.checkpoint) != 1:
         raise CheckpointError("--images takes exactly one --checkpoint")
-    model, state = model_from_checkpoint(checkpoint_files(args.checkpoint)[0])
+    path = checkpoint_files(args.checkpoint)[0]
+    model, state = model_from_checkpoint(path)
     config = state["config"]
+    image_threshold = chosen_threshold(args.threshold, state, "image", "--threshold", path)
+    pixel_threshold = chosen_threshold(args.pixel_threshold, state, "pixel", "--pixel_threshold", path)
     if args.images.is_dir():
         paths = list_images(args.images, recursive=True)
     elif args.images.is_file():
@@ -186,21 +330,69 @@ def score_images(args, device: torch.device) -> None:
         raise DataError(f"--images {args.images} does not exist")
     if not paths:
         raise DataError(f"--images {args.images} holds no images")
-    images = load_images(paths, args.image_size or config["image_size"], args.workers or default_workers())
-    maps, recs = predict(model, images, device, config["channel_order"], args.batch_size, keep_reconstructions=True)
-    scores = image_scores(maps).tolist()
-    rows = []
-    for path, score, rec, amap in zip(paths, scores, recs, maps):
-        relative = path.relative_to(args.images) if args.images.is_dir() else Path(path.name)
-        panel_path = args.out / relative.with_suffix(".png")
-        write_png(panel_path, panel(decode(path), rec, amap))
-        row = {"path": str(path), "score": f"{score:.6f}", "panel": str(panel_path)}
-        if args.threshold is not None:
-            row["verdict"] = "ANOMALY" if score >= args.threshold else "OK"
-            print(f"{row['verdict']:7} {score:.4f} {path}")
-        rows.append(row)
-    write_scores_csv(args.out / "scores.csv", rows)
-    print(f"scored {len(rows)} image(s): {args.out / 'scores.csv'} and panels under {args.out}")
+    print(f"image threshold: {'none (scores only; --threshold)' if image_threshold is None else image_threshold}; "
+          f"pixel threshold: {'none (no masks; --pixel_threshold)' if pixel_threshold is None else pixel_threshold}")
+    size, workers = args.image_size or config["image_size"], args.workers or default_workers()
+    scored, errors, started = 0, [], time.perf_counter()
+    with open(args.out / "scores.csv", "w", newline="") as scores_file, \
+            open(args.out / "regions.csv", "w", newline="") as regions_file, \
+            tqdm(total=len(paths), unit="img", disable=not sys.stderr.isatty()) as bar:
+        scores_csv = csv.DictWriter(scores_file, ["path", "score", "verdict", "regions", "panel", "mask", "error"])
+        regions_csv = csv.DictWriter(regions_file, ["path", "region", "x", "y", "width", "height", "area",
+                                                    "max_score", "mean_score"])
+        scores_csv.writeheader()
+        regions_csv.writeheader()
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start:start + args.batch_size]
+            decoded = read_each(lambda p, _: decode(p), chunk, 0, workers)
+            for image_path, error in ((p, d) for p, d in zip(chunk, decoded) if isinstance(d, str)):
+                warn(f"skipped: {error}")
+                errors.append(error)
+                scores_csv.writerow({"path": str(image_path), "error": error})
+            readable = [(p, d) for p, d in zip(chunk, decoded) if not isinstance(d, str)]
+            if readable:
+                batch = to_tensor([cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR) for _, image in readable])
+                maps, recs = predict(model, batch, device, config["channel_order"], len(batch), keep_reconstructions=True)
+                for (image_path, image), score, rec, amap in zip(readable, image_scores(maps).tolist(), recs, maps):
+                    row, regions = image_outputs(args, image_path, image, rec, amap, score, image_threshold, pixel_threshold)
+                    scores_csv.writerow(row)
+                    regions_csv.writerows(regions)
+                    if row["verdict"]:
+                        tqdm.write(f"{row['verdict']:7} {score:.4f} {image_path}", file=sys.stdout)
+                scored += len(readable)
+            scores_file.flush()
+            regions_file.flush()
+            bar.update(len(chunk))
+    if scored == 0:
+        raise DataError(f"--images {args.images}: none of the {len(paths)} image(s) could be read ({errors[0]})")
+    seconds = time.perf_counter() - started
+    print(f"scored {scored} image(s) in {seconds:.1f} s ({scored / seconds:.1f} images/s)"
+          + (f", skipped {len(errors)} unreadable" if errors else "")
+          + f": {args.out / 'scores.csv'}, {args.out / 'regions.csv'}, panels and masks under {args.out}")
+
+
+def image_outputs(args, image_path: Path, image: np.ndarray, rec: torch.Tensor, amap: torch.Tensor, score: float,
+                  image_threshold: float | None, pixel_threshold: float | None) -> tuple[dict, list[dict]]:
+    """Write one image's panel and defect mask; return its scores.csv row and regions.csv rows."""
+    stem = output_stem(args, image_path)
+    height, width = image.shape[:2]
+    big_map = resize_map(amap.cpu().numpy(), height, width)
+    decision = verdict(score, image_threshold)
+    row = {"path": str(image_path), "score": f"{score:.9g}", "verdict": decision, "regions": "", "panel": "",
+           "mask": "", "error": ""}
+    mask, regions = (None, [])
+    if pixel_threshold is not None:
+        mask, regions = defect_regions(big_map, pixel_threshold)
+        row["mask"], row["regions"] = str(args.out / f"{stem}_mask.png"), len(regions)
+        write_png(args.out / f"{stem}_mask.png", mask)
+    if args.save_images:
+        caption = f"score {score:.3f}" + (f" | {decision} at threshold {image_threshold:.3f}" if decision else "") + (
+            f" | {len(regions)} region(s)" if pixel_threshold is not None else "")
+        row["panel"] = str(args.out / f"{stem}.png")
+        write_png(args.out / f"{stem}.png", panel(image, rec, big_map, caption=caption, defect_mask=mask))
+    return row, [{"path": str(image_path), "region": i + 1, **{k: f"{v:.6f}" if isinstance(v, float) else v
+                                                                for k, v in region.items()}}
+                 for i, region in enumerate(regions)]
 
 
 def main(argv: list[str] | None = None) -> None:

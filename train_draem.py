@@ -378,12 +378,14 @@ def evaluation_due(args: argparse.Namespace, epoch: int, category: str) -> bool:
 
 
 def evaluate_category(model: DraemModel, args: argparse.Namespace, category: str, device: torch.device) -> dict:
+    """The test-set metrics and operating points (thresholds), as the checkpoint stores them."""
     test_set = load_test_set(args.data_path, category, args.image_size, args.workers)
-    return evaluate(model, test_set, device, channel_order=CHANNEL_ORDER)["metrics"]
+    out = evaluate(model, test_set, device, channel_order=CHANNEL_ORDER)
+    return {**out["metrics"], "operating_points": out["operating_points"]}
 
 
 def format_metrics(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "epoch")
+    return " ".join(f"{k}={metrics[k]:.3f}" for k in METRICS)
 
 
 def parameter_fingerprint(model: nn.Module) -> str:

@@ -17,24 +17,70 @@ def heat_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5)
     return cv2.addWeighted(image, 1 - alpha, heat, alpha, 0)
 
 
-def panel(original: np.ndarray, reconstruction: torch.Tensor, anomaly_map: torch.Tensor,
-          mask: torch.Tensor | None = None) -> np.ndarray:
-    """Side by side at the original's size: input, reconstruction, heatmap over the input.
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+TILE_TITLES = ("input", "reconstruction", "anomaly map")
+HEADER_BG = (40, 40, 40)
+GROUND_TRUTH_BGR, PREDICTED_BGR = (0, 255, 0), (255, 255, 255)
 
-    original: (H, W, 3) uint8 BGR as read from disk; reconstruction (3, h, w) and anomaly_map (h, w) at the
-    model's size; mask (h, w) in {0, 1}, drawn as a green outline on every third of the panel when given.
+
+def put_text(image: np.ndarray, text: str, x: int, baseline: int, scale: float, max_width: int) -> None:
+    """White text, shrunk as needed to fit max_width pixels."""
+    width = cv2.getTextSize(text, FONT, scale, 1)[0][0]
+    if width > max_width > 0:
+        scale *= max_width / width
+    cv2.putText(image, text, (x, baseline), FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def colour_bar(height: int, scale: float) -> np.ndarray:
+    """The JET scale of the heatmap, 1 at the top and 0 at the bottom, with its three tick labels."""
+    bar_width, label_width = max(10, round(16 * scale)), round(40 * scale) + 6
+    levels = np.linspace(255, 0, height).astype(np.uint8)[:, None].repeat(bar_width, 1)
+    bar = np.full((height, bar_width + label_width, 3), HEADER_BG, np.uint8)
+    bar[:, :bar_width] = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
+    text_height = cv2.getTextSize("0", FONT, scale * 0.8, 1)[0][1]
+    for value, baseline in ((1, text_height + 1), (0.5, (height + text_height) // 2), (0, height - 2)):
+        put_text(bar, f"{value:g}", bar_width + 3, baseline, scale * 0.8, label_width - 4)
+    return bar
+
+
+def header(tile_width: int, total_width: int, caption: str, scale: float) -> np.ndarray:
+    """Two lines above the tiles: each tile's title, then the caption (score, verdict, label)."""
+    line = round(26 * scale) + 6
+    strip = np.full((2 * line, total_width, 3), HEADER_BG, np.uint8)
+    for i, title in enumerate(TILE_TITLES):
+        put_text(strip, title, i * tile_width + 4, line - 6, scale, tile_width - 8)
+    put_text(strip, caption, 4, 2 * line - 6, scale, total_width - 8)
+    return strip
+
+
+def outline(tile: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(tile, contours, -1, colour, max(1, round(min(tile.shape[:2]) / 200)))
+
+
+def panel(original: np.ndarray, reconstruction: torch.Tensor, anomaly_map: torch.Tensor | np.ndarray,
+          mask: torch.Tensor | None = None, caption: str = "", defect_mask: np.ndarray | None = None) -> np.ndarray:
+    """Input | reconstruction | heatmap over the input, each at the original's size, under a header of
+    titles and the caption, with the heatmap's colour bar on the right.
+
+    original: (H, W, 3) uint8 BGR as read from disk; reconstruction (3, h, w) at the model's size;
+    anomaly_map (h, w) at the model's size, or (H, W) already resized; mask (h, w) ground truth in {0, 1},
+    outlined in green on every tile; defect_mask (H, W), the predicted defects, outlined in white on the heatmap.
     """
     height, width = original.shape[:2]
     rec = cv2.resize(to_bgr_u8(reconstruction), (width, height), interpolation=cv2.INTER_LINEAR)
-    amap = cv2.resize(anomaly_map.detach().float().cpu().numpy(), (width, height), interpolation=cv2.INTER_LINEAR)
+    amap = anomaly_map if isinstance(anomaly_map, np.ndarray) else anomaly_map.detach().float().cpu().numpy()
+    amap = cv2.resize(amap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     tiles = [original.copy(), rec, heat_overlay(original, amap)]
     if mask is not None:
         big = cv2.resize(mask.float().cpu().numpy(), (width, height), interpolation=cv2.INTER_LINEAR) > 0.5
-        contours, _ = cv2.findContours(big.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        thickness = max(1, round(min(height, width) / 200))
         for tile in tiles:
-            cv2.drawContours(tile, contours, -1, (0, 255, 0), thickness)
-    return np.concatenate(tiles, axis=1)
+            outline(tile, big, GROUND_TRUTH_BGR)
+    if defect_mask is not None:
+        outline(tiles[2], defect_mask > 0, PREDICTED_BGR)
+    scale = float(np.clip(width / 320, 0.35, 1.0))
+    body = np.concatenate([*tiles, colour_bar(height, scale)], axis=1)
+    return np.concatenate([header(width, body.shape[1], caption, scale), body], axis=0)
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

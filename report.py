@@ -1,0 +1,129 @@
+"""report.html: what test_draem.py found, for people, in a folder that opens from disk.
+
+Per run: the metrics and operating points, ROC and PR curves (image and pixel), the image-score histogram
+of good and defective images with the max-F1 threshold, the per-defect-type rows, and every test image's
+panel, errors first (missed defects, then false alarms), each group by score. Plain HTML and PNG plots,
+relative links only: the results folder can be zipped and sent, and nothing is fetched from a network.
+"""
+import html
+import math
+from pathlib import Path
+from urllib.parse import quote
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+METRIC_NAMES = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max": "image F1max",
+                "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "pixel_f1_max": "pixel F1max", "aupro": "AUPRO"}
+ERROR_ORDER = {"missed defect": 0, "false alarm": 1, "": 2}
+STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1600px}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}h2{margin-top:36px;border-bottom:2px solid #444}
+img.plot{max-width:100%;display:block;margin:8px 0}.cases{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;border:1px solid #ccc;padding:6px;max-width:480px}figure img{width:100%;display:block}
+figure.error{border:3px solid #c00}figcaption{font-size:13px;word-break:break-all}.bad{color:#c00;font-weight:bold}"""
+
+
+def percent(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def ordered_cases(cases: list[dict]) -> list[dict]:
+    """Missed defects, then false alarms, then the rest; each group from the highest score down."""
+    return sorted(cases, key=lambda c: (ERROR_ORDER[c["error"]], -c["score"]))
+
+
+def plot_curves(curves: dict, metrics: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    for column, level in enumerate(("image", "pixel")):
+        roc, pr = axes[2 * column], axes[2 * column + 1]
+        roc.plot(curves[level]["fpr"], curves[level]["tpr"], color="C0")
+        roc.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+        roc.set(title=f"{level} ROC (AUROC {percent(metrics[f'{level}_auroc'])})", xlabel="false positive rate",
+                ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+        pr.plot(curves[level]["recall"], curves[level]["precision"], color="C3")
+        pr.set(title=f"{level} PR (AP {percent(metrics[f'{level}_ap'])})", xlabel="recall", ylabel="precision",
+               xlim=(0, 1), ylim=(0, 1.02))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_histogram(cases: list[dict], threshold: float, path: Path) -> None:
+    good = [c["score"] for c in cases if not c["label"]]
+    defective = [c["score"] for c in cases if c["label"]]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    low, high = min(c["score"] for c in cases), max(c["score"] for c in cases)
+    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+    ax.hist(good, bins, alpha=0.6, color="C2", label=f"good ({len(good)})")
+    ax.hist(defective, bins, alpha=0.6, color="C3", label=f"defective ({len(defective)})")
+    if not math.isnan(threshold):
+        ax.axvline(threshold, color="k", linestyle="--", label=f"max-F1 threshold {threshold:.3f}")
+    ax.set(xlabel="image score", ylabel="test images", title="image scores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def case_figure(case: dict) -> str:
+    label = case["defect_type"] if case["label"] else "good"
+    error = f'<span class="bad">{case["error"].upper()}</span> · ' if case["error"] else ""
+    picture = f'<img src="{quote(case["panel"])}" loading="lazy" alt="panel">' if case["panel"] else ""
+    return (f'<figure class="case{" error" if case["error"] else ""}" data-path="{html.escape(case["path"])}" '
+            f'data-score="{case["score"]!r}" data-error="{case["error"]}">{picture}<figcaption>{error}'
+            f'{html.escape(label)} · score {case["score"]:.6g} · {case["verdict"]}<br>{html.escape(case["path"])}'
+            f'</figcaption></figure>')
+
+
+def run_section(index: int, run: str, result: dict, detail: dict, files: Path) -> str:
+    curves_png, histogram_png = files / f"run{index:02d}_curves.png", files / f"run{index:02d}_scores.png"
+    image, pixel = result["operating_points"]["image"], result["operating_points"]["pixel"]
+    plot_curves(detail["curves"], result, curves_png)
+    plot_histogram(detail["cases"], image["threshold"], histogram_png)
+    points = table(["operating point", "threshold", "what it costs on this test set"], [
+        ["max F1 (image)", f"{image['threshold']:.6g}",
+         f"precision {percent(image['precision'])} %, recall {percent(image['recall'])} %, F1 {percent(image['f1'])}"],
+        ["no escapes (every defective image flagged)", f"{image['threshold_no_escape']:.6g}",
+         f"false alarms on {percent(image['false_alarm_rate'])} % of good images"],
+        ["no false alarms (no good image flagged)", f"{image['threshold_no_false_alarm']:.6g}",
+         f"escapes: {percent(image['escape_rate'])} % of defective images missed"],
+        ["max F1 (pixel): defect masks", f"{pixel['threshold']:.6g}", f"pixel F1 {percent(pixel['f1'])}"]])
+    defects = table(["defect type", "images", "image AUROC", "pixel AP"],
+                    [[d, r["images"], percent(r["image_auroc"]), percent(r["pixel_ap"])]
+                     for d, r in result["per_defect_type"].items()])
+    cases = ordered_cases(detail["cases"])
+    errors = sum(1 for c in cases if c["error"])
+    return (f'<h2 id="run{index:02d}">{html.escape(run)} [{html.escape(result["category"])}]</h2>'
+            f'<img class="plot" src="{files.name}/{curves_png.name}" alt="ROC and PR curves">'
+            f'<img class="plot" src="{files.name}/{histogram_png.name}" alt="image score histogram">'
+            f"<h3>Operating points</h3>{points}<h3>Per defect type</h3>{defects}"
+            f"<h3>Test images ({len(cases)}; {errors} wrong at the max-F1 threshold, shown first)</h3>"
+            f'<div class="cases">{"".join(case_figure(c) for c in cases)}</div>')
+
+
+def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dict], seeds: list[dict]) -> Path:
+    files = out_dir / "report_files"
+    files.mkdir(parents=True, exist_ok=True)
+    summary = table(["run", "category", *METRIC_NAMES.values()],
+                    [[run, r["category"], *(percent(r[m]) for m in METRIC_NAMES)] for run, r in results.items()])
+    seed_table = table(["category", "seeds", *METRIC_NAMES.values()],
+                       [[row["category"], ", ".join(map(str, row["seeds"])),
+                         *(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRIC_NAMES)]
+                        for row in seeds]) if seeds else ""
+    sections = "".join(run_section(i, run, results[run], details[run], files) for i, run in enumerate(results))
+    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>DRAEM results</title><style>{STYLE}</style>'
+            f"</head><body><h1>DRAEM results</h1>{summary}"
+            + (f"<p>Runs that differ only in --seed: mean ± sample standard deviation.</p>{seed_table}" if seeds else "")
+            + f"{sections}</body></html>\n")
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path

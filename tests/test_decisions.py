@@ -1,0 +1,93 @@
+"""Operating points against brute force, defect masks and regions against OpenCV, labelled panels."""
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import precision_recall_curve
+
+from metrics import f1_operating_point, image_operating_points
+from regions import defect_regions
+from visualize import panel
+
+
+def scores_with_ties(n: int, decimals: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.random(n), decimals)
+    labels = rng.random(n) < 0.4
+    labels[:2] = [True, False]
+    return scores, labels
+
+
+@pytest.mark.parametrize("n,decimals,seed", [(9, 1, 0), (60, 1, 1), (500, 2, 2), (3000, 3, 3)])
+def test_max_f1_threshold_equals_scikit_learn(n, decimals, seed):
+    scores, labels = scores_with_ties(n, decimals, seed)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-300)
+    best = np.argmax(f1)  # thresholds ascend: the lowest threshold wins a tie, as in anomalib
+    ours = f1_operating_point(torch.tensor(scores), torch.tensor(labels))
+    assert ours["f1"] == pytest.approx(f1[best], abs=1e-12)
+    assert ours["threshold"] == pytest.approx(thresholds[best], abs=1e-7)
+    assert (ours["precision"], ours["recall"]) == pytest.approx((precision[best], recall[best]), abs=1e-12)
+
+
+def brute_force_points(scores: np.ndarray, labels: np.ndarray) -> dict:
+    good, bad = scores[~labels], scores[labels]
+    candidates = np.append(np.unique(scores), np.nextafter(np.float32(scores.max()), np.float32(np.inf)))
+    no_escape = max(t for t in candidates if (bad >= t).all())
+    no_false_alarm = min(t for t in candidates if not (good >= t).any())
+    return {"threshold_no_escape": no_escape, "false_alarm_rate": (good >= no_escape).mean(),
+            "threshold_no_false_alarm": no_false_alarm, "escape_rate": (bad < no_false_alarm).mean()}
+
+
+@pytest.mark.parametrize("n,decimals,seed", [(9, 1, 0), (60, 1, 1), (500, 2, 2)])
+def test_no_escape_and_no_false_alarm_thresholds_equal_brute_force(n, decimals, seed):
+    scores, labels = scores_with_ties(n, decimals, seed)
+    scores = scores.astype(np.float32)
+    ours = image_operating_points(torch.tensor(scores), torch.tensor(labels))
+    expected = brute_force_points(scores, labels)
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_operating_points_when_a_good_image_scores_highest():
+    scores = torch.tensor([0.9, 0.5, 0.7, 0.2])
+    labels = torch.tensor([False, True, True, False])
+    points = image_operating_points(scores, labels)
+    assert points["threshold_no_escape"] == pytest.approx(0.5) and points["false_alarm_rate"] == 0.5
+    assert points["threshold_no_false_alarm"] > 0.9 and points["escape_rate"] == 1.0
+    assert points["f1"] == pytest.approx(2 * 2 / (3 + 2))  # threshold 0.5: TP 2, FP 1
+
+
+def test_defect_regions_match_connected_components_of_a_hand_made_map():
+    amap = np.full((40, 60), 0.1, np.float32)
+    amap[5:10, 5:15] = 0.8  # region A: 5 x 10
+    amap[10:12, 15:17] = 0.6  # touches A only at a corner: 8-connected, the same region
+    amap[30:35, 40:42] = np.linspace(0.5, 0.9, 10, dtype=np.float32).reshape(5, 2)  # region B
+    amap[20, 50] = 0.55  # region C: one pixel
+    mask, regions = defect_regions(amap, 0.5)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+    assert np.array_equal(mask > 0, amap >= 0.5)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((amap >= 0.5).astype(np.uint8), connectivity=8)
+    assert len(regions) == count - 1 == 3
+    expected = []
+    for i in range(1, count):
+        inside = amap[labels == i]
+        x, y, w, h, area = stats[i]
+        expected.append({"x": x, "y": y, "width": w, "height": h, "area": area,
+                         "max_score": pytest.approx(float(inside.max())), "mean_score": pytest.approx(float(inside.mean()))})
+    assert regions == sorted(expected, key=lambda r: r["area"], reverse=True)
+    assert regions[0] == {"x": 5, "y": 5, "width": 12, "height": 7, "area": 54, "max_score": pytest.approx(0.8),
+                          "mean_score": pytest.approx((50 * 0.8 + 4 * 0.6) / 54)}
+    assert defect_regions(amap, 0.95)[1] == []
+
+
+def test_panel_keeps_the_input_at_its_resolution_under_a_header_with_a_colour_bar():
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    picture = panel(original, torch.rand(3, 32, 32), torch.rand(32, 32), caption="score 0.5 | OK")
+    header = picture.shape[0] - 90
+    assert header > 10
+    assert np.array_equal(picture[header:, :130], original)  # the input tile, untouched, at its own size
+    assert picture[:header].std() > 5  # titles and caption are drawn on the header
+    bar = picture[header:, 3 * 130 + 2]  # a column of the colour bar: red (1) at the top, blue (0) at the bottom
+    assert bar[0, 2] > 100 and bar[0, 0] < 50 and bar[-1, 0] > 100 and bar[-1, 2] < 50

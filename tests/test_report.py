@@ -1,0 +1,180 @@
+"""Scoring for people, end to end: thresholds in checkpoints, --threshold auto, streaming inference with
+masks and regions, per-defect-type rows, seed summaries and report.html (parsed, and rendered in Chromium)."""
+import csv
+import shutil
+import statistics
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from helpers import TINY, read_json, run_script, tiny_dataset
+from test_draem import METRICS
+
+
+def train(work: Path, data: Path, *extra) -> Path:
+    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+               "--epochs", "2", *TINY, *extra, cwd=work)
+    return max((work / "checkpoints").rglob("*.pt"), key=lambda p: p.stat().st_mtime)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Two runs that differ only in --seed, scored together."""
+    work = tmp_path_factory.mktemp("report")
+    data = tiny_dataset(work / "data")
+    first = train(work, data, "--seed", "0", "--checkpoint_path", work / "checkpoints" / "s0")
+    second = train(work, data, "--seed", "1", "--checkpoint_path", work / "checkpoints" / "s1")
+    folder = work / "both"
+    folder.mkdir()
+    shutil.copy(first, folder / "seed0.pt")
+    shutil.copy(second, folder / "seed1.pt")
+    run_script("test_draem.py", "--checkpoint", folder, "--data_path", data, "--out", work / "res", "--device", "cpu",
+               cwd=work)
+    return work, data, folder
+
+
+def test_training_stores_the_operating_points_that_scoring_reports(scored):
+    work, _, folder = scored
+    stored = torch.load(folder / "seed0.pt", weights_only=True)["metrics"]["operating_points"]
+    reported = read_json(work / "res" / "results.json")["runs"]["seed0"]["operating_points"]
+    for kind in ("image", "pixel"):
+        assert stored[kind]["threshold"] == pytest.approx(reported[kind]["threshold"], abs=1e-7)
+    image = reported["image"]
+    assert {"precision", "recall", "f1", "threshold_no_escape", "false_alarm_rate", "threshold_no_false_alarm",
+            "escape_rate"} <= set(image)
+    assert image["threshold_no_escape"] <= image["threshold"] or image["recall"] < 1
+
+
+def test_per_defect_type_image_auroc_equals_scikit_learn(scored):
+    work, _, _ = scored
+    run = read_json(work / "res" / "results.json")["runs"]["seed1"]
+    rows = list(csv.DictReader(open(work / "res" / "scores_seed1.csv")))
+    for defect, result in run["per_defect_type"].items():
+        subset = [r for r in rows if r["defect_type"] in (defect, "good")]
+        labels = [r["defect_type"] == defect for r in subset]
+        expected = roc_auc_score(labels, [float(r["score"]) for r in subset])
+        assert result["image_auroc"] == pytest.approx(expected, abs=1e-12), defect  # the CSV holds every digit of the float32 scores
+        assert result["images"] == sum(labels) and 0 <= result["pixel_ap"] <= 1
+    assert {r["verdict"] for r in rows} <= {"OK", "ANOMALY"}
+
+
+def test_seed_summary_is_mean_and_sample_std(scored):
+    work, _, _ = scored
+    results = read_json(work / "res" / "results.json")
+    [row] = results["seeds"]
+    assert row["category"] == "weave" and sorted(row["seeds"]) == [0, 1]
+    for m in METRICS:
+        values = [results["runs"][run][m] for run in ("seed0", "seed1")]
+        assert row[m]["mean"] == pytest.approx(statistics.fmean(values))
+        assert row[m]["std"] == pytest.approx(statistics.stdev(values))
+    markdown = (work / "res" / "results.md").read_text()
+    assert "±" in markdown and "Per defect type" in markdown and "no-escape threshold" in markdown
+
+
+class ReportParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.cases = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        if tag == "figure":
+            self.cases.append(attrs)
+
+
+def test_report_links_exist_and_lists_each_test_image_once_errors_first_by_score(scored):
+    work, data, _ = scored
+    parser = ReportParser()
+    parser.feed((work / "res" / "report.html").read_text())
+    assert parser.sources and not [s for s in parser.sources if "://" in s or s.startswith("/")]  # relative only
+    for source in parser.sources:
+        assert (work / "res" / unquote(source)).is_file(), source
+    test_images = sorted(str(p) for p in (data / "weave" / "test").rglob("*.png"))
+    for run in range(2):  # each run's gallery: every test image once
+        cases = parser.cases[run * len(test_images):(run + 1) * len(test_images)]
+        assert sorted(c["data-path"] for c in cases) == test_images
+        keys = [({"missed defect": 0, "false alarm": 1, "": 2}[c["data-error"]], -float(c["data-score"])) for c in cases]
+        assert keys == sorted(keys)
+    assert len(parser.cases) == 2 * len(test_images)
+
+
+def test_report_renders_in_headless_chromium(scored, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed")
+    work, _, _ = scored
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
+                    (work / "res" / "report.html").as_uri()], capture_output=True, timeout=120, check=True)
+    picture = cv2.imread(str(shot))
+    assert picture is not None and picture.shape[:2] == (1600, 1200)
+    assert picture.std() > 20  # text, plots and panels, not a blank page
+    assert (picture.reshape(-1, 3).std(axis=1) > 40).mean() > 0.01  # and colour: the plots and heatmaps drew
+
+
+def make_images(folder: Path, data: Path, sizes: list[tuple[int, int]]) -> None:
+    folder.mkdir(parents=True)
+    source = cv2.imread(str(data / "weave" / "test" / "hole" / "000.png"))
+    for i, (h, w) in enumerate(sizes):
+        cv2.imwrite(str(folder / f"img{i}.png"), cv2.resize(source, (w, h)))
+
+
+def test_streaming_inference_with_a_corrupt_file_writes_masks_and_regions(scored, tmp_path):
+    work, data, folder = scored
+    sizes = [(50, 70), (97, 33), (128, 128), (64, 96), (40, 40)]
+    make_images(tmp_path / "mine", data, sizes)
+    (tmp_path / "mine" / "broken.png").write_bytes(b"not an image")
+    proc = run_script("test_draem.py", "--checkpoint", folder / "seed0.pt", "--images", tmp_path / "mine", "--out",
+                      tmp_path / "out", "--batch_size", "2", "--threshold", "auto", "--pixel_threshold", "0.3",
+                      "--device", "cpu", cwd=work)
+    assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
+    assert len(rows) == 6 and "cannot decode" in rows["broken.png"]["error"] and not rows["broken.png"]["score"]
+    stored = torch.load(folder / "seed0.pt", weights_only=True)["metrics"]["operating_points"]["image"]["threshold"]
+    regions = list(csv.DictReader(open(tmp_path / "out" / "regions.csv")))
+    for i, (h, w) in enumerate(sizes):
+        row = rows[f"img{i}.png"]
+        # scores are float32, written with the 9 digits that give back the same float32
+        assert row["verdict"] == ("ANOMALY" if np.float32(row["score"]) >= np.float32(stored) else "OK")
+        mask = cv2.imread(row["mask"], cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}  # at the original resolution
+        count = cv2.connectedComponents((mask > 0).astype(np.uint8), connectivity=8)[0] - 1
+        mine = [r for r in regions if Path(r["path"]).name == f"img{i}.png"]
+        assert int(row["regions"]) == count == len(mine)
+        assert sum(int(r["area"]) for r in mine) == int((mask > 0).sum())
+        assert cv2.imread(row["panel"]).shape[0] > h  # a labelled panel at the original height, plus its header
+
+
+def test_unreadable_folder_and_threshold_auto_without_stored_thresholds(scored, tmp_path):
+    work, data, folder = scored
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_text("x")
+    proc = run_script("test_draem.py", "--checkpoint", folder / "seed0.pt", "--images", tmp_path / "junk", "--out",
+                      tmp_path / "o1", "--device", "cpu", cwd=work, check=False)
+    assert proc.returncode == 2 and "none of the 1 image(s) could be read" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bare = train(tmp_path, data, "--eval_every", "-1")  # no test-set scoring: no thresholds stored
+    make_images(tmp_path / "mine", data, [(64, 64)])
+    for flag in ("--threshold", "--pixel_threshold"):
+        proc = run_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o2",
+                          flag, "auto", "--device", "cpu", cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and f"{flag} auto" in proc.stderr and "give a number" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+    run_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o3",
+               "--threshold", "0.43", "--device", "cpu", cwd=tmp_path)
+    row = next(csv.DictReader(open(tmp_path / "o3" / "scores.csv")))
+    assert row["verdict"] == ("ANOMALY" if np.float32(row["score"]) >= 0.43 else "OK") and row["mask"] == ""
+    proc = run_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o4",
+                      "--threshold", "abc", "--device", "cpu", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--threshold" in proc.stderr
