@@ -105,4 +105,5 @@ def finish_demo(args: argparse.Namespace, checkpoints: list[Path]) -> None:
     out = Path("results") / "demo"
     test_main(["--checkpoint", *map(str, checkpoints), "--data_path", str(args.data_path), "--out", str(out),
                "--save_images", "--device", str(args.device)])
-    print(f"demo done. heatmap panels: {out / 'images'}; TensorBoard: tensorboard --logdir {args.log_path}")
+    print(f"demo done. open {out / 'report.html'} (metrics, curves, every test image's panel); "
+          f"TensorBoard: tensorboard --logdir {args.log_path}")
