@@ -31,7 +31,7 @@ from metrics import (auroc, auroc_from_counts, average_precision, average_precis
                      f1_operating_point, image_operating_points, image_scores, pixel_metrics, rank, roc_pr_counts)
 from model_unet import DraemModel
 from regions import defect_regions, resize_map
-from report import write_report
+from report import METRIC_NAMES, percent, write_report
 from visualize import panel, write_png
 
 METRICS = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"]
@@ -158,10 +158,6 @@ def write_scores_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def percent(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
-
-
 def mean_metrics(results: dict[str, dict]) -> dict[str, float]:
     mean = {}
     for m in METRICS:
@@ -190,7 +186,7 @@ def seed_summary(results: dict[str, dict]) -> list[dict]:
 
 
 def results_markdown(results: dict[str, dict], seeds: list[dict]) -> str:
-    names = ["image AUROC", "image AP", "image F1max", "pixel AUROC", "pixel AP", "pixel F1max", "AUPRO"]
+    names = [METRIC_NAMES[m] for m in METRICS]
     lines = ["| run | category | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS) + " |"
               for run, r in results.items()]
