@@ -5,6 +5,7 @@ Layout: <data_path>/<category>/train/good/*, <data_path>/<category>/test/<good|d
 (in parallel threads: OpenCV releases the GIL), resized and kept as a (N, 3, H, W) uint8 BGR tensor,
 the channel order of the official code and its checkpoints.
 """
+import argparse
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -58,17 +59,42 @@ def decode(path: Path) -> np.ndarray:
     return to_bgr8(image)
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 BGR, resized bilinearly as in the official code."""
-    return cv2.resize(decode(path), (size, size), interpolation=cv2.INTER_LINEAR)
+Size = int | tuple[int, int] | list[int]  # a side (square) or (height, width)
 
 
-def read_test_pair(pair: tuple[Path, Path | None], size: int) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """A test image and its mask (None for good images), both resized bilinearly to size x size, and
+def height_width(size: Size) -> tuple[int, int]:
+    """(height, width) of a size given as one side (square, as older checkpoints record it) or as a pair."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """argparse type for --image_size / --train_crop: N (square) or HxW, each side a positive multiple of 32."""
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+        height, width = height_width([int(p) for p in parts] * (3 - len(parts)))
+        if height >= 32 and width >= 32 and height % 32 == 0 and width % 32 == 0:
+            return height, width
+    raise argparse.ArgumentTypeError(f"expected N or HxW (height x width), each side a positive multiple of 32 "
+                                     f"(the networks pool five times), not {text!r}")
+
+
+def resize(image: np.ndarray, size: Size) -> np.ndarray:
+    """Bilinear resize to size (height, width), as the official code resizes images and masks."""
+    height, width = height_width(size)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def read_image(path: Path, size: Size) -> np.ndarray:
+    """(H, W, 3) uint8 BGR at size, resized bilinearly as in the official code."""
+    return resize(decode(path), size)
+
+
+def read_test_pair(pair: tuple[Path, Path | None], size: Size) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """A test image and its mask (None for good images), both resized bilinearly to size, and
     notes on masks that needed fixing: of another size than their image, or not binary."""
     image_path, mask_path = pair
     image = decode(image_path)
-    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    resized = resize(image, size)
     if mask_path is None:
         return resized, None, []
     mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
@@ -81,7 +107,7 @@ def read_test_pair(pair: tuple[Path, Path | None], size: int) -> tuple[np.ndarra
     if not np.isin(mask, (0, 255)).all():
         notes.append(f"mask {mask_path} is not binary (0/255): thresholded by --mask_protocol")
     # Kept 0..255 after bilinear resizing; the evaluation protocol binarises it.
-    return resized, cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR), notes
+    return resized, resize(mask, size), notes
 
 
 def warn(message: str) -> None:
@@ -92,7 +118,7 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def read_each(reader, items: list, size: int, workers: int) -> list:
+def read_each(reader, items: list, size: Size, workers: int) -> list:
     """reader(item, size) for every item in parallel threads; an unreadable item gives its error message (str)."""
     def safe(item):
         try:
@@ -109,7 +135,7 @@ def read_each(reader, items: list, size: int, workers: int) -> list:
         cv2.setNumThreads(threads)
 
 
-def parallel_read(reader, items: list, size: int, workers: int) -> list:
+def parallel_read(reader, items: list, size: Size, workers: int) -> list:
     """read_each, reporting every unreadable file in one error, not just the first."""
     results = read_each(reader, items, size, workers)
     bad = [r for r in results if isinstance(r, str)]
@@ -118,8 +144,8 @@ def parallel_read(reader, items: list, size: int, workers: int) -> list:
     return results
 
 
-def load_images(paths: list[Path], size: int, workers: int | None = None) -> Tensor:
-    """(N, 3, size, size) uint8 BGR tensor."""
+def load_images(paths: list[Path], size: Size, workers: int | None = None) -> Tensor:
+    """(N, 3, H, W) uint8 BGR tensor at size."""
     return to_tensor(parallel_read(read_image, paths, size, workers or default_workers()))
 
 
@@ -137,7 +163,7 @@ def category_dir(data_path: Path, category: str) -> Path:
     return folder
 
 
-def load_train_images(data_path: Path, category: str, size: int, workers: int | None = None) -> Tensor:
+def load_train_images(data_path: Path, category: str, size: Size, workers: int | None = None) -> Tensor:
     folder = category_dir(data_path, category) / "train" / "good"
     paths = list_images(folder) if folder.is_dir() else []
     if not paths:
@@ -145,7 +171,7 @@ def load_train_images(data_path: Path, category: str, size: int, workers: int | 
     return load_images(paths, size, workers)
 
 
-def load_anomaly_sources(source_path: Path, size: int, workers: int | None = None) -> Tensor:
+def load_anomaly_sources(source_path: Path, size: Size, workers: int | None = None) -> Tensor:
     """Every image below source_path, recursively (DTD's images/<class>/*.jpg, or a flat folder)."""
     if not Path(source_path).is_dir():
         raise DataError(f"--anomaly_source_path {source_path} is not a folder")
@@ -171,7 +197,7 @@ def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
     return None
 
 
-def load_test_set(data_path: Path, category: str, size: int, workers: int | None = None) -> TestSet:
+def load_test_set(data_path: Path, category: str, size: Size, workers: int | None = None) -> TestSet:
     root = category_dir(data_path, category)
     test_dir = root / "test"
     if not test_dir.is_dir():
@@ -194,7 +220,7 @@ def load_test_set(data_path: Path, category: str, size: int, workers: int | None
                         + "; ".join(missing))
     read = parallel_read(read_test_pair, list(zip(paths, mask_paths)), size, workers or default_workers())
     images = to_tensor([image for image, _, _ in read])
-    empty = np.zeros((size, size), np.uint8)
+    empty = np.zeros(height_width(size), np.uint8)
     masks = torch.from_numpy(np.stack([empty if mask is None else mask for _, mask, _ in read]))[:, None]
     notes = [note for _, _, found in read for note in found]
     for note in notes[:5]:

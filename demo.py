@@ -17,7 +17,7 @@ DEFECTS = ("scratch", "hole", "stain")
 SIZE = 160  # px; the demo trains at 128
 # Parser defaults under --demo (any flag given explicitly still wins): trains in a few minutes on two CPU cores.
 DEMO_DEFAULTS = {"data_path": DEMO_ROOT, "anomaly_source_path": DEMO_ROOT / "sources", "obj_id": CATEGORY,
-                 "epochs": 30, "image_size": 128, "base_width": 16, "seg_base_width": 16, "log_every": 8}
+                 "epochs": 30, "image_size": (128, 128), "base_width": 16, "seg_base_width": 16, "log_every": 8}
 
 
 def texture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:

@@ -165,9 +165,14 @@ class DiscriminativeSubNetwork(nn.Module):
 
 class DraemOutput(NamedTuple):
     reconstruction: Tensor
-    logits: Tensor  # (B, 2, H, W); anomaly map = softmax(logits, 1)[:, 1]
+    logits: Tensor  # (B, 2, H, W)
     block5_input: Tensor
     block5_output: Tensor
+
+    @property
+    def anomaly_map(self) -> Tensor:
+        """(B, H, W) float32: the discriminator's probability that each pixel is anomalous."""
+        return torch.softmax(self.logits.float(), dim=1)[:, 1]
 
 
 class DraemModel(nn.Module):

@@ -43,16 +43,32 @@ def uniform(shape: tuple[int, ...], low: float, high: float, g: torch.Generator 
 
 
 def rotate(images: Tensor, degrees: Tensor, mode: str = "bilinear") -> Tensor:
-    """Rotate each image of (B, C, H, W) about its centre by its own angle; zero fill outside."""
+    """Rotate each image of (B, C, H, W) about its centre by its own angle; zero fill outside.
+
+    The rotation is rigid in pixels, so shapes keep their proportions when H != W.
+    """
     theta = degrees.to(images.dtype) * (math.pi / 180)
     height, width = images.shape[-2:]
-    # Pixel centres in grid_sample's [-1, 1] coordinates (align_corners=False), rotated per sample by
-    # broadcasting: cheaper than affine_grid's batched matrix product.
-    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=images.device, dtype=images.dtype)[None, :, None]
-    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=images.device, dtype=images.dtype)[None, None, :]
+    # Pixel centres in pixels from the image centre, rotated per sample by broadcasting (cheaper than
+    # affine_grid's batched matrix product), then in grid_sample's [-1, 1] coordinates (align_corners=False).
+    ys = torch.arange(height, device=images.device, dtype=images.dtype)[None, :, None] - (height - 1) / 2
+    xs = torch.arange(width, device=images.device, dtype=images.dtype)[None, None, :] - (width - 1) / 2
     cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
-    grid = torch.stack((cos * xs - sin * ys, sin * xs + cos * ys), dim=-1)
+    grid = torch.stack(((cos * xs - sin * ys) / (width / 2), (sin * xs + cos * ys) / (height / 2)), dim=-1)
     return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def random_crops(images: Tensor, size: tuple[int, int], g: torch.Generator | None) -> Tensor:
+    """One random (height, width) window per image of (B, C, H, W), drawn on the images' device."""
+    batch, _, height, width = images.shape
+    crop_h, crop_w = size
+    top = torch.randint(0, height - crop_h + 1, (batch, 1), generator=g, device=images.device)
+    left = torch.randint(0, width - crop_w + 1, (batch, 1), generator=g, device=images.device)
+    rows = (top + torch.arange(crop_h, device=images.device))[:, None, :, None]  # (B, 1, h, 1)
+    cols = (left + torch.arange(crop_w, device=images.device))[:, None, None, :]  # (B, 1, 1, w)
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    samples = torch.arange(batch, device=images.device)[:, None, None, None]
+    return images[samples, channels, rows, cols]
 
 
 def fade(t: Tensor) -> Tensor:

@@ -5,8 +5,9 @@
     python test_draem.py --checkpoint ckpt.pt --images my_photos/ --out heatmaps/ --threshold 0.5
 
 Checkpoints: this project's .pt files, the official pair X_<category>_.pckl + X_<category>__seg.pckl (name
-either), or anomalib checkpoints. Protocol (official): image score = max of the 21x21 mean-filtered
-anomaly map; image AUROC / AP; pixel AUROC / AP over all test pixels pooled; AUPRO up to FPR 0.3.
+either), anomalib checkpoints, or .onnx files from export_draem.py (run by ONNX Runtime). Protocol
+(official): image score = max of the 21x21 mean-filtered anomaly map; image AUROC / AP; pixel AUROC / AP
+over all test pixels pooled; AUPRO up to FPR 0.3.
 """
 import argparse
 import csv
@@ -17,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, model_from_checkpoint
 from cli import one_line_errors, pick_device
-from data_loader import (DataError, TestSet, decode, default_workers, list_images, load_test_set, read_each,
-                         resolve_categories, to_tensor, warn)
+from data_loader import (DataError, TestSet, decode, default_workers, height_width, list_images, load_test_set,
+                         parse_size, read_each, resize, resolve_categories, to_tensor, warn)
 from metrics import (auroc, auroc_from_counts, average_precision, average_precision_from_counts, curve_points,
                      f1_operating_point, image_operating_points, image_scores, pixel_metrics, rank, roc_pr_counts)
 from model_unet import DraemModel
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint", type=Path, nargs="+", required=True, help="checkpoint file(s) or folder(s) of them")
     a("--data_path", type=Path, help="folder holding <category>/test/ and <category>/ground_truth/")
     a("--obj_id", help="category to score: 0..14 or a folder name (default: the checkpoint's own)")
-    a("--image_size", type=int, help="side the images are resized to (default: the checkpoint's; 256 for official "
+    a("--image_size", type=parse_size, help="N or HxW the images are resized to (default: the checkpoint's; 256 for official "
                                      "and anomalib checkpoints)")
     a("--images", type=Path, help="an image or a folder of images to score instead of a test set (no labels)")
     a("--out", type=Path, default=Path("results"), help="output folder (default ./results)")
@@ -78,17 +78,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@torch.inference_mode()
+def out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure of the device (CUDA) or of the host (a CPU RuntimeError)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 def predict(model: DraemModel, images: torch.Tensor, device: torch.device, channel_order: str = "BGR",
             batch_size: int = 16, keep_reconstructions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Anomaly maps (N, H, W) float32 on device for (N, 3, H, W) uint8 BGR images; optionally reconstructions."""
+    """Anomaly maps (N, H, W) float32 on device for (N, 3, H, W) uint8 BGR images; optionally reconstructions.
+
+    When a batch does not fit in memory (large images), the batch size is halved until it does, with a
+    note; an image that does not fit alone is a one-line error.
+    """
+    while True:
+        try:
+            return predict_batches(model, images, device, channel_order, batch_size, keep_reconstructions)
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+            if not out_of_memory(exc):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            height, width = images.shape[-2:]
+            if batch_size == 1:
+                raise DataError(f"one {height}x{width} image does not fit in the memory of {device} even at batch "
+                                f"size 1: use a smaller --image_size or another --device")
+            batch_size //= 2
+            warn(f"{height}x{width} images do not fit in the memory of {device} at this batch size: "
+                 f"retrying with --batch_size {batch_size}")
+
+
+@torch.inference_mode()
+def predict_batches(model: DraemModel, images: torch.Tensor, device: torch.device, channel_order: str,
+                    batch_size: int, keep_reconstructions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     model.eval().to(device)  # fp32: the metrics must not depend on the training precision
     maps, recs = [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True).float() / 255
         x = x.flip(1) if channel_order == "RGB" else x
         out = model(x.contiguous(memory_format=torch.channels_last))
-        maps.append(torch.softmax(out.logits.float(), dim=1)[:, 1])
+        maps.append(out.anomaly_map)
         if keep_reconstructions:
             rec = out.reconstruction.float()
             recs.append((rec.flip(1) if channel_order == "RGB" else rec).cpu())
@@ -136,15 +164,27 @@ def one_category(obj_id: str, data_path: Path) -> str:
     return categories[0]
 
 
+def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | None) -> tuple[DraemModel, dict]:
+    """A PyTorch checkpoint of any supported kind, or an ONNX file from export_draem.py (run by ONNX Runtime)."""
+    if path.suffix != ".onnx":
+        return model_from_checkpoint(path)
+    from export_draem import load_onnx  # ONNX Runtime only when an .onnx file is asked for
+    model, state = load_onnx(path, device)
+    if image_size and tuple(image_size) != model.size:
+        raise CheckpointError(f"--image_size {image_size[0]}x{image_size[1]}: {path} was exported for "
+                              f"{model.size[0]}x{model.size[1]} images; export again with that --image_size")
+    return model, state
+
+
 def checkpoint_files(paths: list[Path]) -> list[Path]:
     """Expand folders; one entry per official .pckl pair."""
     files = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".pckl"))
+            found = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".pckl", ".onnx"))
             files += [p for p in found if not p.name.endswith("_seg.pckl")]
             if not found:
-                raise CheckpointError(f"--checkpoint {path}: no .pt, .pth, .ckpt or .pckl files in this folder")
+                raise CheckpointError(f"--checkpoint {path}: no .pt, .pth, .ckpt, .pckl or .onnx files in this folder")
         else:
             files.append(path)
     return files
@@ -250,13 +290,14 @@ def score_test_sets(args, device: torch.device) -> None:
         raise DataError("--data_path is required to score a test set (or pass --images)")
     results, details, writer = {}, {}, SummaryWriter(args.out / "tensorboard")
     for path in checkpoint_files(args.checkpoint):
-        model, state = model_from_checkpoint(path)
+        model, state = load_model(path, device, args.image_size)
         config = state["config"]
         category = one_category(args.obj_id, args.data_path) if args.obj_id else state.get("category")
         if not category:
             raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
         started = time.perf_counter()
-        test_set = load_test_set(args.data_path, category, args.image_size or config["image_size"], args.workers or None)
+        test_set = load_test_set(args.data_path, category, args.image_size or height_width(config["image_size"]),
+                                 args.workers or None)
         out = evaluate(model, test_set, device, config["channel_order"], args.batch_size, args.mask_protocol,
                        keep_reconstructions=args.save_images)
         run = state.get("run", path.stem)
@@ -314,7 +355,7 @@ def score_images(args, device: torch.device) -> None:
     if len(args.checkpoint) != 1:
         raise CheckpointError("--images takes exactly one --checkpoint")
     path = checkpoint_files(args.checkpoint)[0]
-    model, state = model_from_checkpoint(path)
+    model, state = load_model(path, device, args.image_size)
     config = state["config"]
     image_threshold = chosen_threshold(args.threshold, state, "image", "--threshold", path)
     pixel_threshold = chosen_threshold(args.pixel_threshold, state, "pixel", "--pixel_threshold", path)
@@ -328,7 +369,7 @@ def score_images(args, device: torch.device) -> None:
         raise DataError(f"--images {args.images} holds no images")
     print(f"image threshold: {'none (scores only; --threshold)' if image_threshold is None else image_threshold}; "
           f"pixel threshold: {'none (no masks; --pixel_threshold)' if pixel_threshold is None else pixel_threshold}")
-    size, workers = args.image_size or config["image_size"], args.workers or default_workers()
+    size, workers = args.image_size or height_width(config["image_size"]), args.workers or default_workers()
     scored, errors, started = 0, [], time.perf_counter()
     with open(args.out / "scores.csv", "w", newline="") as scores_file, \
             open(args.out / "regions.csv", "w", newline="") as regions_file, \
@@ -347,7 +388,7 @@ def score_images(args, device: torch.device) -> None:
                 scores_csv.writerow({"path": str(image_path), "error": error})
             readable = [(p, d) for p, d in zip(chunk, decoded) if not isinstance(d, str)]
             if readable:
-                batch = to_tensor([cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR) for _, image in readable])
+                batch = to_tensor([resize(image, size) for _, image in readable])
                 maps, recs = predict(model, batch, device, config["channel_order"], len(batch), keep_reconstructions=True)
                 for (image_path, image), score, rec, amap in zip(readable, image_scores(maps).tolist(), recs, maps):
                     row, regions = image_outputs(args, image_path, image, rec, amap, score, image_threshold, pixel_threshold)
@@ -396,8 +437,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
-    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
-        parser.error("--image_size must be a positive multiple of 32")
     with one_line_errors(args.debug):
         device = pick_device(args.device)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -30,11 +30,11 @@ from tqdm import tqdm
 from checkpoint import FORMAT, CheckpointError, load_state, load_weights, save_checkpoint
 from cli import one_line_errors, pick_device
 from data_loader import (CHANNEL_ORDER, DataError, load_anomaly_sources, load_test_set, load_train_images,
-                         resolve_categories)
+                         parse_size, resolve_categories)
 from demo import DEMO_DEFAULTS, finish_demo, make_demo_dataset
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
-from perlin import SyntheticBatch, simulate_anomalies
+from perlin import SyntheticBatch, random_crops, simulate_anomalies
 from recipe import RECIPES
 from test_draem import METRICS, evaluate
 
@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--visualize", action="store_true", help="also log image grids (input, reconstruction, masks) to TensorBoard")
     a("--gpu_id", type=int, help="CUDA device index (official flag; same as --device cuda:N)")
     a("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    a("--image_size", type=int, default=256, help="training side in pixels, a multiple of 32 (default 256)")
+    a("--image_size", type=parse_size, default=(256, 256),
+      help="training size: N (square) or HxW such as 256x640, each side a multiple of 32 (default 256)")
+    a("--train_crop", type=parse_size,
+      help="train on a random crop of this size (N or HxW) of each image cached at --image_size; evaluation "
+           "runs on the whole image (default: no crop)")
     a("--base_width", type=int, default=128, help="reconstructive sub-network width (default 128)")
     a("--seg_base_width", type=int, default=64, help="discriminative sub-network width (default 64)")
     recipes = "; ".join(f"{name}: {recipe.describe()}" for name, recipe in RECIPES.items())
@@ -101,8 +105,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--epochs must be at least 1")
     if not args.lr > 0:
         parser.error("--lr must be positive")
-    if args.image_size < 32 or args.image_size % 32:
-        parser.error("--image_size must be a positive multiple of 32 (five 2x poolings)")
+    if args.train_crop and (args.train_crop[0] > args.image_size[0] or args.train_crop[1] > args.image_size[1]):
+        parser.error(f"--train_crop {args.train_crop[0]}x{args.train_crop[1]} does not fit in --image_size "
+                     f"{args.image_size[0]}x{args.image_size[1]}")
     if min(args.base_width, args.seg_base_width) < 1:
         parser.error("--base_width and --seg_base_width must be at least 1")
     if args.save_every < 1 or args.log_every < 1:
@@ -122,8 +127,10 @@ def run_name(args: argparse.Namespace, category: str) -> str:
 
 
 def config_of(args: argparse.Namespace, category: str) -> dict:
-    keys = ("bs", "lr", "epochs", "image_size", "base_width", "seg_base_width", "recipe", "sspcab", "seed", "amp")
-    return {**{k: getattr(args, k) for k in keys}, "category": category, "channel_order": CHANNEL_ORDER,
+    keys = ("bs", "lr", "epochs", "base_width", "seg_base_width", "recipe", "sspcab", "seed", "amp")
+    return {**{k: getattr(args, k) for k in keys}, "image_size": list(args.image_size),
+            "train_crop": list(args.train_crop) if args.train_crop else None, "category": category,
+            "channel_order": CHANNEL_ORDER,
             "data_path": str(args.data_path), "anomaly_source_path": str(args.anomaly_source_path or "")}
 
 
@@ -436,6 +443,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
         normal = images[order[index].view(launch.dp_size, args.bs)[launch.dp_rank]]
         simulation_g.manual_seed(stream_seed(args.seed, "simulation", launch.dp_rank, step))
+        if args.train_crop:
+            normal = random_crops(normal, args.train_crop, simulation_g)
         batch = simulate_anomalies(normal, sources, recipe, simulation_g)
 
         # step
@@ -495,7 +504,9 @@ def train(args: argparse.Namespace) -> None:
                       "the paper used DTD textures", stacklevel=1)
         sources = None
     else:
-        sources = load_anomaly_sources(args.anomaly_source_path, args.image_size, args.workers).to(device)
+        # the simulation works on what a step trains on: the crop when there is one
+        sources = load_anomaly_sources(args.anomaly_source_path, args.train_crop or args.image_size,
+                                       args.workers).to(device)
         print(f"{len(sources)} anomaly-source images cached on {device}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

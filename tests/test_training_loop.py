@@ -20,7 +20,7 @@ def test_demo_settings_are_defaults_that_explicit_flags_override(tmp_path, monke
     # Values equal to the normal defaults were silently replaced before.
     given = train_draem.parse_args(["--demo", "--epochs", "700", "--image_size", "256", "--obj_id", "my_part",
                                     "--base_width", "128"])
-    assert (given.epochs, given.image_size, given.obj_id, given.base_width) == (700, 256, "my_part", 128)
+    assert (given.epochs, given.image_size, given.obj_id, given.base_width) == (700, (256, 256), "my_part", 128)
     assert given.seg_base_width == DEMO_DEFAULTS["seg_base_width"]
     assert not (tmp_path / "datasets").exists()  # parsing builds nothing
     assert train_draem.parse_args(["--data_path", "x"]).epochs == 700  # no --demo: the normal defaults

@@ -1,0 +1,147 @@
+"""ONNX export with the scoring inside, verified against PyTorch on real and generated images."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import model_from_checkpoint
+from data_loader import list_images, load_images, load_test_set
+from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
+from metrics import image_scores
+from test_draem import METRICS, predict
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("export")
+    data = tiny_dataset(work / "data")
+    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+               "--epochs", "2", *[a for a in TINY if a not in ("--image_size", "32")], "--image_size", "32x64",
+               cwd=work)
+    return work, data, next((work / "checkpoints").glob("*.pt"))
+
+
+def official_pair(model, folder):
+    name = "DRAEM_test_0.0001_2_bs4_weave_"
+    torch.save(model.reconstructive_subnetwork.state_dict(), folder / f"{name}.pckl")
+    torch.save(model.discriminative_subnetwork.state_dict(), folder / f"{name}_seg.pckl")
+    return folder / f"{name}.pckl"
+
+
+def export(checkpoint, out, *extra, cwd):
+    return run_script("export_draem.py", "--checkpoint", checkpoint, "--out", out, *extra, cwd=cwd)
+
+
+def images_to_check(data, shared, size):
+    """Generated test images, and real magnetic-tile JPEGs when ../shared/data is beside the checkout."""
+    images = [load_test_set(data, "weave", size).images]
+    if (shared / "mtd").is_dir():
+        images.append(load_images(list_images(shared / "mtd" / "test" / "crack")[:6], size))
+    return torch.cat(images)
+
+
+def run_onnx(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    anomaly_map, score, reconstruction = session.run(None, {"images": (images.float() / 255).numpy()})
+    return torch.from_numpy(anomaly_map), torch.from_numpy(score), session.get_modelmeta().custom_metadata_map
+
+
+def test_exported_graphs_equal_pytorch_on_real_and_generated_images(trained, tmp_path):
+    from conftest import SHARED_DATA
+    work, data, ckpt = trained
+    model, _ = model_from_checkpoint(ckpt)
+    cases = [(ckpt, "BGR", []), (official_pair(model, tmp_path), "BGR", ["--image_size", "64x32"])]
+    anomalib = {f"model.reconstructive_subnetwork.{k}": v for k, v in model.reconstructive_subnetwork.state_dict().items()}
+    anomalib |= {f"model.discriminative_subnetwork.{k}": v for k, v in model.discriminative_subnetwork.state_dict().items()}
+    torch.save({"state_dict": anomalib}, tmp_path / "anomalib_weave.ckpt")
+    cases.append((tmp_path / "anomalib_weave.ckpt", "RGB", ["--image_size", "32x64"]))
+    for source, order, extra in cases:
+        out = tmp_path / f"{source.stem}.onnx"
+        export(source, out, *extra, cwd=work)
+        onnx.checker.check_model(onnx.load(out))
+        loaded, state = model_from_checkpoint(source)
+        size = (64, 32) if extra[1:] == ["64x32"] else (32, 64)
+        images = images_to_check(data, SHARED_DATA, size)
+        expected = predict(loaded, images if order == "BGR" else images.flip(1), torch.device("cpu"), order)[0]
+        for batch in (images[:1], images):  # the batch size is free
+            maps, scores, meta = run_onnx(out, batch)
+            reference = expected[:len(batch)]
+            torch.testing.assert_close(maps, reference, atol=1e-4, rtol=0)
+            torch.testing.assert_close(scores, image_scores(reference), atol=1e-4, rtol=0)
+        assert meta["format"] == "draem-onnx-v1" and meta["image_size"] == f"{size[0]}x{size[1]}"
+        assert meta["channel_order"] == "BGR" and meta["trained_channel_order"] == order
+        assert meta["category"] == (state["category"] or "")  # anomalib file names carry no category here
+        assert ("image_threshold" in meta) == (source == ckpt)  # only this project's checkpoint holds thresholds
+    stored = torch.load(ckpt, weights_only=True)["metrics"]["operating_points"]
+    meta = run_onnx(tmp_path / f"{ckpt.stem}.onnx", images[:1])[2]
+    assert float(meta["image_threshold"]) == stored["image"]["threshold"]
+    assert float(meta["pixel_threshold"]) == stored["pixel"]["threshold"]
+
+
+def test_test_script_scores_an_onnx_file_like_its_checkpoint(trained, tmp_path):
+    work, data, ckpt = trained
+    export(ckpt, tmp_path / "weave.onnx", cwd=work)
+    for source, out in ((ckpt, "pt"), (tmp_path / "weave.onnx", "onnx")):
+        run_script("test_draem.py", "--checkpoint", source, "--data_path", data, "--out", tmp_path / out, "--device",
+                   "cpu", cwd=work)
+    pt = read_json(tmp_path / "pt" / "results.json")["runs"][ckpt.stem]
+    exported = read_json(tmp_path / "onnx" / "results.json")["runs"]["weave"]
+    assert exported["category"] == "weave"
+    for m in METRICS:
+        assert exported[m] == pytest.approx(pt[m], abs=1e-4), m
+    assert (tmp_path / "onnx" / "report.html").is_file() and list((tmp_path / "onnx" / "images").rglob("*.png"))
+    # Own images: thresholds come from the file's metadata (auto), masks and panels at the original size.
+    proc = run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", data / "weave" / "test" / "hole",
+                      "--out", tmp_path / "mine", "--threshold", "auto", "--pixel_threshold", "auto", "--device", "cpu",
+                      cwd=work)
+    assert proc.stdout.count("ANOMALY") + proc.stdout.count("OK ") == 2
+    assert len(list((tmp_path / "mine").glob("*_mask.png"))) == 2
+
+
+def test_bad_inputs_get_one_line(trained, tmp_path):
+    work, data, ckpt = trained
+
+    def fails(script, *args, expect):
+        proc = run_script(script, *args, cwd=work, check=False)
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    fails("export_draem.py", "--checkpoint", tmp_path / "junk.pt", "--out", tmp_path / "a.onnx", expect="not a checkpoint")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "other.pt")
+    fails("export_draem.py", "--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "a.onnx",
+          expect="not a DRAEM checkpoint")
+    fails("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "a.onnx", "--image_size", "100",
+          expect="--image_size")
+    # An ONNX file that is not one of our exports: a valid graph without the metadata.
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["images"], ["out"])], "plain",
+                                   [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), tmp_path / "plain.onnx")
+    fails("test_draem.py", "--checkpoint", tmp_path / "plain.onnx", "--data_path", data, "--out", tmp_path / "r",
+          expect="not an export of this project")
+    (tmp_path / "broken.onnx").write_bytes(b"not protobuf")
+    fails("test_draem.py", "--checkpoint", tmp_path / "broken.onnx", "--data_path", data, "--out", tmp_path / "r",
+          expect="not a readable ONNX file")
+    export(ckpt, tmp_path / "fixed.onnx", cwd=work)
+    fails("test_draem.py", "--checkpoint", tmp_path / "fixed.onnx", "--data_path", data, "--out", tmp_path / "r",
+          "--image_size", "64", expect="exported for 32x64 images")
+    # Without the optional packages: a one-line pointer to requirements-export.txt.
+    for module, script, args in (("onnx", "export_draem.py", ["--checkpoint", ckpt, "--out", tmp_path / "b.onnx"]),
+                                 ("onnxruntime", "test_draem.py", ["--checkpoint", tmp_path / "fixed.onnx",
+                                                                  "--data_path", data, "--out", tmp_path / "r"])):
+        code = (f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = [{script!r}] + {list(map(str, args))!r}; "
+                f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and "requirements-export.txt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_and_scoring_do_not_import_onnx():
+    code = ("import sys; import train_draem, test_draem; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
