@@ -29,7 +29,7 @@ def test_training_writes_a_complete_checkpoint(trained):
     assert "weave" in ckpt.name
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * 3  # 12 images, batch 4
-    assert state["config"]["base_width"] == 4 and state["config"]["image_size"] == 32
+    assert state["config"]["base_width"] == 4 and state["config"]["image_size"] == [32, 32]  # [H, W]
     assert state["config"]["channel_order"] == "BGR" and state["category"] == "weave"
     assert set(state["metrics"]) >= {"image_auroc", "pixel_auroc", "aupro"}
     assert not list((work / "checkpoints").glob(".*tmp*"))

@@ -96,6 +96,8 @@ def test_non_square_run_end_to_end(data, tmp_path):
                cwd=tmp_path)
     row = next(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
     assert cv2.imread(row["mask"], cv2.IMREAD_GRAYSCALE).shape == (70, 150)  # the original size, not 32x64
+    picture = cv2.imread(row["panel"])
+    assert np.array_equal(picture[-70:, :150], cv2.imread(str(folder / "wide.png")))  # input tile at 150x70
     # An old checkpoint recorded one integer side; it still loads and scores the same.
     state["config"]["image_size"] = 32
     del state["config"]["train_crop"]
