@@ -8,7 +8,6 @@ that folder is beside the checkout, else generated demo textures. Each count run
 own process; its peak resident memory comes from the operating system (wait4), its rate from the script.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -22,9 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "mtd"
 
-from checkpoint import FORMAT, save_checkpoint  # noqa: E402
+from bench_common import random_checkpoint, report  # noqa: E402
 from demo import make_demo_dataset  # noqa: E402
-from model_unet import DraemModel, init_weights  # noqa: E402
 
 
 def source_images(work: Path) -> list[Path]:
@@ -39,17 +37,6 @@ def make_folder(folder: Path, sources: list[Path], count: int) -> None:
     for i in range(count):  # links: the files are read, never copied
         source = sources[i % len(sources)]
         (folder / f"{i:05d}{source.suffix}").symlink_to(source.resolve())
-
-
-def make_checkpoint(path: Path, base_width: int, seg_base_width: int, size: int) -> None:
-    torch.manual_seed(0)
-    model = DraemModel(base_width, seg_base_width)
-    init_weights(model)
-    config = {"base_width": base_width, "seg_base_width": seg_base_width, "image_size": size, "channel_order": "BGR",
-              "sspcab": False}
-    save_checkpoint({"format": FORMAT, "config": config, "category": "bench", "metrics": {},
-                     "reconstructive": model.reconstructive_subnetwork.state_dict(),
-                     "discriminative": model.discriminative_subnetwork.state_dict()}, path)
 
 
 def main() -> None:
@@ -67,7 +54,7 @@ def main() -> None:
         work = Path(tmp)
         sources = source_images(work)
         ckpt = work / "bench.pt"
-        make_checkpoint(ckpt, args.base_width, args.seg_base_width, args.image_size)
+        random_checkpoint(ckpt, args.base_width, args.seg_base_width, args.image_size)
         for count in args.counts:
             folder = work / f"in{count}"
             make_folder(folder, sources, count)
@@ -86,10 +73,7 @@ def main() -> None:
     config = {k: getattr(args, k) for k in ("image_size", "base_width", "seg_base_width", "batch_size", "device")}
     config["images_from"] = "shared/data/mtd" if SHARED.is_dir() else "generated demo textures"
     config["torch_threads"] = torch.get_num_threads()
-    print(json.dumps(config))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": config, "results": results}, indent=2))
+    report(config, results, args.json)
 
 
 if __name__ == "__main__":

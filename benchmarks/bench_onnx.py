@@ -7,7 +7,6 @@ Both compute the anomaly map of the same random-initialised model on the same ra
 timed in interleaved rounds in one process (never two torch jobs at once), and the medians are reported.
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -19,9 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoint import FORMAT, save_checkpoint  # noqa: E402
+from bench_common import random_checkpoint, report  # noqa: E402
 from export_draem import export, load_onnx  # noqa: E402
-from model_unet import DraemModel, init_weights  # noqa: E402
 from test_draem import predict  # noqa: E402
 
 
@@ -35,18 +33,10 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     cpu = torch.device("cpu")
-    torch.manual_seed(0)
-    model = DraemModel(args.base_width, args.seg_base_width)
-    init_weights(model)
-    model.eval()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, onnx_path = Path(tmp) / "bench.pt", Path(tmp) / "bench.onnx"
-        save_checkpoint({"format": FORMAT, "category": "bench", "metrics": {},
-                         "config": {"base_width": args.base_width, "seg_base_width": args.seg_base_width,
-                                    "image_size": args.image_size, "channel_order": "BGR", "sspcab": False},
-                         "reconstructive": model.reconstructive_subnetwork.state_dict(),
-                         "discriminative": model.discriminative_subnetwork.state_dict()}, ckpt)
+        model = random_checkpoint(ckpt, args.base_width, args.seg_base_width, args.image_size)
         export(ckpt, onnx_path)
         exported, _ = load_onnx(onnx_path)
         for batch in args.batches:
@@ -69,10 +59,7 @@ def main() -> None:
                   f"max |map difference| {difference:.1e}")
     config = {**{k: getattr(args, k) for k in ("image_size", "base_width", "seg_base_width", "repeats")},
               "torch": torch.__version__, "threads": torch.get_num_threads()}
-    print(json.dumps(config))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": config, "results": results}, indent=2))
+    report(config, results, args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""What the inference benchmarks share: a randomly initialised checkpoint, and printing + saving results."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint import FORMAT, save_checkpoint  # noqa: E402
+from model_unet import DraemModel, init_weights  # noqa: E402
+
+
+def random_checkpoint(path: Path, base_width: int, seg_base_width: int, image_size: int) -> DraemModel:
+    """Save a seeded, officially initialised model as this project's checkpoint; return the model (eval)."""
+    torch.manual_seed(0)
+    model = DraemModel(base_width, seg_base_width)
+    init_weights(model)
+    config = {"base_width": base_width, "seg_base_width": seg_base_width, "image_size": image_size,
+              "channel_order": "BGR", "sspcab": False}
+    save_checkpoint({"format": FORMAT, "config": config, "category": "bench", "metrics": {},
+                     "reconstructive": model.reconstructive_subnetwork.state_dict(),
+                     "discriminative": model.discriminative_subnetwork.state_dict()}, path)
+    return model.eval()
+
+
+def report(config: dict, results: list[dict], json_path: Path | None) -> None:
+    print(json.dumps(config))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"config": config, "results": results}, indent=2))
