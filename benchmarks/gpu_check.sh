@@ -21,6 +21,9 @@ PY
     --log_path "$out/logs" > "$out/train_category.txt" 2>&1
 /usr/bin/time -v python test_draem.py --checkpoint "$out/ckpt" --data_path datasets/gpu_check --out "$out/test" \
     > "$out/test_category.txt" 2>&1
+# Streamed inference on a folder, full model on the GPU: images/s and peak host memory, 100 vs 1000 images.
+python benchmarks/bench_inference.py --device cuda --base_width 128 --seg_base_width 64 --counts 100 1000 \
+    --json "$out/inference_cuda.json" > "$out/inference_cuda.txt" 2>&1
 # The test suite on the GPU machine.
 python -m pytest -q > "$out/pytest.txt" 2>&1
 tail -n 3 "$out"/*.txt
