@@ -171,10 +171,11 @@ def aupro(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3, ranking: Ra
     return (area / max_fpr).item()
 
 
-def pixel_metrics(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3,
-                  ranking: Ranking | None = None) -> dict[str, float]:
-    """Pixel AUROC, AP and AUPRO over all pixels of all images pooled, from one sort (or the ranking given)."""
+def pixel_metrics(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3, ranking: Ranking | None = None,
+                  counts: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+    """Pixel AUROC, AP and AUPRO over all pixels of all images pooled, from one sort (or the ranking and
+    roc_pr_counts given, so a caller that needs them too computes them once)."""
     ranking = ranking or rank(anomaly_maps)
-    tps, fps = roc_pr_counts(ranking, masks)
+    tps, fps = counts or roc_pr_counts(ranking, masks)
     return {"pixel_auroc": auroc_from_counts(tps, fps), "pixel_ap": average_precision_from_counts(tps, fps),
             "aupro": aupro(anomaly_maps, masks, max_fpr, ranking, fps)}

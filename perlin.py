@@ -3,8 +3,9 @@
 Per sample, as the official code's data loader does it (the paper, section 3.1): maybe rotate the normal
 image; draw a Perlin noise mask (lattice 2^a x 2^b, a, b in 0..5, rotated, thresholded at 0.5); augment
 a random anomaly-source image with 3 distinct of 10 augmenters in random order; blend it into the masked
-region with factor beta; keep a share of the batch anomaly-free (recipe.py holds the numbers). Every random draw comes from one ``torch.Generator``, so a seeded CPU batch
-is repeatable, and nothing leaves the device: no per-sample NumPy, no host syncs.
+region with factor beta; keep a share of the batch anomaly-free (recipe.py holds the numbers). Every
+random draw comes from one ``torch.Generator``, so a seeded CPU batch is repeatable, and nothing leaves
+the device: no per-sample NumPy, no host syncs.
 
 Where torchvision or a direct formula differs from the official imgaug augmenters:
 - hue: imgaug adds U(-50, 50) on its 0..255 hue circle (about +-70 degrees); here the same angle is a

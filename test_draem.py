@@ -27,8 +27,9 @@ from checkpoint import CheckpointError, model_from_checkpoint
 from cli import one_line_errors, pick_device
 from data_loader import (DataError, TestSet, decode, default_workers, height_width, list_images, load_test_set,
                          parse_size, read_each, resize, resolve_categories, to_tensor, warn)
-from metrics import (auroc, auroc_from_counts, average_precision, average_precision_from_counts, curve_points,
-                     f1_operating_point, image_operating_points, image_scores, pixel_metrics, rank, roc_pr_counts)
+from metrics import (auroc, auroc_from_counts, average_precision, average_precision_from_counts, best_f1,
+                     curve_points, image_operating_points, image_scores, pixel_metrics, rank, roc_pr_counts,
+                     threshold_values)
 from model_unet import DraemModel
 from regions import defect_regions, resize_map
 from report import METRIC_NAMES, percent, write_report
@@ -133,9 +134,10 @@ def evaluate(model: DraemModel, test_set: TestSet, device: torch.device, channel
     image_ranking, pixel_ranking = rank(scores), rank(maps)
     image_counts, pixel_counts = roc_pr_counts(image_ranking, labels), roc_pr_counts(pixel_ranking, masks)
     image_points = image_operating_points(scores, labels, image_ranking)
-    pixel_point = f1_operating_point(maps, masks, pixel_ranking)
+    pixel_point = best_f1(*pixel_counts, threshold_values(pixel_ranking, maps))
     metrics = {"image_auroc": auroc_from_counts(*image_counts), "image_ap": average_precision_from_counts(*image_counts),
-               "image_f1_max": image_points["f1"], **pixel_metrics(maps, masks, ranking=pixel_ranking),
+               "image_f1_max": image_points["f1"],
+               **pixel_metrics(maps, masks, ranking=pixel_ranking, counts=pixel_counts),
                "pixel_f1_max": pixel_point["f1"]}
     return {"metrics": {m: metrics[m] for m in METRICS},
             "operating_points": {"image": image_points, "pixel": pixel_point},

@@ -91,3 +91,19 @@ def test_panel_keeps_the_input_at_its_resolution_under_a_header_with_a_colour_ba
     assert picture[:header].std() > 5  # titles and caption are drawn on the header
     bar = picture[header:, 3 * 130 + 2]  # a column of the colour bar: red (1) at the top, blue (0) at the bottom
     assert bar[0, 2] > 100 and bar[0, 0] < 50 and bar[-1, 0] > 100 and bar[-1, 2] < 50
+
+
+def test_plotted_curves_equal_scikit_learn_and_thin_out_evenly():
+    from sklearn.metrics import roc_curve
+    from metrics import curve_points, rank, roc_pr_counts
+    scores, labels = scores_with_ties(300, 2, 5)
+    counts = roc_pr_counts(rank(torch.tensor(scores)), torch.tensor(labels))
+    curves = curve_points(*counts)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(curves["fpr"], fpr, atol=1e-12)
+    np.testing.assert_allclose(curves["tpr"], tpr, atol=1e-12)
+    for recall, precision, t in zip(curves["recall"], curves["precision"], thresholds[1:]):
+        flagged = scores >= t
+        assert precision == pytest.approx(labels[flagged].mean()) and recall == pytest.approx(labels[flagged].sum() / labels.sum())
+    thin = curve_points(*counts, max_points=10)
+    assert len(thin["fpr"]) == 11 and thin["fpr"][-1] == 1.0 and thin["tpr"][-1] == 1.0  # ends kept

@@ -49,7 +49,11 @@ def test_training_stores_the_operating_points_that_scoring_reports(scored):
     image = reported["image"]
     assert {"precision", "recall", "f1", "threshold_no_escape", "false_alarm_rate", "threshold_no_false_alarm",
             "escape_rate"} <= set(image)
-    assert image["threshold_no_escape"] <= image["threshold"] or image["recall"] < 1
+    # Max F1 never sits below the no-escape threshold, and meets it exactly when it misses nothing; it is at
+    # or above the no-false-alarm threshold exactly when it raises no false alarm.
+    assert image["threshold"] >= image["threshold_no_escape"]
+    assert (image["recall"] == 1) == (image["threshold"] == image["threshold_no_escape"])
+    assert (image["precision"] == 1) == (image["threshold"] >= image["threshold_no_false_alarm"])
 
 
 def test_per_defect_type_image_auroc_equals_scikit_learn(scored):
