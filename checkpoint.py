@@ -1,16 +1,20 @@
-"""Checkpoints: one dict per category and run, written atomically; also reads the official two-file
-``.pckl`` state_dicts and anomalib checkpoints. Everything loads with ``torch.load(weights_only=True)``:
-a checkpoint is a pickle, and an untrusted one must not be able to run code.
+"""The checkpoint format, written and read here alone: one dict per category and run, written atomically.
+
+Also reads the official two-file ``.pckl`` state_dicts and anomalib checkpoints. Everything loads with
+``torch.load(weights_only=True)``: a checkpoint is a pickle, and an untrusted one must not be able to run code.
 """
+import math
 import os
 import pickle
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from data_loader import CATEGORIES, CHANNEL_ORDER
+from config import TrainConfig
+from data_loader import CATEGORIES, CHANNEL_ORDER, height_width
 from model_unet import DraemModel
 
 FORMAT = "draem-checkpoint-v1"
@@ -21,21 +25,99 @@ class CheckpointError(ValueError):
     """A checkpoint problem the scripts report as one line (no traceback)."""
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
+@dataclass
+class ModelInfo:
+    """What scoring needs to know about a model besides its weights."""
+    config: dict  # this project's TrainConfig as a dict; for official and anomalib weights, what the weights tell
+    category: str | None
+    run: str  # the file's name without its suffix: what results are listed under
+    source: str  # "draem" (this project), "official", "anomalib" or "onnx"
+    metrics: dict = field(default_factory=dict)  # the end-of-training evaluation, with its operating points
+    step: int = 0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return height_width(self.config.get("image_size", 256))
+
+    @property
+    def channel_order(self) -> str:
+        return self.config.get("channel_order", CHANNEL_ORDER)
+
+    @property
+    def train_config(self) -> TrainConfig | None:
+        """The full training configuration, for this project's checkpoints (and their exports) only."""
+        return TrainConfig.from_dict(self.config) if "seed" in self.config else None
+
+    @property
+    def operating_points(self) -> dict:
+        return self.metrics.get("operating_points", {})
+
+    def threshold(self, kind: str) -> float | None:
+        """The stored max-F1 threshold, "image" or "pixel", if the evaluation at the end of training set one."""
+        value = self.operating_points.get(kind, {}).get("threshold")
+        return None if value is None or math.isnan(value) else value
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    reconstructive: dict
+    discriminative: dict
+    info: ModelInfo
+    optimizer: dict | None = None
+    scaler: dict | None = None
+
+    def load_into(self, model: DraemModel, optimizer: torch.optim.Optimizer | None = None,
+                  scaler: torch.amp.GradScaler | None = None) -> None:
+        """Weights (and, when given, the optimiser's and scaler's state) into a model of the same architecture."""
+        for net, weights, name in ((model.reconstructive_subnetwork, self.reconstructive, "reconstructive"),
+                                   (model.discriminative_subnetwork, self.discriminative, "discriminative")):
+            try:
+                net.load_state_dict(weights)
+            except RuntimeError as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise CheckpointError(f"checkpoint {self.path}: {name} weights are of another architecture or "
+                                      f"width ({detail})")
+        if optimizer is not None:
+            optimizer.load_state_dict(self.optimizer)
+        if scaler is not None:
+            scaler.load_state_dict(self.scaler)
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+def write_atomically(state: dict, path: Path) -> None:
     """Write to a temporary file beside path, fsync, then rename: a crash never leaves a half-written path."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
+
+def save_training(path: Path, model: DraemModel, config: TrainConfig, run: str, step: int = 0, epoch: int = 0,
+                  metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
+                  scaler: torch.amp.GradScaler | None = None) -> None:
+    """A training run's checkpoint: weights, configuration, progress, optimiser state and the latest metrics."""
+    write_atomically({
+        "format": FORMAT, "config": config.to_dict(), "category": config.category, "run": run,
+        "reconstructive": model.reconstructive_subnetwork.state_dict(),
+        "discriminative": model.discriminative_subnetwork.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,
+        "epoch": epoch, "step": step, "metrics": metrics or {}}, path)
+
+
+# ---- reading ------------------------------------------------------------------------------------------
 
 def read(path: Path) -> dict:
     path = Path(path)
@@ -77,8 +159,8 @@ def category_from_name(stem: str) -> str | None:
     return match.group(1) if match else None
 
 
-def load_state(path: Path) -> dict:
-    """Any supported checkpoint as {reconstructive, discriminative, config, category, ...}."""
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Any supported checkpoint: this project's .pt, an official .pckl pair (either file), or anomalib's."""
     path = Path(path)
     if path.suffix == ".pckl":
         rec_path, seg_path = official_pair(path)
@@ -86,13 +168,15 @@ def load_state(path: Path) -> dict:
             if not p.is_file():
                 raise CheckpointError(f"official checkpoint {path}: its twin {p} is missing")
         rec, seg = read(rec_path), read(seg_path)
-        category = category_from_name(rec_path.stem)
-        return {"reconstructive": rec, "discriminative": seg, "category": category, "source": "official",
-                "run": rec_path.stem,
-                "config": {**infer_widths(rec, seg), "channel_order": "BGR", "image_size": 256}}
+        config = {**infer_widths(rec, seg), "channel_order": "BGR", "image_size": [256, 256]}
+        return Checkpoint(path, rec, seg, ModelInfo(config, category_from_name(rec_path.stem), rec_path.stem, "official"))
     state = read(path)
     if state.get("format") == FORMAT:
-        return state
+        config = TrainConfig.from_dict(state["config"]).to_dict()  # older checkpoints: missing keys at their defaults
+        info = ModelInfo(config, state.get("category"), path.stem, "draem",
+                         state.get("metrics") or {}, state.get("step", 0))
+        return Checkpoint(path, state["reconstructive"], state["discriminative"], info, state.get("optimizer"),
+                          state.get("scaler"))
     weights = state.get("state_dict", state)
     rec_prefix = ANOMALIB_PREFIX + "reconstructive_subnetwork."
     seg_prefix = ANOMALIB_PREFIX + "discriminative_subnetwork."
@@ -100,26 +184,15 @@ def load_state(path: Path) -> dict:
         rec = {k[len(rec_prefix):]: v for k, v in weights.items() if k.startswith(rec_prefix)}
         seg = {k[len(seg_prefix):]: v for k, v in weights.items() if k.startswith(seg_prefix)}
         # anomalib reads RGB (torchvision); the networks were trained on what it read.
-        return {"reconstructive": rec, "discriminative": seg, "category": category_from_name(path.stem),
-                "source": "anomalib", "config": {**infer_widths(rec, seg), "channel_order": "RGB", "image_size": 256}}
+        config = {**infer_widths(rec, seg), "channel_order": "RGB", "image_size": [256, 256]}
+        return Checkpoint(path, rec, seg, ModelInfo(config, category_from_name(path.stem), path.stem, "anomalib"))
     raise CheckpointError(f"{path} is not a DRAEM checkpoint (no '{FORMAT}' format tag, no official or anomalib keys)")
 
 
-def load_weights(model: nn.Module, reconstructive: dict, discriminative: dict, path: Path) -> None:
-    for net, weights, name in ((model.reconstructive_subnetwork, reconstructive, "reconstructive"),
-                               (model.discriminative_subnetwork, discriminative, "discriminative")):
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
-            raise CheckpointError(f"checkpoint {path}: {name} weights are of another architecture or width ({detail})")
-
-
-def model_from_checkpoint(path: Path) -> tuple[DraemModel, dict]:
-    """The model in eval mode on the CPU, and the checkpoint's state (config, category, metrics ...)."""
-    state = load_state(path)
-    config = state["config"]
+def model_from_checkpoint(path: Path) -> tuple[DraemModel, ModelInfo]:
+    """The model in eval mode on the CPU, and what is known about it (config, category, metrics ...)."""
+    ckpt = load_checkpoint(path)
+    config = ckpt.info.config
     model = DraemModel(config["base_width"], config["seg_base_width"], config.get("sspcab", False))
-    load_weights(model, state["reconstructive"], state["discriminative"], path)
-    config.setdefault("channel_order", CHANNEL_ORDER)
-    return model.eval(), state
+    ckpt.load_into(model)
+    return model.eval(), ckpt.info

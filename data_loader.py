@@ -184,10 +184,17 @@ def load_anomaly_sources(source_path: Path, size: Size, workers: int | None = No
 @dataclass
 class TestSet:
     images: Tensor  # (N, 3, H, W) uint8 BGR
-    masks: Tensor  # (N, 1, H, W) uint8 0..255, bilinearly resized; zeros for good images
+    masks: Tensor  # (N, 1, H, W) uint8 0..255, bilinearly resized; zeros for good images and missing masks
     labels: Tensor  # (N,) 0 good, 1 defective
     defect_types: list[str]
     paths: list[Path]
+    has_mask: Tensor  # (N,) bool: the pixel labels are known (good images, and defect images with a mask)
+
+    @property
+    def mask_coverage(self) -> dict[str, int]:
+        """How many defect images there are and how many of them have a mask (the pixel metrics' share)."""
+        defective = self.labels.bool()
+        return {"defect_images": int(defective.sum()), "defect_images_with_mask": int((defective & self.has_mask).sum())}
 
 
 def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
@@ -215,9 +222,10 @@ def load_test_set(data_path: Path, category: str, size: Size, workers: int | Non
             mask_paths.append(mask_path)
     if not paths:
         raise DataError(f"no test images below {test_dir}")
-    if missing:
-        raise DataError(f"{len(missing)} defect image(s) without a mask in {root / 'ground_truth'}: "
-                        + "; ".join(missing))
+    if missing:  # image metrics still use them; pixel metrics cannot
+        warn(f"{len(missing)} defect image(s) without a mask in {root / 'ground_truth'}: pixel metrics cover the "
+             f"other {sum(t != 'good' for t in defect_types) - len(missing)} defect images ({'; '.join(missing[:3])}"
+             + (" ..." if len(missing) > 3 else "") + ")")
     read = parallel_read(read_test_pair, list(zip(paths, mask_paths)), size, workers or default_workers())
     images = to_tensor([image for image, _, _ in read])
     empty = np.zeros(height_width(size), np.uint8)
@@ -228,7 +236,8 @@ def load_test_set(data_path: Path, category: str, size: Size, workers: int | Non
     if len(notes) > 5:
         warn(f"... and {len(notes) - 5} more mask notes")
     labels = torch.tensor([t != "good" for t in defect_types], dtype=torch.long)
-    return TestSet(images, masks, labels, defect_types, paths)
+    has_mask = torch.tensor([t == "good" or m is not None for t, m in zip(defect_types, mask_paths)])
+    return TestSet(images, masks, labels, defect_types, paths, has_mask)
 
 
 def available_categories(data_path: Path) -> list[str]:

@@ -3,13 +3,13 @@
 ``python train_draem.py --demo`` builds ./datasets/demo once (nothing to download), trains a small
 model on it on the CPU in a few minutes, scores it and writes heatmap panels.
 """
-import argparse
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
-from test_draem import main as test_main
+from results import score_test_sets
 
 DEMO_ROOT = Path("datasets/demo")
 CATEGORY = "weave"
@@ -101,9 +101,9 @@ def make_demo_dataset(root: Path = DEMO_ROOT, train: int = 64, test_good: int = 
     return root
 
 
-def finish_demo(args: argparse.Namespace, checkpoints: list[Path]) -> None:
+def finish_demo(data_path: Path, checkpoints: list[Path], device: torch.device, log_path: Path) -> None:
+    """Score the demo's checkpoints and say where to look."""
     out = Path("results") / "demo"
-    test_main(["--checkpoint", *map(str, checkpoints), "--data_path", str(args.data_path), "--out", str(out),
-               "--save_images", "--device", str(args.device)])
+    score_test_sets(checkpoints, data_path, out, device)
     print(f"demo done. open {out / 'report.html'} (metrics, curves, every test image's panel); "
-          f"TensorBoard: tensorboard --logdir {args.log_path}")
+          f"TensorBoard: tensorboard --logdir {log_path}")

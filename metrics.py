@@ -5,11 +5,17 @@ Exact, tie-aware equivalents of scikit-learn's roc_auc_score and average_precisi
 one sort on the scores' device: pixel metrics pool every pixel of every test image (tens of millions
 of values for an MVTec category), which scikit-learn handles on one CPU core only.
 """
+import math
+
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Every metric a run reports, in report order, with the name people read.
+METRICS = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max": "image F1max",
+           "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "pixel_f1_max": "pixel F1max", "aupro": "AUPRO"}
 
 
 def image_scores(anomaly_maps: Tensor, kernel: int = 21) -> Tensor:
@@ -179,3 +185,8 @@ def pixel_metrics(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3, ran
     tps, fps = counts or roc_pr_counts(ranking, masks)
     return {"pixel_auroc": auroc_from_counts(tps, fps), "pixel_ap": average_precision_from_counts(tps, fps),
             "aupro": aupro(anomaly_maps, masks, max_fpr, ranking, fps)}
+
+
+def verdict(score: float, threshold: float | None) -> str:
+    """ANOMALY at or above the threshold, else OK; empty without a threshold."""
+    return "" if threshold is None or math.isnan(threshold) else ("ANOMALY" if score >= threshold else "OK")

@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-METRIC_NAMES = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max": "image F1max",
-                "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "pixel_f1_max": "pixel F1max", "aupro": "AUPRO"}
+from metrics import METRICS  # noqa: E402
+
 ERROR_ORDER = {"missed defect": 0, "false alarm": 1, "": 2}
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1600px}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -97,8 +97,8 @@ def run_section(index: int, run: str, result: dict, detail: dict, files: Path) -
         ["no false alarms (no good image flagged)", f"{image['threshold_no_false_alarm']:.6g}",
          f"escapes: {percent(image['escape_rate'])} % of defective images missed"],
         ["max F1 (pixel): defect masks", f"{pixel['threshold']:.6g}", f"pixel F1 {percent(pixel['f1'])}"]])
-    defects = table(["defect type", "images", "image AUROC", "pixel AP"],
-                    [[d, r["images"], percent(r["image_auroc"]), percent(r["pixel_ap"])]
+    defects = table(["defect type", "images", "with masks", "image AUROC", "pixel AP"],
+                    [[d, r["images"], r["images_with_mask"], percent(r["image_auroc"]), percent(r["pixel_ap"])]
                      for d, r in result["per_defect_type"].items()])
     cases = ordered_cases(detail["cases"])
     errors = sum(1 for c in cases if c["error"])
@@ -110,18 +110,25 @@ def run_section(index: int, run: str, result: dict, detail: dict, files: Path) -
             f'<div class="cases">{"".join(case_figure(c) for c in cases)}</div>')
 
 
-def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dict], seeds: list[dict]) -> Path:
+def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dict], means: list[dict],
+                 seeds: list[dict]) -> Path:
     files = out_dir / "report_files"
     files.mkdir(parents=True, exist_ok=True)
-    summary = table(["run", "category", *METRIC_NAMES.values()],
-                    [[run, r["category"], *(percent(r[m]) for m in METRIC_NAMES)] for run, r in results.items()])
-    seed_table = table(["category", "seeds", *METRIC_NAMES.values()],
-                       [[row["category"], ", ".join(map(str, row["seeds"])),
-                         *(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRIC_NAMES)]
+    names = list(METRICS.values())
+    summary = table(["run", "category", *names, "defect images with masks"],
+                    [[run, r["category"], *(percent(r[m]) for m in METRICS),
+                      f"{r['mask_coverage']['defect_images_with_mask']}/{r['mask_coverage']['defect_images']}"]
+                     for run, r in results.items()])
+    mean_table = table(["configuration", "runs", *names],
+                       [[row["configuration"], len(row["runs"]), *(percent(row[m]) for m in METRICS)] for row in means])
+    seed_table = table(["category", "configuration", "seeds", *names],
+                       [[row["category"], row["configuration"], ", ".join(map(str, row["seeds"])),
+                         *(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRICS)]
                         for row in seeds]) if seeds else ""
     sections = "".join(run_section(i, run, results[run], details[run], files) for i, run in enumerate(results))
     page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>DRAEM results</title><style>{STYLE}</style>'
             f"</head><body><h1>DRAEM results</h1>{summary}"
+            f"<p>Mean per configuration (runs whose settings differ only in the category).</p>{mean_table}"
             + (f"<p>Runs that differ only in --seed: mean ± sample standard deviation.</p>{seed_table}" if seeds else "")
             + f"{sections}</body></html>\n")
     path = out_dir / "report.html"

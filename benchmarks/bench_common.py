@@ -7,7 +7,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import FORMAT, save_checkpoint  # noqa: E402
+from checkpoint import save_training  # noqa: E402
+from config import TrainConfig  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
 
 
@@ -16,11 +17,9 @@ def random_checkpoint(path: Path, base_width: int, seg_base_width: int, image_si
     torch.manual_seed(0)
     model = DraemModel(base_width, seg_base_width)
     init_weights(model)
-    config = {"base_width": base_width, "seg_base_width": seg_base_width, "image_size": image_size,
-              "channel_order": "BGR", "sspcab": False}
-    save_checkpoint({"format": FORMAT, "config": config, "category": "bench", "metrics": {},
-                     "reconstructive": model.reconstructive_subnetwork.state_dict(),
-                     "discriminative": model.discriminative_subnetwork.state_dict()}, path)
+    config = TrainConfig(category="bench", base_width=base_width, seg_base_width=seg_base_width,
+                         image_size=(image_size, image_size))
+    save_training(path, model, config, "bench")
     return model.eval()
 
 

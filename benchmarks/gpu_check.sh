@@ -7,7 +7,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" >> "$out/gpu.txt"
 # Full-size training step (bf16, channels_last, fused Adam), with and without torch.compile; eval; simulation.
-python bench_draem.py --preset full --compile --json "$out/bench_full.json" > "$out/bench_full.txt" 2>&1
+python benchmarks/bench_draem.py --preset full --compile --json "$out/bench_full.json" > "$out/bench_full.txt" 2>&1
 # Batched simulation on the GPU against the per-sample CPU pipeline (demo data when shared/ is absent).
 python benchmarks/bench_synthesis.py --device cuda --json "$out/synthesis_cuda.json" > "$out/synthesis_cuda.txt" 2>&1
 # A category-sized run: 208 images at 256 px, full widths, timed end to end, then scored.

@@ -1,6 +1,7 @@
 """The fast paths (channels_last, bf16 autocast, torch.compile) give the loss of the plain fp32 step."""
 from contextlib import nullcontext
 
+import pytest
 import torch
 
 from loss import FocalLoss, draem_loss
@@ -39,6 +40,7 @@ def test_bf16_autocast_gives_the_same_loss_within_tolerance():
     torch.testing.assert_close(fast, reference, rtol=2e-2, atol=0)
 
 
+@pytest.mark.slow  # compiling takes about a minute on 2 cores
 def test_compiled_model_gives_the_same_loss():
     batch, model = batch_and_model()
     reference = loss_of(model, batch)

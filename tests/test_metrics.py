@@ -53,7 +53,7 @@ def test_image_score_is_max_of_zero_padded_21x21_mean():
 
 
 def test_mask_protocols():
-    from test_draem import MASK_PROTOCOLS
+    from evaluate import MASK_PROTOCOLS
     resized = torch.tensor([0, 127, 128, 254, 255], dtype=torch.uint8)
     assert MASK_PROTOCOLS["standard"](resized).tolist() == [False, False, True, True, True]
     # The official code's uint8 cast of mask / 255 keeps only pixels that are exactly 255.

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from perlin import AUGMENTERS, MAX_LOG_RES, RECIPES, augment_sources, perlin_noise, rotate, simulate_anomalies
+from perlin import (AUGMENTERS, MAX_LOG_RES, RECIPES, anomaly_masks, augment_sources, perlin_noise, random_crops, rotate,
+                    simulate_anomalies)
 
 
 def reference_perlin(res_y, res_x, angles, height, width):
@@ -141,3 +142,45 @@ def test_hue_rotation_keeps_luminance_and_changes_colour():
     luma = lambda t: torch.einsum("j,njhw->nhw", to_yiq[0], t)
     torch.testing.assert_close(luma(out), luma(x), atol=1e-5, rtol=0)
     assert (out - x).abs().max() > 1e-3
+
+
+def test_rotation_is_rigid_when_height_and_width_differ():
+    image = torch.zeros(1, 1, 32, 96)
+    image[0, 0, 4:8, 50:54] = 1.0  # a 4 x 4 square centred 10 rows above and 4 columns right of the centre
+    turned = rotate(image, torch.tensor([90.0]), mode="nearest")[0, 0]
+    rows, cols = (turned > 0.5).nonzero(as_tuple=True)
+    assert len(rows) == 16 and rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3  # still a 4 x 4 square
+    # Output pixel p samples the input at R(90) p, in pixels from the centre (15.5, 47.5): the square's centre
+    # (-10, +4) (rows, columns) moves to (-4, -10), i.e. (11.5, 37.5). Rotating in [-1, 1] units instead would
+    # stretch it by 96/32 and put it elsewhere.
+    assert (rows.float().mean().item(), cols.float().mean().item()) == (11.5, 37.5)
+    square = torch.rand(2, 3, 48, 48)
+    torch.testing.assert_close(rotate(square, torch.zeros(2)), square, atol=1e-5, rtol=0)
+
+
+def test_random_crops_are_windows_of_their_images_and_repeat_with_the_seed():
+    images = torch.arange(4 * 3 * 40 * 70, dtype=torch.float32).view(4, 3, 40, 70)
+    crops = random_crops(images, (32, 64), torch.Generator().manual_seed(1))
+    assert crops.shape == (4, 3, 32, 64)
+    for image, crop in zip(images, crops):
+        top, left = divmod(int(crop[0, 0, 0].item() - image[0, 0, 0].item()), 70)
+        assert torch.equal(crop, image[:, top:top + 32, left:left + 64])
+    assert torch.equal(crops, random_crops(images, (32, 64), torch.Generator().manual_seed(1)))
+    offsets = {int(c[0, 0, 0] - i[0, 0, 0]) for _ in range(20) for i, c in
+               zip(images, random_crops(images, (32, 64), torch.Generator().manual_seed(_)))}
+    assert len(offsets) > 10  # the windows move
+
+
+def test_simulation_keeps_its_invariants_when_height_and_width_differ():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (400, 3, 32, 96), dtype=torch.uint8, generator=g)
+    sources = torch.randint(0, 256, (7, 3, 32, 96), dtype=torch.uint8, generator=g)
+    batch = simulate_anomalies(images, sources, "official", g)
+    assert batch.augmented.shape == batch.image.shape == (400, 3, 32, 96) and batch.mask.shape == (400, 1, 32, 96)
+    assert batch.augmented.min() >= 0 and batch.augmented.max() <= 1 and set(batch.mask.unique().tolist()) <= {0, 1}
+    assert torch.equal(batch.label, (batch.mask.flatten(1).sum(1) > 0).float())
+    free = (batch.augmented == batch.image).flatten(1).all(1) & (batch.mask.flatten(1).sum(1) == 0)
+    assert abs(free.float().mean().item() - 0.5) < 0.1
+    masks, noise = anomaly_masks(64, 32, 96, torch.Generator().manual_seed(1), "cpu")
+    assert masks.shape == (64, 1, 32, 96) and torch.equal(masks, (noise > 0.5).float())
+    assert 0.01 < masks.mean() < 0.5  # Perlin blobs, not empty and not everywhere

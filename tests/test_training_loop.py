@@ -9,7 +9,7 @@ import torch
 import train_draem
 from data_loader import DataError
 from demo import DEMO_DEFAULTS
-from helpers import ROOT, TINY, run_script, tiny_dataset
+from helpers import ROOT, TINY, tiny_dataset
 from recipe import RECIPES
 
 
@@ -67,16 +67,3 @@ def test_importing_the_loader_leaves_opencv_threads_alone():
             "print(imported, *during, cv2.getNumThreads())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["3", "1", "1", "3"]  # untouched at import, 1 while reading in parallel, restored
-
-
-def test_logs_without_a_terminal_are_plain_lines(tmp_path):
-    data = tiny_dataset(tmp_path / "data")
-    proc = run_script("train_draem.py", "--data_path", data, "--obj_id", "weave", "--epochs", "2", "--eval_every", "-1",
-                      *TINY, cwd=tmp_path)
-    for stream in (proc.stdout, proc.stderr):
-        assert "\r" not in stream and "\x1b[" not in stream  # no bar redraws, no cursor movement
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("[weave] step ")]
-    # 12 images, batch 4: 3 steps per epoch, a line every 2 steps.
-    assert [line.split()[2] for line in lines] == ["2/6", "4/6", "6/6"]
-    assert [line.split()[4] for line in lines] == ["1/2", "2/2", "2/2"]
-    assert all("loss" in line and "img/s" in line for line in lines)

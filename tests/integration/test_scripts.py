@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from checkpoint import model_from_checkpoint
 from data_loader import load_test_set
 from helpers import TINY, read_json, run_script, tiny_dataset
-from test_draem import METRICS, predict
+from evaluate import predict
+from metrics import METRICS
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,8 @@ def test_test_script_writes_results_with_metrics_in_unit_range(trained):
     run = results["runs"][ckpt.stem]
     for metric in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro"):
         assert 0.0 <= run[metric] <= 1.0, metric
-        assert results["mean"][metric] == run[metric]
-    assert "**mean**" in (work / "res" / "results.md").read_text()
+        assert results["means"][0][metric] == run[metric]
+    assert "Mean per configuration" in (work / "res" / "results.md").read_text()
     rows = list(csv.DictReader(open(work / "res" / f"scores_{ckpt.stem}.csv")))
     assert len(rows) == 10 and {r["defect_type"] for r in rows} == {"good", "scratch", "hole", "stain"}
     panels = sorted((work / "res" / "images" / ckpt.stem).rglob("*.png"))
@@ -77,10 +78,10 @@ def test_official_two_file_and_anomalib_checkpoints_give_identical_outputs(train
     reference, _ = predict(model, images, torch.device("cpu"))
     for path in (work / f"{name}.pckl", work / f"{name}_seg.pckl"):
         loaded, state = model_from_checkpoint(path)
-        assert state["category"] == "weave" and state["config"]["base_width"] == 4
+        assert state.category == "weave" and state.config["base_width"] == 4
         torch.testing.assert_close(predict(loaded, images, torch.device("cpu"))[0], reference, rtol=0, atol=0)
     loaded, state = model_from_checkpoint(work / "anomalib_weave.ckpt")
-    assert state["config"]["channel_order"] == "RGB"  # anomalib reads RGB: its input is flipped
+    assert state.config["channel_order"] == "RGB"  # anomalib reads RGB: its input is flipped
     rgb = predict(loaded, images.flip(1), torch.device("cpu"), channel_order="RGB")[0]
     torch.testing.assert_close(rgb, reference, rtol=0, atol=0)
     # The official pair scores through the script too, category taken from the file name.
@@ -148,3 +149,16 @@ def test_learning_rate_schedule_per_recipe(tmp_path, recipe, epochs, expected):
     run = next((tmp_path / "logs").iterdir())
     lrs = [e.value for e in EventAccumulator(str(run)).Reload().Scalars("lr")]  # one per epoch: 12 images, bs 4
     assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_logs_without_a_terminal_are_plain_lines(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    proc = run_script("train_draem.py", "--data_path", data, "--obj_id", "weave", "--epochs", "2", "--eval_every", "-1",
+                      *TINY, cwd=tmp_path)
+    for stream in (proc.stdout, proc.stderr):
+        assert "\r" not in stream and "\x1b[" not in stream  # no bar redraws, no cursor movement
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[weave] step ")]
+    # 12 images, batch 4: 3 steps per epoch, a line every 2 steps.
+    assert [line.split()[2] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert [line.split()[4] for line in lines] == ["1/2", "2/2", "2/2"]
+    assert all("loss" in line and "img/s" in line for line in lines)

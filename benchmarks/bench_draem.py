@@ -1,7 +1,7 @@
 """Benchmark DRAEM: training step, anomaly simulation and evaluation, for one configuration.
 
-    python bench_draem.py --preset cpu      # about a minute on 2 CPU cores
-    python bench_draem.py --preset full     # 256 px, full widths, bf16: for a GPU
+    python benchmarks/bench_draem.py --preset cpu      # about a minute on 2 CPU cores
+    python benchmarks/bench_draem.py --preset full     # 256 px, full widths, bf16: for a GPU
 
 Prints a table and writes JSON (--json). FLOPs are counted with torch.utils.flop_counter on one training
 step; MFU = achieved model FLOP/s / the device's peak (--peak_tflops, known GPUs looked up by name).
@@ -11,6 +11,7 @@ training step can be compared with it.
 import argparse
 import json
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,12 +19,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import pick_device
-from loss import FocalLoss, draem_loss
-from model_unet import DraemModel, init_weights
-from perlin import simulate_anomalies
-from test_draem import predict
-from train_draem import train_step
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cli import pick_device  # noqa: E402
+from evaluate import predict  # noqa: E402
+from loss import FocalLoss, draem_loss  # noqa: E402
+from model_unet import DraemModel, init_weights  # noqa: E402
+from perlin import simulate_anomalies  # noqa: E402
+from training import train_step  # noqa: E402
 
 PRESETS = {
     "cpu": {"image_size": 128, "base_width": 32, "seg_base_width": 16, "bs": 8, "amp": "off", "steps": 8},

@@ -10,7 +10,8 @@ from checkpoint import model_from_checkpoint
 from data_loader import list_images, load_images, load_test_set
 from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
 from metrics import image_scores
-from test_draem import METRICS, predict
+from evaluate import predict
+from metrics import METRICS
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -75,7 +76,7 @@ def test_exported_graphs_equal_pytorch_on_real_and_generated_images(trained, tmp
             torch.testing.assert_close(scores, image_scores(reference), atol=1e-4, rtol=0)
         assert meta["format"] == "draem-onnx-v1" and meta["image_size"] == f"{size[0]}x{size[1]}"
         assert meta["channel_order"] == "BGR" and meta["trained_channel_order"] == order
-        assert meta["category"] == (state["category"] or "")  # anomalib file names carry no category here
+        assert meta["category"] == (state.category or "")  # anomalib file names carry no category here
         assert ("image_threshold" in meta) == (source == ckpt)  # only this project's checkpoint holds thresholds
     stored = torch.load(ckpt, weights_only=True)["metrics"]["operating_points"]
     meta = run_onnx(tmp_path / f"{ckpt.stem}.onnx", images[:1])[2]

@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from helpers import TINY, read_json, run_script, tiny_dataset
-from test_draem import METRICS
+from metrics import METRICS
 
 
 def train(work: Path, data: Path, *extra) -> Path:
@@ -26,24 +26,20 @@ def train(work: Path, data: Path, *extra) -> Path:
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
-    """Two runs that differ only in --seed, scored together."""
+    """Two runs that differ only in --seed, side by side in one folder under their own names, scored together."""
     work = tmp_path_factory.mktemp("report")
     data = tiny_dataset(work / "data")
-    first = train(work, data, "--seed", "0", "--checkpoint_path", work / "checkpoints" / "s0")
-    second = train(work, data, "--seed", "1", "--checkpoint_path", work / "checkpoints" / "s1")
-    folder = work / "both"
-    folder.mkdir()
-    shutil.copy(first, folder / "seed0.pt")
-    shutil.copy(second, folder / "seed1.pt")
-    run_script("test_draem.py", "--checkpoint", folder, "--data_path", data, "--out", work / "res", "--device", "cpu",
-               cwd=work)
-    return work, data, folder
+    runs = [train(work, data, "--seed", "0"), train(work, data, "--seed", "1")]
+    assert runs[0] != runs[1] and "seed0" in runs[0].name and "seed1" in runs[1].name
+    run_script("test_draem.py", "--checkpoint", work / "checkpoints", "--data_path", data, "--out", work / "res",
+               "--device", "cpu", cwd=work)
+    return work, data, runs
 
 
 def test_training_stores_the_operating_points_that_scoring_reports(scored):
-    work, _, folder = scored
-    stored = torch.load(folder / "seed0.pt", weights_only=True)["metrics"]["operating_points"]
-    reported = read_json(work / "res" / "results.json")["runs"]["seed0"]["operating_points"]
+    work, _, runs = scored
+    stored = torch.load(runs[0], weights_only=True)["metrics"]["operating_points"]
+    reported = read_json(work / "res" / "results.json")["runs"][runs[0].stem]["operating_points"]
     for kind in ("image", "pixel"):
         assert stored[kind]["threshold"] == pytest.approx(reported[kind]["threshold"], abs=1e-7)
     image = reported["image"]
@@ -57,9 +53,9 @@ def test_training_stores_the_operating_points_that_scoring_reports(scored):
 
 
 def test_per_defect_type_image_auroc_equals_scikit_learn(scored):
-    work, _, _ = scored
-    run = read_json(work / "res" / "results.json")["runs"]["seed1"]
-    rows = list(csv.DictReader(open(work / "res" / "scores_seed1.csv")))
+    work, _, runs = scored
+    run = read_json(work / "res" / "results.json")["runs"][runs[1].stem]
+    rows = list(csv.DictReader(open(work / "res" / f"scores_{runs[1].stem}.csv")))
     for defect, result in run["per_defect_type"].items():
         subset = [r for r in rows if r["defect_type"] in (defect, "good")]
         labels = [r["defect_type"] == defect for r in subset]
@@ -70,12 +66,12 @@ def test_per_defect_type_image_auroc_equals_scikit_learn(scored):
 
 
 def test_seed_summary_is_mean_and_sample_std(scored):
-    work, _, _ = scored
+    work, _, runs = scored
     results = read_json(work / "res" / "results.json")
     [row] = results["seeds"]
     assert row["category"] == "weave" and sorted(row["seeds"]) == [0, 1]
     for m in METRICS:
-        values = [results["runs"][run][m] for run in ("seed0", "seed1")]
+        values = [results["runs"][run][m] for run in (runs[0].stem, runs[1].stem)]
         assert row[m]["mean"] == pytest.approx(statistics.fmean(values))
         assert row[m]["std"] == pytest.approx(statistics.stdev(values))
     markdown = (work / "res" / "results.md").read_text()
@@ -135,17 +131,17 @@ def make_images(folder: Path, data: Path, sizes: list[tuple[int, int]]) -> None:
 
 
 def test_streaming_inference_with_a_corrupt_file_writes_masks_and_regions(scored, tmp_path):
-    work, data, folder = scored
+    work, data, runs = scored
     sizes = [(50, 70), (97, 33), (128, 128), (64, 96), (40, 40)]
     make_images(tmp_path / "mine", data, sizes)
     (tmp_path / "mine" / "broken.png").write_bytes(b"not an image")
-    proc = run_script("test_draem.py", "--checkpoint", folder / "seed0.pt", "--images", tmp_path / "mine", "--out",
+    proc = run_script("test_draem.py", "--checkpoint", runs[0], "--images", tmp_path / "mine", "--out",
                       tmp_path / "out", "--batch_size", "2", "--threshold", "auto", "--pixel_threshold", "0.3",
                       "--device", "cpu", cwd=work)
     assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
     assert len(rows) == 6 and "cannot decode" in rows["broken.png"]["error"] and not rows["broken.png"]["score"]
-    stored = torch.load(folder / "seed0.pt", weights_only=True)["metrics"]["operating_points"]["image"]["threshold"]
+    stored = torch.load(runs[0], weights_only=True)["metrics"]["operating_points"]["image"]["threshold"]
     regions = list(csv.DictReader(open(tmp_path / "out" / "regions.csv")))
     for i, (h, w) in enumerate(sizes):
         row = rows[f"img{i}.png"]
@@ -161,10 +157,10 @@ def test_streaming_inference_with_a_corrupt_file_writes_masks_and_regions(scored
 
 
 def test_unreadable_folder_and_threshold_auto_without_stored_thresholds(scored, tmp_path):
-    work, data, folder = scored
+    work, data, runs = scored
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.png").write_text("x")
-    proc = run_script("test_draem.py", "--checkpoint", folder / "seed0.pt", "--images", tmp_path / "junk", "--out",
+    proc = run_script("test_draem.py", "--checkpoint", runs[0], "--images", tmp_path / "junk", "--out",
                       tmp_path / "o1", "--device", "cpu", cwd=work, check=False)
     assert proc.returncode == 2 and "none of the 1 image(s) could be read" in proc.stderr
     assert "Traceback" not in proc.stderr

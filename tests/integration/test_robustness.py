@@ -47,18 +47,6 @@ def test_every_unreadable_image_is_listed(tmp_path, data):
     assert all(name in proc.stderr for name in ("empty.png", "text.png", "cut.png"))
 
 
-def test_defect_image_without_mask(tmp_path, data):
-    import shutil
-    shutil.copytree(data / "weave", tmp_path / "d" / "weave")
-    (tmp_path / "d" / "weave" / "ground_truth" / "hole" / "001_mask.png").unlink()
-    run_script("train_draem.py", "--data_path", tmp_path / "d", "--obj_id", "weave", "--epochs", "1",
-               "--eval_every", "-1", *TINY, cwd=tmp_path)
-    ckpt = next((tmp_path / "checkpoints").glob("*.pt"))
-    proc = fails("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--device", "cpu", cwd=tmp_path,
-                 expect="1 defect image(s) without a mask")
-    assert "hole/001.png" in proc.stderr
-
-
 def test_anomaly_source_problems(tmp_path, data):
     fails("train_draem.py", "--data_path", data, "--obj_id", "weave", "--anomaly_source_path", tmp_path / "none",
           *TINY, cwd=tmp_path, expect="--anomaly_source_path")

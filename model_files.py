@@ -1,0 +1,36 @@
+"""Which file holds which kind of model: PyTorch checkpoints (checkpoint.py) or ONNX exports (onnx_model.py)."""
+from pathlib import Path
+
+import torch
+
+from checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
+from model_unet import DraemModel
+
+SUFFIXES = (".pt", ".pth", ".ckpt", ".pckl", ".onnx")
+
+
+def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | None = None
+               ) -> tuple[DraemModel, ModelInfo]:
+    """A PyTorch checkpoint of any supported kind, or an ONNX file from export_draem.py (run by ONNX Runtime)."""
+    if path.suffix != ".onnx":
+        return model_from_checkpoint(path)
+    from onnx_model import load_onnx  # ONNX Runtime only when an .onnx file is asked for
+    model, info = load_onnx(path, device)
+    if image_size and tuple(image_size) != model.size:
+        raise CheckpointError(f"--image_size {image_size[0]}x{image_size[1]}: {path} was exported for "
+                              f"{model.size[0]}x{model.size[1]} images; export again with that --image_size")
+    return model, info
+
+
+def checkpoint_files(paths: list[Path]) -> list[Path]:
+    """Expand folders; one entry per official .pckl pair."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+            files += [p for p in found if not p.name.endswith("_seg.pckl")]
+            if not found:
+                raise CheckpointError(f"--checkpoint {path}: no {', '.join(SUFFIXES)} files in this folder")
+        else:
+            files.append(path)
+    return files

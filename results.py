@@ -1,0 +1,166 @@
+"""Scoring checkpoints on labelled test sets and writing the results folder.
+
+Per run: scores_<run>.csv (every test image's score and verdict), a labelled panel per image, TensorBoard
+scalars and PR curves; for all runs together: results.json, results.md and report.html, with the
+per-configuration means and seed summaries of summary.py.
+"""
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from checkpoint import CheckpointError
+from data_loader import DataError, TestSet, decode, load_test_set, resolve_categories
+from evaluate import evaluate
+from metrics import METRICS, verdict
+from model_files import checkpoint_files, load_model
+from report import percent, write_report
+from summary import configuration_means, seed_summaries
+from visualize import panel, write_png
+
+
+def one_category(obj_id: str, data_path: Path) -> str:
+    categories = resolve_categories(obj_id, data_path)
+    if len(categories) != 1:
+        raise DataError(f"--obj_id {obj_id}: name one category (0..14 or a folder name)")
+    return categories[0]
+
+
+def write_scores_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def coverage_text(coverage: dict) -> str:
+    return f"{coverage['defect_images_with_mask']}/{coverage['defect_images']}"
+
+
+def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[dict]) -> str:
+    names = list(METRICS.values())
+    lines = ["| run | category | " + " | ".join(names) + " | defect images with masks |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS)
+              + f" | {coverage_text(r['mask_coverage'])} |" for run, r in results.items()]
+    lines += ["", "Mean per configuration (runs whose settings differ only in the category).", "",
+              "| configuration | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines += [f"| {row['configuration']} | {len(row['runs'])} | " + " | ".join(percent(row[m]) for m in METRICS) + " |"
+              for row in means]
+    if seeds:
+        lines += ["", "Runs that differ only in --seed: mean ± sample standard deviation.", "",
+                  "| category | configuration | seeds | " + " | ".join(names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
+        lines += [f"| {row['category']} | {row['configuration']} | {', '.join(map(str, row['seeds']))} | "
+                  + " | ".join(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRICS) + " |"
+                  for row in seeds]
+    lines += ["", "Operating points (image: anomalous when score >= threshold; rates on this test set).", "",
+              "| run | max-F1 threshold | precision | recall | no-escape threshold | false alarms | "
+              "no-false-alarm threshold | escapes | pixel max-F1 threshold |", "|---|---|---|---|---|---|---|---|---|"]
+    for run, r in results.items():
+        image, pixel = r["operating_points"]["image"], r["operating_points"]["pixel"]
+        lines.append(f"| {run} | {image['threshold']:.6g} | {percent(image['precision'])} | {percent(image['recall'])} | "
+                     f"{image['threshold_no_escape']:.6g} | {percent(image['false_alarm_rate'])} | "
+                     f"{image['threshold_no_false_alarm']:.6g} | {percent(image['escape_rate'])} | "
+                     f"{pixel['threshold']:.6g} |")
+    lines += ["", "Per defect type (each against the good images; pixel AP over its images that have masks).", "",
+              "| run | defect type | images | with masks | image AUROC | pixel AP |", "|---|---|---|---|---|---|"]
+    lines += [f"| {run} | {defect} | {row['images']} | {row['images_with_mask']} | {percent(row['image_auroc'])} | "
+              f"{percent(row['pixel_ap'])} |" for run, r in results.items() for defect, row in r["per_defect_type"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_cases(test_set: TestSet, scores: list[float], threshold: float, run: str, panels: bool) -> list[dict]:
+    """One row per test image for the CSV and the report: its label, score, verdict and whether it is an error."""
+    cases = []
+    for path, defect, label, score in zip(test_set.paths, test_set.defect_types, test_set.labels.tolist(), scores):
+        decision = verdict(score, threshold)
+        error = ("missed defect" if label and decision == "OK" else "false alarm" if not label and decision == "ANOMALY"
+                 else "")
+        cases.append({"path": str(path), "defect_type": defect, "label": label, "score": score, "verdict": decision,
+                      "error": error, "panel": f"images/{run}/{defect}/{path.stem}.png" if panels else ""})
+    return cases
+
+
+def log_to_tensorboard(writer: SummaryWriter, run: str, out: dict, labels: torch.Tensor) -> None:
+    for m in METRICS:
+        writer.add_scalar(f"{run}/{m}", out["metrics"][m], 0)
+    writer.add_pr_curve(f"{run}/image", labels, out["scores"])
+    writer.add_pr_curve(f"{run}/pixel", out["masks"].flatten().cpu(), out["maps"].flatten().cpu())
+
+
+def write_test_panels(out_dir: Path, test_set: TestSet, out: dict, cases: list[dict], threshold: float) -> None:
+    for i, case in enumerate(cases):
+        caption = (f"{case['defect_type']} | score {case['score']:.3f} | {case['verdict']} at max-F1 threshold "
+                   f"{threshold:.3f}" + (f" | {case['error'].upper()}" if case["error"] else "")
+                   + ("" if test_set.has_mask[i] else " | no mask"))
+        picture = panel(decode(test_set.paths[i]), out["reconstructions"][i], out["maps"][i], out["masks"][i], caption)
+        write_png(out_dir / case["panel"], picture)
+
+
+def unique_name(name: str, taken: dict) -> str:
+    """name, or name~2, name~3 ... when two checkpoint files share a name (in different folders)."""
+    if name not in taken:
+        return name
+    suffix = 2
+    while f"{name}~{suffix}" in taken:
+        suffix += 1
+    return f"{name}~{suffix}"
+
+
+def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Path, device: torch.device,
+                    obj_id: str | None = None, image_size: tuple[int, int] | None = None, batch_size: int = 16,
+                    mask_protocol: str = "standard", save_images: bool = True, workers: int | None = None) -> dict:
+    """Score every checkpoint (files or folders of them) on its category's test set; write the results folder.
+
+    Returns what results.json holds: {"runs", "means", "seeds", "mask_protocol"}.
+    """
+    if data_path is None:
+        raise DataError("--data_path is required to score a test set (or pass --images)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, details, writer = {}, {}, SummaryWriter(out_dir / "tensorboard")
+    for path in checkpoint_files(checkpoints):
+        model, info = load_model(path, device, image_size)
+        category = one_category(obj_id, data_path) if obj_id else info.category
+        if not category:
+            raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
+        started = time.perf_counter()
+        test_set = load_test_set(data_path, category, image_size or info.image_size, workers)
+        out = evaluate(model, test_set, device, info.channel_order, batch_size, mask_protocol,
+                       keep_reconstructions=save_images)
+        run = unique_name(info.run, results)
+        threshold = out["operating_points"]["image"]["threshold"]
+        cases = test_cases(test_set, out["scores"].tolist(), threshold, run, save_images)
+        results[run] = {"category": category, "checkpoint": str(path), "source": info.source, **out["metrics"],
+                        "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
+                        "mask_coverage": out["mask_coverage"], "config": info.config, "images": len(test_set.paths),
+                        "seconds": round(time.perf_counter() - started, 2)}
+        print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
+              + f" ({len(test_set.paths)} images, masks for {coverage_text(out['mask_coverage'])} defect images, "
+                f"{results[run]['seconds']} s)")
+        write_scores_csv(out_dir / f"scores_{run}.csv", [
+            {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
+             "verdict": c["verdict"]} for c in cases])
+        log_to_tensorboard(writer, run, out, test_set.labels)
+        if save_images:
+            write_test_panels(out_dir, test_set, out, cases, threshold)
+        details[run] = {"curves": out["curves"], "cases": cases}
+    writer.close()
+    summary = {"runs": results, "means": configuration_means(results), "seeds": seed_summaries(results),
+               "mask_protocol": mask_protocol}
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "results.md").write_text(results_markdown(results, summary["means"], summary["seeds"]))
+    write_report(out_dir, results, details, summary["means"], summary["seeds"])
+    for row in summary["means"]:
+        print(f"mean of {row['configuration']} ({len(row['runs'])} run(s)) "
+              + " ".join(f"{m}={percent(row[m])}" for m in METRICS))
+    for row in summary["seeds"]:
+        print(f"seeds {', '.join(map(str, row['seeds']))} of {row['configuration']}: "
+              + " ".join(f"{m}={percent(row[m]['mean'])}±{percent(row[m]['std'])}" for m in METRICS))
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'report.html'} and per-image "
+          f"scores_*.csv" + (f"; panels under {out_dir / 'images'}" if save_images else ""))
+    return summary

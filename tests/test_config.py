@@ -1,0 +1,140 @@
+"""TrainConfig: one place for every setting of a run, feeding the flags, the checkpoint, the name and grouping."""
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from config import LOCATIONS, TrainConfig
+from helpers import ROOT
+from summary import configuration_means, seed_summaries
+
+# A different value for every field of the identity: each must change the run's name.
+CHANGED = {"category": "bottle", "image_size": (256, 512), "train_crop": (128, 128), "base_width": 64,
+           "seg_base_width": 32, "recipe": "paper", "sspcab": True, "bs": 16, "lr": 2e-4, "epochs": 800, "seed": 1,
+           "amp": "bf16", "processes": 4, "sync_bn": True, "channel_order": "RGB"}
+
+
+def test_every_setting_that_shapes_the_weights_changes_the_run_name():
+    base = TrainConfig(category="carpet", data_path="/data", anomaly_source_path="/dtd")
+    identity_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(LOCATIONS)
+    assert set(CHANGED) == identity_fields  # a new field must be added here, and so to the identity
+    names = {base.run_name()}
+    for key, value in CHANGED.items():
+        other = dataclasses.replace(base, **{key: value})
+        assert other.run_name() != base.run_name(), key
+        assert base.differences(other) == [f"{key} {fmt(getattr(base, key))} -> {fmt(value)}"]
+        names.add(other.run_name())
+    assert len(names) == len(CHANGED) + 1
+    # without anomaly sources (Perlin noise as the source) is another configuration ...
+    assert dataclasses.replace(base, anomaly_source_path=None).run_name() != base.run_name()
+    # ... but the same data at another path is the same one
+    moved = dataclasses.replace(base, data_path="/mnt/other", anomaly_source_path="/mnt/dtd")
+    assert moved.run_name() == base.run_name() and base.differences(moved) == []
+
+
+def fmt(value):
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def test_run_name_is_readable():
+    config = TrainConfig(category="carpet", image_size=(256, 320), train_crop=(128, 128), base_width=32,
+                         seg_base_width=16, sspcab=True, epochs=20, bs=4, seed=2, anomaly_source_path="/dtd")
+    name = config.run_name()
+    assert name.startswith("DRAEM_carpet_official_256x320_crop128x128_w32-16_sspcab_ep20_bs4_seed2_")
+    assert len(name.rsplit("_", 1)[1]) == 6
+
+
+def test_checkpoint_dict_round_trip_and_older_configs():
+    config = TrainConfig(category="carpet", data_path=Path("/data"), image_size=(64, 96), train_crop=(32, 32))
+    stored = config.to_dict()
+    assert stored["image_size"] == [64, 96] and stored["data_path"] == "/data"
+    assert TrainConfig.from_dict(stored) == config
+    # an older checkpoint: a square side as an int, no processes / sync_bn / train_crop, an unknown key
+    old = {"bs": 4, "lr": 1e-4, "epochs": 2, "base_width": 4, "seg_base_width": 4, "recipe": "official",
+           "sspcab": False, "seed": 0, "amp": "off", "image_size": 32, "category": "weave", "channel_order": "BGR",
+           "data_path": "d", "anomaly_source_path": "", "removed_setting": 1}
+    loaded = TrainConfig.from_dict(old)
+    assert loaded.image_size == (32, 32) and loaded.processes == 1 and loaded.train_crop is None
+    assert loaded.anomaly_source_path is None
+
+
+def test_every_flagged_setting_is_a_training_flag():
+    import train_draem
+    parser = train_draem.build_parser()
+    flags = {a.dest for a in parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert (f.name in flags) == f.metadata["flag"], f.name
+    args = train_draem.parse_args(["--data_path", "x", "--seed", "3", "--image_size", "64x96", "--sspcab"])
+    config = TrainConfig.from_args(args, category="c")
+    assert (config.seed, config.image_size, config.sspcab, config.data_path) == (3, (64, 96), True, "x")
+
+
+def result(category, **settings):
+    config = TrainConfig(category=category, anomaly_source_path="/dtd", **settings)
+    return {"category": category, "source": "draem", "config": config.to_dict(),
+            **{m: 0.5 for m in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap",
+                                "pixel_f1_max", "aupro")}}
+
+
+def test_means_are_per_configuration_and_seed_summaries_per_category():
+    results = {"a0": result("carpet", seed=0), "a1": result("carpet", seed=1), "b0": result("bottle", seed=0),
+               "s0": result("carpet", seed=0, sspcab=True),
+               "official": {"category": "carpet", "source": "official", "aupro": 0.1, "image_auroc": 0.9,
+                            "config": {"base_width": 128, "seg_base_width": 64, "image_size": [256, 256]},
+                            **{m: 0.2 for m in ("image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max")}}}
+    results["a1"]["image_auroc"] = 0.7
+    means = {tuple(row["runs"]): row for row in configuration_means(results)}
+    assert set(means) == {("a0", "b0"), ("a1",), ("s0",), ("official",)}
+    assert means[("a1",)]["image_auroc"] == 0.7
+    [seeds] = seed_summaries(results)
+    assert seeds["runs"] == ["a0", "a1"] and seeds["seeds"] == [0, 1] and seeds["category"] == "carpet"
+    assert seeds["image_auroc"]["mean"] == pytest.approx(0.6)
+
+
+TOP_LEVEL = sorted(p for p in ROOT.glob("*.py"))
+SCRIPTS = {"train_draem", "test_draem", "export_draem"}
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_module_imports_a_script_and_the_imports_have_no_cycle():
+    modules = {p.stem: imports_of(p) & {q.stem for q in TOP_LEVEL} for p in TOP_LEVEL}
+    modules |= {f"benchmarks/{p.stem}": imports_of(p) & {q.stem for q in TOP_LEVEL}
+                for p in (ROOT / "benchmarks").glob("*.py")}
+    for module, imported in modules.items():
+        assert not imported & SCRIPTS, f"{module} imports {imported & SCRIPTS}"
+    visiting, done = set(), set()
+
+    def visit(module, path):
+        assert module not in visiting, f"import cycle: {' -> '.join(path + [module])}"
+        if module in done:
+            return
+        visiting.add(module)
+        for other in modules.get(module, ()):
+            visit(other, path + [module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in modules:
+        visit(module, [])
+
+
+CHECKPOINT_KEYS = ('"reconstructive"', '"discriminative"', '"optimizer"', '"scaler"')
+
+
+def test_the_checkpoint_dict_is_written_and_read_in_checkpoint_py_only():
+    for path in TOP_LEVEL + sorted((ROOT / "benchmarks").glob("*.py")):
+        if path.name == "checkpoint.py":
+            continue
+        text = path.read_text()
+        assert not [k for k in CHECKPOINT_KEYS if f"[{k}]" in text or f"{k}:" in text], path.name
+        assert "torch.save(" not in text and "torch.load(" not in text, path.name
