@@ -109,3 +109,21 @@ def test_masks_of_another_size_or_not_binary_are_fixed_with_a_warning(tmp_path, 
     assert "b_mask.png is not binary" in err
     assert (test.masks[0, 0, :30] == 255).all() and (test.masks[0, 0, 34:] == 0).all()
     assert (test.masks[1, 0, :, :30] == 200).all()
+
+
+def test_a_pure_red_file_lands_in_channel_2_everywhere(tmp_path):
+    """BGR, as the official code reads images and its checkpoints expect: red is the last channel in the
+    training images, the test set and the images scored with --images (a loader returning RGB fails here)."""
+    from data_loader import decode, to_tensor
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 2] = 255  # OpenCV writes BGR: this file is pure red
+    for folder in ("part/train/good", "part/test/good"):
+        (tmp_path / folder).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / folder / "red.png"), red)
+    expected = torch.tensor([0, 0, 255], dtype=torch.uint8)
+    train = load_train_images(tmp_path, "part", 32)
+    test = load_test_set(tmp_path, "part", 32).images
+    scored = to_tensor([decode(tmp_path / "part" / "test" / "good" / "red.png")])
+    for images in (train, test, scored):
+        assert torch.equal(images[0, :, 5, 5], expected)
+        assert (images[0, 2] == 255).all() and (images[0, :2] == 0).all()

@@ -58,3 +58,40 @@ def test_mask_protocols():
     assert MASK_PROTOCOLS["standard"](resized).tolist() == [False, False, True, True, True]
     # The official code's uint8 cast of mask / 255 keeps only pixels that are exactly 255.
     assert MASK_PROTOCOLS["official"](resized).tolist() == [False, False, False, False, True]
+
+
+def brute_force_aupro(maps: np.ndarray, masks: np.ndarray, max_fpr: float) -> float:
+    """AUPRO by its definition: at every distinct threshold, the mean overlap of each ground-truth region
+    (8-connected, labelled by scikit-image) and the FPR over normal pixels; the curve integrated up to
+    max_fpr, its last segment cut by linear interpolation; normalised."""
+    from skimage.measure import label
+    regions = [(i, label(m, connectivity=2)) for i, m in enumerate(masks)]
+    regions = [(i, lab == r) for i, lab in regions for r in range(1, lab.max() + 1)]
+    fprs, pros = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        predicted = maps >= t
+        fprs.append((predicted & ~masks).sum() / (~masks).sum())
+        pros.append(np.mean([predicted[i][region].mean() for i, region in regions]))
+    fprs, pros = np.array(fprs), np.array(pros)
+    inside = fprs <= max_fpr
+    area = np.trapezoid(pros[inside], fprs[inside])
+    last = np.nonzero(inside)[0][-1]
+    if last + 1 < len(fprs):
+        f0, f1, p0, p1 = fprs[last], fprs[last + 1], pros[last], pros[last + 1]
+        area += (max_fpr - f0) * (p0 + p0 + (p1 - p0) * (max_fpr - f0) / (f1 - f0)) / 2
+    return area / max_fpr
+
+
+@pytest.mark.parametrize("decimals,seed", [(1, 0), (2, 1), (2, 2)])
+def test_aupro_equals_its_definition_with_ties_and_a_cut_segment(decimals, seed):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((3, 12, 12), bool)
+    masks[0, 2:5, 2:6] = True
+    masks[0, 8:10, 8:9] = True  # two regions in one image
+    masks[1, 5:11, 1:3] = True
+    maps = np.round(rng.random((3, 12, 12)) * 0.6 + 0.4 * masks, decimals)  # ties when rounded
+    for max_fpr in (0.3, 0.05):
+        expected = brute_force_aupro(maps, masks, max_fpr)
+        fprs = [((maps >= t) & ~masks).sum() / (~masks).sum() for t in np.unique(maps)]
+        assert not np.isclose(fprs, max_fpr).any()  # the limit falls inside a segment: interpolation matters
+        assert aupro(torch.from_numpy(maps), torch.from_numpy(masks), max_fpr=max_fpr) == pytest.approx(expected, abs=1e-9)

@@ -67,3 +67,76 @@ def test_importing_the_loader_leaves_opencv_threads_alone():
             "print(imported, *during, cv2.getNumThreads())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["3", "1", "1", "3"]  # untouched at import, 1 while reading in parallel, restored
+
+
+def run_main(monkeypatch, tmp_path, *extra, wrap_step=None, record_saves=None):
+    """train_draem.main in this process on the tiny dataset, with the real step and saver observed."""
+    data = tiny_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    if wrap_step:
+        real = train_draem.train_step
+        monkeypatch.setattr(train_draem, "train_step", lambda *a, **k: wrap_step(real, *a, **k))
+    if record_saves is not None:
+        real_save = train_draem.save_training
+
+        def save(path, model, config, run, step, *rest):
+            real_save(path, model, config, run, step, *rest)
+            record_saves.append((step, path.read_bytes()))
+        monkeypatch.setattr(train_draem, "save_training", save)
+    train_draem.main(["--data_path", str(data), "--obj_id", "weave", "--anomaly_source_path", str(data / "sources"),
+                      *TINY, *map(str, extra)])
+    return data
+
+
+def test_train_crop_is_what_the_step_trains_on(tmp_path, monkeypatch):
+    shapes = []
+
+    def observe(real, net, batch, *rest):
+        shapes.append((tuple(batch.augmented.shape), tuple(batch.mask.shape)))
+        return real(net, batch, *rest)
+    run_main(monkeypatch, tmp_path, "--image_size", "64x96", "--train_crop", "32x64", "--epochs", "1",
+             "--eval_every", "-1", wrap_step=observe)
+    assert shapes == [((4, 3, 32, 64), (4, 1, 32, 64))] * 3
+
+
+def test_a_non_finite_loss_after_a_good_checkpoint_keeps_that_checkpoint(tmp_path, monkeypatch):
+    calls, saves = [], []
+
+    def poison(real, net, batch, *rest):  # from the fifth step on, a weight is NaN, so the loss is too
+        calls.append(1)
+        if len(calls) >= 5:
+            with torch.no_grad():
+                next(net.parameters()).fill_(float("nan"))
+        return real(net, batch, *rest)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(monkeypatch, tmp_path, "--epochs", "3", "--eval_every", "-1", wrap_step=poison, record_saves=saves)
+    assert stopped.value.code == 2
+    # 3 steps per epoch: the end of epoch 1 (step 3) was saved, the NaN came at step 5, nothing saved after it.
+    assert [step for step, _ in saves] == [3]
+    [ckpt] = (tmp_path / "checkpoints").glob("*.pt")
+    assert ckpt.read_bytes() == saves[0][1]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["reconstructive"].values())
+
+
+def test_a_non_finite_loss_is_named_by_its_step(tmp_path, capsys, monkeypatch):
+    def poison(real, net, batch, *rest):
+        with torch.no_grad():
+            next(net.parameters()).fill_(float("nan"))
+        return real(net, batch, *rest)
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, tmp_path, "--epochs", "1", "--eval_every", "-1", wrap_step=poison)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: loss is NaN or Inf at step 1") and "no checkpoint was written yet" in line
+
+
+def test_save_every_and_eval_every(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    saves = []
+    run_main(monkeypatch, tmp_path, "--epochs", "4", "--save_every", "3", "--eval_every", "2", record_saves=saves)
+    # 3 steps per epoch. Saved at epoch 3 (--save_every), and before and after each evaluation (epochs 2 and 4).
+    assert [step for step, _ in saves] == [6, 6, 9, 12, 12]
+    [ckpt] = (tmp_path / "checkpoints").glob("*.pt")
+    events = EventAccumulator(str(tmp_path / "logs" / ckpt.stem)).Reload()
+    assert [e.step for e in events.Scalars("test/image_auroc")] == [6, 12]
+    assert torch.load(ckpt, weights_only=True)["metrics"]["epoch"] == 4
