@@ -2,6 +2,7 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -53,24 +54,56 @@ def test_ddp_keeps_ranks_identical_and_writes_one_checkpoint(two_categories, tmp
     assert proc.stdout.count("] checkpoint") == 1
 
 
-def test_ddp_resume_is_exact(two_categories, tmp_path):
-    # Every random stream is a function of (seed, epoch or step, rank), so a checkpoint's step is all a
-    # data-parallel run needs to continue exactly, on every rank.
+def worker_pid(parent: int, rank: int) -> int:
+    """The process torchrun started for a rank (found by its parent and its RANK variable)."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            environment = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environment:
+            return int(entry)
+    raise AssertionError(f"no worker of rank {rank} under process {parent}")
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_is_exact(two_categories, tmp_path):
+    """SIGTERM reaches rank 1 only; the ranks agree at the next log point, rank 0 saves that step; the resumed
+    run starts there, crosses both learning-rate milestones (epochs 16 and 18 of 20) and ends with the
+    weights of an uninterrupted run, equal on both ranks."""
     _, data = two_categories
     common = ["--ddp", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-              "--eval_every", "-1", *TINY]
+              "--eval_every", "-1", "--epochs", "20", *TINY, "--log_every", "1"]
+    total = 40  # 12 images, global batch 2 x 4 = 8: two steps per epoch
     for run in ("whole", "split"):
         (tmp_path / run).mkdir()
-    torchrun(*common, "--epochs", "2", cwd=tmp_path / "whole")
-    torchrun(*common, "--epochs", "1", cwd=tmp_path / "split")
-    [first] = (tmp_path / "split" / "checkpoints").glob("*_ep1_*.pt")
-    proc = torchrun(*common, "--epochs", "2", "--resume", first, cwd=tmp_path / "split")
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    [name] = [p.name for p in (tmp_path / "whole" / "checkpoints").glob("*.pt")]
-    assert "_ep2_" in name
-    whole = torch.load(tmp_path / "whole" / "checkpoints" / name, weights_only=True)
-    split = torch.load(tmp_path / "split" / "checkpoints" / name, weights_only=True)
-    assert whole["step"] == split["step"] == 4
+    torchrun(*common, cwd=tmp_path / "whole")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train_draem.py"), *map(str, common)], cwd=tmp_path / "split",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    read = []
+    for line in proc.stdout:
+        read.append(line)
+        if line.startswith("[weave] step 4/"):
+            os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    stops = [int(s) for s in re.findall(r"\[weave\] stopped at step (\d+)", err)]
+    assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]
+    stopped_at = stops[0]
+    assert 4 <= stopped_at < total and "SIGTERM" in err and proc.returncode != 0
+    [ckpt] = (tmp_path / "split" / "checkpoints").glob("*.pt")
+    assert torch.load(ckpt, weights_only=True)["step"] == stopped_at
+    resumed = torchrun(*common, "--resume", cwd=tmp_path / "split")
+    assert resumed.stdout.count(f"resumed from checkpoints/{ckpt.name} at step {stopped_at}") == 2  # both ranks
+    steps = [int(m) for m in re.findall(r"\[weave\] step (\d+)/", resumed.stdout)]
+    assert steps == list(range(stopped_at + 1, total + 1))
+    fingerprints = dict(re.findall(r"rank (\d) parameter fingerprint (\w+)", resumed.stdout))
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / ckpt.name, weights_only=True)
+    split = torch.load(ckpt, weights_only=True)
+    assert whole["step"] == split["step"] == total
     for net in ("reconstructive", "discriminative"):
         for key, value in whole[net].items():
             torch.testing.assert_close(split[net][key], value, rtol=1e-5, atol=1e-6, msg=key)
