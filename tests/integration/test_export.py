@@ -1,17 +1,18 @@
 """ONNX export with the scoring inside, verified against PyTorch on real and generated images."""
+import csv
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from checkpoint import model_from_checkpoint
 from data_loader import list_images, load_images, load_test_set
-from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
-from metrics import image_scores
 from evaluate import predict
-from metrics import METRICS
+from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
+from metrics import METRICS, image_scores
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -100,8 +101,15 @@ def test_test_script_scores_an_onnx_file_like_its_checkpoint(trained, tmp_path):
     proc = run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", data / "weave" / "test" / "hole",
                       "--out", tmp_path / "mine", "--threshold", "auto", "--pixel_threshold", "auto", "--device", "cpu",
                       cwd=work)
-    assert proc.stdout.count("ANOMALY") + proc.stdout.count("OK ") == 2
-    assert len(list((tmp_path / "mine").glob("*_mask.png"))) == 2
+    points = torch.load(ckpt, weights_only=True)["metrics"]["operating_points"]
+    assert f"image threshold: {points['image']['threshold']}" in proc.stdout
+    assert f"pixel threshold: {points['pixel']['threshold']}" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "mine" / "scores.csv")))
+    assert len(rows) == 2
+    for row in rows:  # each verdict at the checkpoint's threshold, each mask at its pixel threshold
+        assert row["verdict"] == ("ANOMALY" if np.float32(row["score"]) >= np.float32(points["image"]["threshold"])
+                                  else "OK")
+        assert cv2.imread(row["mask"], cv2.IMREAD_GRAYSCALE).shape == cv2.imread(row["path"]).shape[:2]
 
 
 def test_bad_inputs_get_one_line(trained, tmp_path):

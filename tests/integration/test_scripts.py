@@ -10,8 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from checkpoint import model_from_checkpoint
 from data_loader import load_test_set
-from helpers import TINY, read_json, run_script, tiny_dataset
 from evaluate import predict
+from helpers import TINY, read_json, run_script, tiny_dataset
 from metrics import METRICS
 
 
@@ -46,14 +46,14 @@ def test_tensorboard_holds_loss_curves_and_images(trained):
     assert tags["images"]
 
 
-def test_test_script_writes_results_with_metrics_in_unit_range(trained):
+def test_test_script_writes_results_csv_and_panels(trained):
     work, data, ckpt = trained
     run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res", "--device", "cpu",
                "--save_images", cwd=work)
     results = read_json(work / "res" / "results.json")
     run = results["runs"][ckpt.stem]
+    # each metric's value is checked against scikit-learn in test_promises.py; here: one run, its own mean
     for metric in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro"):
-        assert 0.0 <= run[metric] <= 1.0, metric
         assert results["means"][0][metric] == run[metric]
     assert "Mean per configuration" in (work / "res" / "results.md").read_text()
     rows = list(csv.DictReader(open(work / "res" / f"scores_{ckpt.stem}.csv")))

@@ -1,0 +1,156 @@
+"""What the README promises, end to end through the scripts, each checked against an independent
+computation: every metric against scikit-learn (and AUPRO against its definition) from the written scores
+and the checkpoint's maps, the thresholds --images uses by default, nested folders, a single file, a
+stopped streamed run, --obj_id overriding the checkpoint's category, and --demo."""
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from checkpoint import model_from_checkpoint
+from data_loader import load_test_set
+from evaluate import predict
+from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
+from metrics import METRICS
+from regions import resize_map
+from test_metrics import brute_force_aupro
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("promises")
+    data = tiny_dataset(work / "data")
+    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+               "--epochs", "2", *TINY, cwd=work)
+    [ckpt] = (work / "checkpoints").glob("*.pt")
+    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res", "--device", "cpu",
+               "--no-save_images", cwd=work)
+    return work, data, ckpt
+
+
+def f1_max(labels, scores) -> float:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return max(2 * p * r / (p + r) for p, r in zip(precision, recall) if p + r > 0)
+
+
+def test_every_metric_equals_scikit_learn_on_the_written_scores_and_the_maps(trained):
+    work, data, ckpt = trained
+    run = read_json(work / "res" / "results.json")["runs"][ckpt.stem]
+    rows = list(csv.DictReader(open(work / "res" / f"scores_{ckpt.stem}.csv")))
+    labels, scores = np.array([int(r["label"]) for r in rows]), np.array([float(r["score"]) for r in rows])
+    types = np.array([r["defect_type"] for r in rows])
+    model, _ = model_from_checkpoint(ckpt)
+    test_set = load_test_set(data, "weave", 32)
+    assert [str(p) for p in test_set.paths] == [r["path"] for r in rows]
+    maps = predict(model, test_set.images, torch.device("cpu"))[0].numpy().astype(np.float64)
+    masks = test_set.masks[:, 0].numpy() >= 128
+    expected = {"image_auroc": roc_auc_score(labels, scores), "image_ap": average_precision_score(labels, scores),
+                "image_f1_max": f1_max(labels, scores), "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
+                "pixel_ap": average_precision_score(masks.ravel(), maps.ravel()),
+                "pixel_f1_max": f1_max(masks.ravel(), maps.ravel()), "aupro": brute_force_aupro(maps, masks, 0.3)}
+    assert set(expected) == set(METRICS)
+    for metric, value in expected.items():
+        assert run[metric] == pytest.approx(value, abs=1e-6), metric
+    for defect, row in run["per_defect_type"].items():
+        keep = (types == defect) | (types == "good")
+        assert row["image_auroc"] == pytest.approx(roc_auc_score(labels[keep], scores[keep]), abs=1e-9), defect
+        assert row["pixel_ap"] == pytest.approx(
+            average_precision_score(masks[keep].ravel(), maps[keep].ravel()), abs=1e-6), defect
+
+
+def make_folder(root: Path, data: Path, names: list[str]) -> None:
+    source = cv2.imread(str(data / "weave" / "test" / "hole" / "000.png"))
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), cv2.resize(source, (40 + 8 * i, 48)))
+
+
+def test_images_default_to_the_stored_thresholds_and_keep_nested_folders(trained, tmp_path):
+    work, data, ckpt = trained
+    names = ["a.png", "line1/b.png", "line2/cam/c.png"]
+    make_folder(tmp_path / "mine", data, names)
+    proc = run_script("test_draem.py", "--checkpoint", ckpt, "--images", tmp_path / "mine", "--out", tmp_path / "out",
+                      "--device", "cpu", cwd=work)  # no --threshold, no --pixel_threshold: auto
+    points = torch.load(ckpt, weights_only=True)["metrics"]["operating_points"]
+    image_threshold, pixel_threshold = points["image"]["threshold"], points["pixel"]["threshold"]
+    assert f"image threshold: {image_threshold}" in proc.stdout and f"pixel threshold: {pixel_threshold}" in proc.stdout
+    rows = {Path(r["path"]).relative_to(tmp_path / "mine").as_posix(): r
+            for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
+    assert sorted(rows) == sorted(names)
+    model, info = model_from_checkpoint(ckpt)
+    for name in names:
+        row, stem = rows[name], tmp_path / "out" / name[:-4]
+        assert row["verdict"] == ("ANOMALY" if np.float32(row["score"]) >= np.float32(image_threshold) else "OK")
+        assert Path(row["panel"]) == stem.with_name(stem.name + ".png") and Path(row["panel"]).is_file()
+        # the mask is the map, resized to the image, at the stored pixel threshold
+        image = cv2.imread(str(tmp_path / "mine" / name))
+        tensor = torch.from_numpy(cv2.resize(image, (32, 32))).permute(2, 0, 1)[None]
+        amap = predict(model, tensor, torch.device("cpu"))[0][0].numpy()
+        expected = resize_map(amap, *image.shape[:2]) >= pixel_threshold
+        mask = cv2.imread(row["mask"], cv2.IMREAD_GRAYSCALE)
+        assert Path(row["mask"]) == stem.with_name(stem.name + "_mask.png")
+        assert np.array_equal(mask > 0, expected), name
+    # a single file: outputs under its own name
+    run_script("test_draem.py", "--checkpoint", ckpt, "--images", tmp_path / "mine" / "line1" / "b.png", "--out",
+               tmp_path / "one", "--device", "cpu", cwd=work)
+    assert (tmp_path / "one" / "b.png").is_file() and (tmp_path / "one" / "b_mask.png").is_file()
+    assert len(list(csv.DictReader(open(tmp_path / "one" / "scores.csv")))) == 1
+
+
+def test_a_stopped_streamed_run_keeps_the_rows_it_wrote(trained, tmp_path):
+    work, data, ckpt = trained
+    make_folder(tmp_path / "many", data, [f"{i:03d}.png" for i in range(100)])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "test_draem.py"), "--checkpoint", str(ckpt), "--images",
+                             str(tmp_path / "many"), "--out", str(tmp_path / "out"), "--batch_size", "2",
+                             "--device", "cpu"], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scores = tmp_path / "out" / "scores.csv"
+    first_seen, deadline = None, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if scores.is_file() and scores.read_text().count("\n") >= 2:  # the header and a first row
+            first_seen = scores.read_text().count("\n") - 1
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was stopped"
+    # Rows reach the disk chunk by chunk (2 images), not when an 8 KiB buffer happens to fill (about 35 rows).
+    assert first_seen is not None and first_seen <= 16, f"the first rows appeared only after {first_seen} images"
+    text = scores.read_text()
+    rows = list(csv.DictReader(open(scores)))
+    assert text.endswith("\n") and 2 <= len(rows) < 100 and len(rows) % 2 == 0  # whole chunks, as written
+    assert all(r["score"] and r["verdict"] in ("OK", "ANOMALY") and Path(r["panel"]).is_file() for r in rows)
+
+
+def test_obj_id_overrides_the_checkpoint_category(trained, tmp_path):
+    work, data, ckpt = trained
+    shutil.copytree(data / "weave", tmp_path / "d" / "other")
+    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--obj_id", "other", "--out",
+               tmp_path / "res", "--device", "cpu", "--no-save_images", cwd=work)
+    run = read_json(tmp_path / "res" / "results.json")["runs"][ckpt.stem]
+    assert run["category"] == "other"
+    rows = list(csv.DictReader(open(tmp_path / "res" / f"scores_{ckpt.stem}.csv")))
+    assert rows and all(f"{tmp_path / 'd' / 'other'}" in r["path"] for r in rows)
+    own = read_json(work / "res" / "results.json")["runs"][ckpt.stem]
+    assert {m: run[m] for m in METRICS} == pytest.approx({m: own[m] for m in METRICS}, abs=1e-9)  # same images
+
+
+def test_demo_end_to_end(tmp_path):
+    proc = run_script("train_draem.py", "--demo", "--epochs", "1", "--image_size", "32", "--base_width", "4",
+                      "--seg_base_width", "4", "--device", "cpu", cwd=tmp_path, timeout=600)
+    assert (tmp_path / "datasets" / "demo" / ".complete").is_file()
+    [ckpt] = (tmp_path / "checkpoints").glob("*.pt")
+    results = read_json(tmp_path / "results" / "demo" / "results.json")
+    assert list(results["runs"]) == [ckpt.stem] and results["runs"][ckpt.stem]["category"] == "weave"
+    assert results["runs"][ckpt.stem]["images"] == 40  # 16 good + 3 defect types x 8
+    assert (tmp_path / "results" / "demo" / "report.html").is_file()
+    assert len(list((tmp_path / "results" / "demo" / "images").rglob("*.png"))) == 40
+    assert "demo done" in proc.stdout
