@@ -17,7 +17,7 @@ from data_loader import parse_size
 from onnx_model import OUTPUTS, export
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="this project's .pt, an official .pckl (either of the pair) or an anomalib checkpoint")
@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="N or HxW the graph takes, sides multiples of 32 (default: the checkpoint's; 256 for "
                         "official and anomalib checkpoints)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     with one_line_errors(args.debug):
         props = export(args.checkpoint, args.out, args.image_size)

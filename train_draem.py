@@ -1,4 +1,4 @@
-"""Train DRAEM on one category, a list of them, or every category under --data_path.
+"""Train DRAEM on one category, or on every category under --data_path one after another.
 
     python train_draem.py --obj_id 1 --data_path ./datasets/mvtec --anomaly_source_path ./datasets/dtd/images
     python train_draem.py --demo      # builds a small synthetic dataset, trains and scores it on the CPU

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement the README's "Speed" section needs, in one run (for a session lent a GPU).
+# Every GPU measurement of docs/benchmarks.md in one run, on a machine with a CUDA GPU.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR    (expects an active venv with requirements-dev.txt)
 set -uo pipefail
 out="${1:-bench_results/gpu}"

@@ -115,10 +115,10 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600", f"--screenshot={shot}",
                     (work / "res" / "report.html").as_uri()], capture_output=True, timeout=120, check=True)
     picture = cv2.imread(str(shot))
-    assert picture is not None and picture.shape[:2] == (1600, 1200)
+    assert picture is not None and picture.shape[:2] == (2600, 1200)
     assert picture.std() > 20  # text, plots and panels, not a blank page
     assert (picture.reshape(-1, 3).std(axis=1) > 40).mean() > 0.01  # and colour: the plots and heatmaps drew
 

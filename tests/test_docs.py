@@ -1,0 +1,91 @@
+"""Docs that cannot drift from the code: every documented command parses with its script's real argument
+parser, every relative link and image resolves (anchors included), and the ONNX example in deploy.md is the
+file the tests run."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import export_draem
+import test_draem
+import train_draem
+from helpers import ROOT
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PARSERS = {"train_draem.py": train_draem.build_parser, "test_draem.py": test_draem.build_parser,
+           "export_draem.py": export_draem.build_parser}
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+SHELL_ENDS = {"&&", "||", "|", ";", ">", ">>", "2>&1"}
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, script, arguments) for every line of a shell block that runs one of the scripts."""
+    found = []
+    for page in PAGES:
+        for language, body in FENCE.findall(page.read_text()):
+            if language not in ("bash", "sh", "shell"):
+                continue
+            for line in body.replace("\\\n", " ").splitlines():
+                tokens = shlex.split(line, comments=True)
+                for i, token in enumerate(tokens):
+                    script = Path(token).name
+                    if script in PARSERS:
+                        args = tokens[i + 1:]
+                        end = next((j for j, t in enumerate(args) if t in SHELL_ENDS), len(args))
+                        found.append((page.name, script, args[:end]))
+    return found
+
+
+def test_every_documented_command_parses():
+    commands = documented_commands()
+    assert len(commands) >= 25 and {s for _, s, _ in commands} == set(PARSERS)
+    for page, script, args in commands:
+        parser = PARSERS[script]()
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{page}: {script} {' '.join(args)} does not parse (see the argparse message above)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = FENCE.sub("", page.read_text())
+    return {slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+
+
+def test_every_relative_link_and_image_resolves():
+    checked = 0
+    for page in PAGES:
+        for target in LINK.findall(FENCE.sub("", page.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            assert resolved.exists(), f"{page.name}: {target} does not exist"
+            if anchor and resolved.suffix == ".md":
+                assert anchor in anchors(resolved), f"{page.name}: {target}: no heading with that anchor"
+            checked += 1
+    assert checked >= 30
+
+
+def test_deploy_page_shows_the_example_that_the_tests_run():
+    example = (ROOT / "examples" / "onnx_inference.py").read_text()
+    blocks = [body for language, body in FENCE.findall((ROOT / "docs" / "deploy.md").read_text()) if language == "python"]
+    assert blocks == [example]
+
+
+def test_readme_is_one_screen_and_the_docs_tell_no_development_story():
+    assert len((ROOT / "README.md").read_text()) <= 8000
+    story = re.compile(r"final code|previous code|this session|no GPU was available|the issue|has not been run yet|"
+                       r"our CI|sessions so far|was developed|rerun with", re.I)
+    for path in [*PAGES, *sorted((ROOT / "benchmarks").iterdir())]:
+        if path.is_file():
+            hits = story.findall(path.read_text())
+            assert not hits, f"{path.name}: {hits}"
