@@ -2,17 +2,20 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from checkpoint import model_from_checkpoint
+from checkpoint import model_from_checkpoint, save_training
+from config import TrainConfig
 from data_loader import list_images, load_images, load_test_set
 from evaluate import predict
 from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
 from metrics import METRICS, image_scores
+from model_unet import DraemModel, init_weights
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -154,3 +157,36 @@ def test_training_and_scoring_do_not_import_onnx():
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_standalone_onnx_example_scores_as_test_draem_does(trained, tmp_path):
+    """examples/onnx_inference.py (numpy, OpenCV, ONNX Runtime only) on colour, 16-bit grayscale, RGBA and JPEG
+    files of other sizes than the graph's: the same score as test_draem.py within 1e-5, the same verdict."""
+    work, data, _ = trained
+    # A randomly initialised model whose last layer is scaled up, so that its softmax is far from flat and its
+    # scores move with every detail of the input's preparation (the trained tiny model's barely do).
+    torch.manual_seed(0)
+    model = DraemModel(16, 16)
+    init_weights(model)
+    with torch.no_grad():
+        model.discriminative_subnetwork.decoder_segment.fin_out[0].weight.mul_(300)
+    ckpt = tmp_path / "random.pt"
+    save_training(ckpt, model, TrainConfig(category="weave", image_size=(32, 64), base_width=16, seg_base_width=16), "random")
+    export(ckpt, tmp_path / "weave.onnx", cwd=work)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    colour = cv2.imread(str(data / "weave" / "test" / "hole" / "000.png"))
+    cv2.imwrite(str(folder / "colour.png"), colour)
+    cv2.imwrite(str(folder / "photo.jpg"), cv2.resize(colour, (150, 90)))
+    gray16 = (cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257)
+    cv2.imwrite(str(folder / "gray16.png"), gray16)
+    cv2.imwrite(str(folder / "rgba.png"), cv2.cvtColor(cv2.resize(colour, (70, 120)), cv2.COLOR_BGR2BGRA))
+    run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", folder, "--out", tmp_path / "out",
+               "--device", "cpu", "--no-save_images", cwd=work)
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
+    assert len(rows) == 4
+    for name, row in rows.items():
+        out = subprocess.run([sys.executable, str(ROOT / "examples" / "onnx_inference.py"), str(tmp_path / "weave.onnx"),
+                              str(folder / name)], capture_output=True, text=True, check=True).stdout.split()
+        assert out[0] == "score" and abs(float(out[1]) - float(row["score"])) <= 1e-5, (name, out, row["score"])
+        assert row["verdict"] == "" and out[2:4] == ["no", "threshold"], name  # this file holds no thresholds
