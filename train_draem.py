@@ -127,7 +127,8 @@ def check_resumable(info: ModelInfo, config: TrainConfig, path: Path, total_step
     stored = info.train_config
     if info.source != "draem" or stored is None:
         raise CheckpointError(f"--resume {path}: not a training checkpoint of this project")
-    differences = stored.differences(config, ignore=("epochs",))
+    # Older checkpoints recorded --amp as given ("auto"), not what it chose on their device.
+    differences = stored.differences(config, ignore=("epochs",) + (("amp",) if stored.amp == "auto" else ()))
     if differences:
         raise CheckpointError(f"--resume {path}: that run has other settings ({'; '.join(differences)}); resume "
                               f"with its settings, or train this configuration under its own name")

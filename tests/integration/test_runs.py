@@ -54,6 +54,11 @@ def test_resume_refuses_other_settings_and_extends_to_more_epochs(data, tmp_path
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert named in line and "other settings" in line, line
+    # A checkpoint written before TrainConfig (amp as given, no processes / sync_bn) still resumes.
+    state = torch.load(one_epoch, weights_only=True)
+    state["config"]["amp"] = "auto"
+    del state["config"]["processes"], state["config"]["sync_bn"]
+    torch.save(state, one_epoch)
     proc = train(data, tmp_path / "a", "--epochs", "2", "--seed", "0", "--resume", one_epoch)
     assert f"resumed from {one_epoch} at step 3" in proc.stdout and "extending a 1-epoch run to 2 epochs" in proc.stderr
     steps = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("[weave] step ")]
