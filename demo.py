@@ -1,7 +1,7 @@
 """The embedded demo: a small MVTec-layout dataset of procedural textures with drawn defects.
 
 ``python train_draem.py --demo`` builds ./datasets/demo once (nothing to download), trains a small
-model on it (about a minute on 2 CPU cores), scores it and writes heatmap panels.
+model on it (about two minutes on 2 CPU cores), scores it and writes heatmap panels.
 """
 from pathlib import Path
 
@@ -15,7 +15,7 @@ DEMO_ROOT = Path("datasets/demo")
 CATEGORY = "weave"
 DEFECTS = ("scratch", "hole", "stain")
 SIZE = 160  # px; the demo trains at 128
-# Parser defaults under --demo (any flag given explicitly still wins): about a minute of training on 2 CPU cores.
+# Parser defaults under --demo (any flag given explicitly still wins): about two minutes of training on 2 CPU cores.
 DEMO_DEFAULTS = {"data_path": DEMO_ROOT, "anomaly_source_path": DEMO_ROOT / "sources", "obj_id": CATEGORY,
                  "epochs": 30, "image_size": (128, 128), "base_width": 16, "seg_base_width": 16, "log_every": 8}
 
