@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from config import TrainConfig
 from data_loader import CATEGORIES, CHANNEL_ORDER, height_width

@@ -7,7 +7,7 @@ configuration means all come from ``TrainConfig``: a new field is a new flag, re
 import argparse
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from data_loader import CHANNEL_ORDER, height_width, parse_size
@@ -128,8 +128,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         kwargs = dict(f.metadata["argparse"])
         if f.type is bool:
             kwargs["action"] = "store_true"
-        default = f.default if f.default is not MISSING else None
-        shown = "" if default is None or default is False or "default:" in f.metadata["help"] else \
-            f" (default {fmt(list(default)) if isinstance(default, tuple) else default})"
-        parser.add_argument(f"--{f.name}", default=default, help=(f.metadata["help"] + shown).replace("%", "%%"),
+        shown = "" if f.default is None or f.default is False or "default:" in f.metadata["help"] else \
+            f" (default {fmt(list(f.default)) if isinstance(f.default, tuple) else f.default})"
+        parser.add_argument(f"--{f.name}", default=f.default, help=(f.metadata["help"] + shown).replace("%", "%%"),
                             **kwargs)

@@ -30,6 +30,11 @@ def percent(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def coverage_text(coverage: dict) -> str:
+    """How many defect images had masks, as "with/all"."""
+    return f"{coverage['defect_images_with_mask']}/{coverage['defect_images']}"
+
+
 def ordered_cases(cases: list[dict]) -> list[dict]:
     """Missed defects, then false alarms, then the rest; each group from the highest score down."""
     return sorted(cases, key=lambda c: (ERROR_ORDER[c["error"]], -c["score"]))
@@ -117,7 +122,7 @@ def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dic
     names = list(METRICS.values())
     summary = table(["run", "category", *names, "defect images with masks"],
                     [[run, r["category"], *(percent(r[m]) for m in METRICS),
-                      f"{r['mask_coverage']['defect_images_with_mask']}/{r['mask_coverage']['defect_images']}"]
+                      coverage_text(r["mask_coverage"])]
                      for run, r in results.items()])
     mean_table = table(["configuration", "runs", *names],
                        [[row["configuration"], len(row["runs"]), *(percent(row[m]) for m in METRICS)] for row in means])

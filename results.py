@@ -17,7 +17,7 @@ from data_loader import DataError, TestSet, decode, load_test_set, resolve_categ
 from evaluate import evaluate
 from metrics import METRICS, verdict
 from model_files import checkpoint_files, load_model
-from report import percent, write_report
+from report import coverage_text, percent, write_report
 from summary import configuration_means, seed_summaries
 from visualize import panel, write_png
 
@@ -35,10 +35,6 @@ def write_scores_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def coverage_text(coverage: dict) -> str:
-    return f"{coverage['defect_images_with_mask']}/{coverage['defect_images']}"
 
 
 def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[dict]) -> str:

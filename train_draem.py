@@ -229,8 +229,8 @@ def evaluate_category(model: DraemModel, test_set: TestSet, device: torch.device
 
 
 def format_metrics(metrics: dict) -> str:
-    coverage = metrics["mask_coverage"]
-    masks = ("" if coverage["defect_images_with_mask"] == coverage["defect_images"] else
+    coverage = metrics.get("mask_coverage")  # absent from checkpoints written before masks became optional
+    masks = ("" if not coverage or coverage["defect_images_with_mask"] == coverage["defect_images"] else
              f" (pixel metrics over the {coverage['defect_images_with_mask']} of {coverage['defect_images']} "
              f"defect images that have masks)")
     return " ".join(f"{k}={metrics[k]:.3f}" for k in METRICS) + masks

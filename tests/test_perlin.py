@@ -68,7 +68,7 @@ def test_mask_is_binary_and_only_masked_pixels_change():
 def test_mask_is_where_rotated_noise_exceeds_half():
     # Recompute the mask from the generator's own draws in the same order as simulate_anomalies makes them
     # when nothing else is drawn: a noise-source batch with no normal-image rotation and no anomaly-free samples.
-    from perlin import Recipe, anomaly_masks
+    from perlin import Recipe
     recipe = Recipe(0.0, 0.8, rotate_p=0.0, rotate_degrees=0.0, anomaly_free_p=0.0)
     images = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
     batch = simulate_anomalies(images, None, recipe, torch.Generator().manual_seed(3))
@@ -86,7 +86,7 @@ def test_mask_is_where_rotated_noise_exceeds_half():
 def test_blend_of_a_real_image_and_its_source():
     """The paper's eq. 1: I_a = (1 - M) * I + (1 - beta) * (M * A) + beta * (M * I), on non-zero images, where
     dropping either image term changes the result."""
-    from perlin import Recipe, anomaly_masks
+    from perlin import Recipe
     recipe = Recipe(0.2, 0.8, rotate_p=0.0, rotate_degrees=0.0, anomaly_free_p=0.0)
     images = torch.randint(30, 226, (6, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     batch = simulate_anomalies(images, None, recipe, torch.Generator().manual_seed(5))
@@ -156,3 +156,74 @@ def test_augmenters_with_a_closed_form():
         assert fits, f"sample {s} is not a posterization of its input"
         kept_bits.append(fits[0])
     assert min(kept_bits) < 8  # at least one sample really lost bits
+
+
+def test_rotation_by_zero_is_identity_and_180_flips():
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(rotate(x, torch.zeros(2)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate(x, torch.full((2,), 180.0)), x.flip(2, 3), atol=1e-4, rtol=0)
+
+
+def test_whole_batch_and_subset_paths_agree():
+    # The GPU path (whole batch + torch.where, no host sync) and the CPU path (selected samples only) must
+    # give the same result for a deterministic augmenter.
+    from perlin import apply_where, aug_equalize
+    x = torch.rand(6, 3, 16, 16)
+    selected = torch.tensor([True, False, True, True, False, False])
+    fn = lambda s: aug_equalize(s, None, "cpu")
+    whole = apply_where(selected, fn, x, whole_batch=True)
+    subset = apply_where(selected, fn, x, whole_batch=False)
+    assert torch.equal(whole, subset)
+    assert torch.equal(whole[~selected], x[~selected]) and not torch.equal(whole[selected], x[selected])
+
+
+def test_hue_rotation_keeps_luminance_and_changes_colour():
+    from perlin import rotate_hue, yiq_matrices
+    x = 0.4 + 0.2 * torch.rand(4, 3, 8, 8)  # near grey: no clamping
+    out = rotate_hue(x, torch.Generator().manual_seed(0), "cpu")
+    to_yiq, _ = yiq_matrices(torch.device("cpu"), torch.float32)
+    luma = lambda t: torch.einsum("j,njhw->nhw", to_yiq[0], t)
+    torch.testing.assert_close(luma(out), luma(x), atol=1e-5, rtol=0)
+    assert (out - x).abs().max() > 1e-3
+
+
+def test_rotation_is_rigid_when_height_and_width_differ():
+    image = torch.zeros(1, 1, 32, 96)
+    image[0, 0, 4:8, 50:54] = 1.0  # a 4 x 4 square centred 10 rows above and 4 columns right of the centre
+    turned = rotate(image, torch.tensor([90.0]), mode="nearest")[0, 0]
+    rows, cols = (turned > 0.5).nonzero(as_tuple=True)
+    assert len(rows) == 16 and rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3  # still a 4 x 4 square
+    # Output pixel p samples the input at R(90) p, in pixels from the centre (15.5, 47.5): the square's centre
+    # (-10, +4) (rows, columns) moves to (-4, -10), i.e. (11.5, 37.5). Rotating in [-1, 1] units instead would
+    # stretch it by 96/32 and put it elsewhere.
+    assert (rows.float().mean().item(), cols.float().mean().item()) == (11.5, 37.5)
+    square = torch.rand(2, 3, 48, 48)
+    torch.testing.assert_close(rotate(square, torch.zeros(2)), square, atol=1e-5, rtol=0)
+
+
+def test_random_crops_are_windows_of_their_images_and_repeat_with_the_seed():
+    images = torch.arange(4 * 3 * 40 * 70, dtype=torch.float32).view(4, 3, 40, 70)
+    crops = random_crops(images, (32, 64), torch.Generator().manual_seed(1))
+    assert crops.shape == (4, 3, 32, 64)
+    for image, crop in zip(images, crops):
+        top, left = divmod(int(crop[0, 0, 0].item() - image[0, 0, 0].item()), 70)
+        assert torch.equal(crop, image[:, top:top + 32, left:left + 64])
+    assert torch.equal(crops, random_crops(images, (32, 64), torch.Generator().manual_seed(1)))
+    offsets = {int(c[0, 0, 0] - i[0, 0, 0]) for _ in range(20) for i, c in
+               zip(images, random_crops(images, (32, 64), torch.Generator().manual_seed(_)))}
+    assert len(offsets) > 10  # the windows move
+
+
+def test_simulation_keeps_its_invariants_when_height_and_width_differ():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (400, 3, 32, 96), dtype=torch.uint8, generator=g)
+    sources = torch.randint(0, 256, (7, 3, 32, 96), dtype=torch.uint8, generator=g)
+    batch = simulate_anomalies(images, sources, "official", g)
+    assert batch.augmented.shape == batch.image.shape == (400, 3, 32, 96) and batch.mask.shape == (400, 1, 32, 96)
+    assert batch.augmented.min() >= 0 and batch.augmented.max() <= 1 and set(batch.mask.unique().tolist()) <= {0, 1}
+    assert torch.equal(batch.label, (batch.mask.flatten(1).sum(1) > 0).float())
+    free = (batch.augmented == batch.image).flatten(1).all(1) & (batch.mask.flatten(1).sum(1) == 0)
+    assert abs(free.float().mean().item() - 0.5) < 0.1
+    masks, noise = anomaly_masks(64, 32, 96, torch.Generator().manual_seed(1), "cpu")
+    assert masks.shape == (64, 1, 32, 96) and torch.equal(masks, (noise > 0.5).float())
+    assert 0.01 < masks.mean() < 0.5  # Perlin blobs, not empty and not everywhere
