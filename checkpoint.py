@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from config import TrainConfig
-from data_loader import CATEGORIES, CHANNEL_ORDER, height_width
+from data_loader import CATEGORIES, CHANNEL_ORDER, FULL_RANGE, height_width
 from model_unet import DraemModel
 
 FORMAT = "draem-checkpoint-v1"
@@ -33,6 +33,7 @@ class ModelInfo:
     source: str  # "draem" (this project), "official", "anomalib" or "onnx"
     metrics: dict = field(default_factory=dict)  # the end-of-training evaluation, with its operating points
     step: int = 0
+    calibration: dict = field(default_factory=dict)  # thresholds set on good images alone (calibration.py)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -43,6 +44,12 @@ class ModelInfo:
         return self.config.get("channel_order", CHANNEL_ORDER)
 
     @property
+    def bit_depth(self) -> int:
+        """How 16-bit images are read (data_loader.to_bgr8); full range for checkpoints that do not say."""
+        depth = self.config.get("bit_depth", "auto")
+        return FULL_RANGE if depth == "auto" else int(depth)
+
+    @property
     def train_config(self) -> TrainConfig | None:
         """The full training configuration, for this project's checkpoints (and their exports) only."""
         return TrainConfig.from_dict(self.config) if "seed" in self.config else None
@@ -51,10 +58,24 @@ class ModelInfo:
     def operating_points(self) -> dict:
         return self.metrics.get("operating_points", {})
 
-    def threshold(self, kind: str) -> float | None:
-        """The stored max-F1 threshold, "image" or "pixel", if the evaluation at the end of training set one."""
+    def test_set_threshold(self, kind: str) -> float | None:
+        """The max-F1 threshold, "image" or "pixel", of the labelled test set scored at the end of training."""
         value = self.operating_points.get(kind, {}).get("threshold")
         return None if value is None or math.isnan(value) else value
+
+    def threshold(self, kind: str) -> float | None:
+        """The stored threshold: the test set's max-F1 one, else the one calibrated on good images, else None."""
+        found = self.test_set_threshold(kind)
+        return found if found is not None else self.calibration.get(kind, {}).get("threshold")
+
+    def threshold_source(self, kind: str) -> str:
+        """Where threshold(kind) comes from, in words."""
+        if self.test_set_threshold(kind) is not None:
+            return "max F1 on the labelled test set"
+        if kind in self.calibration:
+            c = self.calibration
+            return f"calibrated for {100 * c['false_alarm_rate']:.3g} % false alarms on {c['images']} good images ({c['source']})"
+        return "none stored"
 
 
 @dataclass
@@ -106,14 +127,27 @@ def write_atomically(state: dict, path: Path) -> None:
 
 def save_training(path: Path, model: DraemModel, config: TrainConfig, run: str, step: int = 0, epoch: int = 0,
                   metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                  scaler: torch.amp.GradScaler | None = None) -> None:
-    """A training run's checkpoint: weights, configuration, progress, optimiser state and the latest metrics."""
+                  scaler: torch.amp.GradScaler | None = None, calibration: dict | None = None) -> None:
+    """A training run's checkpoint: weights, configuration, progress, optimiser state, the latest metrics and
+    thresholds calibrated on good images."""
     write_atomically({
         "format": FORMAT, "config": config.to_dict(), "category": config.category, "run": run,
         "reconstructive": model.reconstructive_subnetwork.state_dict(),
         "discriminative": model.discriminative_subnetwork.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,
-        "epoch": epoch, "step": step, "metrics": metrics or {}}, path)
+        "epoch": epoch, "step": step, "metrics": metrics or {}, "calibration": calibration or {}}, path)
+
+
+def store_calibration(path: Path, calibration: dict) -> None:
+    """Add calibrated thresholds to a checkpoint of this project, in place and atomically (all else kept)."""
+    state = read(path)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: calibrated thresholds are stored in this project's .pt and .onnx files, not "
+                              f"in official or anomalib checkpoints; export it (export_draem.py) and calibrate the "
+                              f".onnx file")
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+        raise CheckpointError(f"{path} cannot be written: the calibrated thresholds were not stored")
+    write_atomically(state | {"calibration": calibration}, path)
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -173,7 +207,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if state.get("format") == FORMAT:
         config = TrainConfig.from_dict(state["config"]).to_dict()  # older checkpoints: missing keys at their defaults
         info = ModelInfo(config, state.get("category"), path.stem, "draem",
-                         state.get("metrics") or {}, state.get("step", 0))
+                         state.get("metrics") or {}, state.get("step", 0), state.get("calibration") or {})
         return Checkpoint(path, state["reconstructive"], state["discriminative"], info, state.get("optimizer"),
                           state.get("scaler"))
     weights = state.get("state_dict", state)

@@ -10,13 +10,16 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from data_loader import CHANNEL_ORDER, height_width, parse_size
+from data_loader import BIT_DEPTHS, CHANNEL_ORDER, height_width, parse_bit_depth, parse_size
 from recipe import RECIPES
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 # Where the data lives is recorded but is not part of what a run is: the same data may sit at another
 # path on another machine, and seeds trained there still belong to one configuration.
 LOCATIONS = ("data_path", "anomaly_source_path")
+# Settings added after run names were first given: left out of the digest at the value every earlier run
+# had ("auto" is what an older checkpoint's missing bit_depth reads as), so those names and --resume stay valid.
+LATER_DEFAULTS = {"bit_depth": ("auto", 8), "calibration_split": (0.0,)}
 NAMED = ("category", "recipe", "image_size", "train_crop", "base_width", "seg_base_width", "sspcab", "epochs", "bs",
          "seed")
 
@@ -53,6 +56,13 @@ class TrainConfig:
                              flag=False)
     sync_bn: bool = setting(False, "with --ddp on GPUs: synchronise BatchNorm statistics across ranks")
     channel_order: str = setting(CHANNEL_ORDER, "colour order of the images the networks see", flag=False)
+    bit_depth: int | str = setting(
+        "auto", f"bits per sample of 16-bit training images ({', '.join(map(str, BIT_DEPTHS))}): the top 8 bits "
+                "are kept; auto = from the largest value in train/good (8-bit files are read as they are); the "
+                "checkpoint records the depth, and scoring reads images the same way", type=parse_bit_depth)
+    calibration_split: float = setting(
+        0.0, "share of train/good held out from training (chosen by --seed) to set thresholds on at the end "
+             "(see --false_alarm_rate); 0 = train on all", type=float)
 
     # ---- reading and writing --------------------------------------------------------------------------
 
@@ -95,7 +105,8 @@ class TrainConfig:
 
     def digest(self, leave_out: tuple[str, ...] = NAMED) -> str:
         """Six hex digits of the identity's settings other than leave_out."""
-        rest = {k: v for k, v in self.identity().items() if k not in leave_out}
+        rest = {k: v for k, v in self.identity().items()
+                if k not in leave_out and v not in LATER_DEFAULTS.get(k, ())}
         return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:6]
 
     def variant(self, leave_out: tuple[str, ...] = ("category",)) -> str:

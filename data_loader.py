@@ -8,6 +8,7 @@ the channel order of the official code and its checkpoints.
 import argparse
 import os
 import sys
+from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ CATEGORIES = ["capsule", "bottle", "carpet", "leather", "pill", "transistor", "t
               "toothbrush", "metal_nut", "hazelnut", "screw", "grid", "wood"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 CHANNEL_ORDER = "BGR"
+# Bits per sample a camera may store in a 16-bit file (12-bit data: values 0..4095); 16 is full range.
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+FULL_RANGE = 16  # what 16-bit files are read as when no depth is known (older checkpoints, anomaly sources)
 
 class DataError(ValueError):
     """A dataset problem the scripts report as one line (no traceback)."""
@@ -36,10 +40,14 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return sorted(p for p in Path(folder).glob(pattern) if is_image(p))
 
 
-def to_bgr8(image: np.ndarray) -> np.ndarray:
-    """Any decoded image (gray, BGR, BGRA; 8 or 16 bit, or float) as 3-channel uint8 BGR."""
+def to_bgr8(image: np.ndarray, bit_depth: int = FULL_RANGE) -> np.ndarray:
+    """Any decoded image (gray, BGR, BGRA; 8 or 16 bit, or float) as 3-channel uint8 BGR.
+
+    16-bit files hold bit_depth-bit data: its top 8 bits are kept (a right shift by bit_depth - 8, so
+    full-range 16-bit data is shifted by 8); values above the depth saturate at 255. 8-bit files are unchanged.
+    """
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = np.minimum(image >> (bit_depth - 8), 255).astype(np.uint8)
     elif image.dtype != np.uint8:
         image = np.clip(image.astype(np.float32) * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     if image.ndim == 2:
@@ -51,12 +59,56 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def decode(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 BGR at the file's own size."""
+def read_raw(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise DataError(f"cannot decode image {path}")
-    return to_bgr8(image)
+    return image
+
+
+_reported_depths: set[int] = set()
+
+
+def decode(path: Path, bit_depth: int = FULL_RANGE) -> np.ndarray:
+    """(H, W, 3) uint8 BGR at the file's own size; a 16-bit file above bit_depth is reported (once per depth)."""
+    image = read_raw(path)
+    if image.dtype == np.uint16 and bit_depth < 16 and bit_depth not in _reported_depths:
+        if (peak := int(image.max())) >= 1 << bit_depth:
+            _reported_depths.add(bit_depth)
+            warn(f"{path} holds values up to {peak}, above the {bit_depth}-bit range (0..{(1 << bit_depth) - 1}) "
+                 f"the model reads: they saturate (set --bit_depth; further such images are not reported)")
+    return to_bgr8(image, bit_depth)
+
+
+def file_bit_depth(path: Path, size: object = None) -> int:
+    """The smallest of BIT_DEPTHS that holds the file's largest value (8 for 8-bit files, without decoding PNGs)."""
+    if path.suffix.lower() == ".png":
+        with open(path, "rb") as f:
+            header = f.read(25)
+        if len(header) == 25 and header[24] <= 8:  # IHDR bit depth
+            return 8
+    elif path.suffix.lower() in {".jpg", ".jpeg", ".bmp"}:
+        return 8
+    image = read_raw(path)
+    if image.dtype != np.uint16:
+        return 8
+    peak = int(image.max())
+    return next(d for d in BIT_DEPTHS if peak < 1 << d)
+
+
+def detect_bit_depth(paths: list[Path], workers: int | None = None) -> int:
+    """--bit_depth auto: the depth of the deepest training image (16-bit data up to 4095 is 12-bit, ...).
+    Unreadable files count as 8-bit here: reading the images reports them all."""
+    depths = read_each(file_bit_depth, paths, None, workers or default_workers())
+    return max([d for d in depths if isinstance(d, int)], default=8)
+
+
+def parse_bit_depth(text: str) -> int | str:
+    """argparse type for --bit_depth: auto or one of BIT_DEPTHS."""
+    if text == "auto" or (text.isdigit() and int(text) in BIT_DEPTHS):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected auto or one of {', '.join(map(str, BIT_DEPTHS))} (bits per sample "
+                                     f"in 16-bit files), not {text!r}")
 
 
 Size = int | tuple[int, int] | list[int]  # a side (square) or (height, width)
@@ -84,16 +136,18 @@ def resize(image: np.ndarray, size: Size) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def read_image(path: Path, size: Size) -> np.ndarray:
+def read_image(path: Path, size: Size, bit_depth: int = FULL_RANGE) -> np.ndarray:
     """(H, W, 3) uint8 BGR at size, resized bilinearly as in the official code."""
-    return resize(decode(path), size)
+    return resize(decode(path, bit_depth), size)
 
 
-def read_test_pair(pair: tuple[Path, Path | None], size: Size) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """A test image and its mask (None for good images), both resized bilinearly to size, and
-    notes on masks that needed fixing: of another size than their image, or not binary."""
+def read_test_pair(pair: tuple[Path, Path | None], size: Size | None, bit_depth: int = FULL_RANGE
+                   ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """A test image and its mask (None for good images), both resized bilinearly to size (None: the image's
+    own size), and notes on masks that needed fixing: of another size than their image, or not binary."""
     image_path, mask_path = pair
-    image = decode(image_path)
+    image = decode(image_path, bit_depth)
+    size = size or image.shape[:2]
     resized = resize(image, size)
     if mask_path is None:
         return resized, None, []
@@ -144,9 +198,9 @@ def parallel_read(reader, items: list, size: Size, workers: int) -> list:
     return results
 
 
-def load_images(paths: list[Path], size: Size, workers: int | None = None) -> Tensor:
+def load_images(paths: list[Path], size: Size, workers: int | None = None, bit_depth: int = FULL_RANGE) -> Tensor:
     """(N, 3, H, W) uint8 BGR tensor at size."""
-    return to_tensor(parallel_read(read_image, paths, size, workers or default_workers()))
+    return to_tensor(parallel_read(partial(read_image, bit_depth=bit_depth), paths, size, workers or default_workers()))
 
 
 def to_tensor(images: list[np.ndarray]) -> Tensor:
@@ -163,12 +217,17 @@ def category_dir(data_path: Path, category: str) -> Path:
     return folder
 
 
-def load_train_images(data_path: Path, category: str, size: Size, workers: int | None = None) -> Tensor:
+def train_image_paths(data_path: Path, category: str) -> list[Path]:
     folder = category_dir(data_path, category) / "train" / "good"
     paths = list_images(folder) if folder.is_dir() else []
     if not paths:
         raise DataError(f"no training images in {folder} (expected <data_path>/<category>/train/good/*.png|jpg|...)")
-    return load_images(paths, size, workers)
+    return paths
+
+
+def load_train_images(data_path: Path, category: str, size: Size, workers: int | None = None,
+                      bit_depth: int = FULL_RANGE) -> Tensor:
+    return load_images(train_image_paths(data_path, category), size, workers, bit_depth)
 
 
 def load_anomaly_sources(source_path: Path, size: Size, workers: int | None = None) -> Tensor:
@@ -204,7 +263,9 @@ def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
     return None
 
 
-def load_test_set(data_path: Path, category: str, size: Size, workers: int | None = None) -> TestSet:
+def load_test_set(data_path: Path, category: str, size: Size | None, workers: int | None = None,
+                  bit_depth: int = FULL_RANGE) -> TestSet:
+    """The labelled test set at size (None: the images' own size, which must then be one size)."""
     root = category_dir(data_path, category)
     test_dir = root / "test"
     if not test_dir.is_dir():
@@ -226,9 +287,14 @@ def load_test_set(data_path: Path, category: str, size: Size, workers: int | Non
         warn(f"{len(missing)} defect image(s) without a mask in {root / 'ground_truth'}: pixel metrics cover the "
              f"other {sum(t != 'good' for t in defect_types) - len(missing)} defect images ({'; '.join(missing[:3])}"
              + (" ..." if len(missing) > 3 else "") + ")")
-    read = parallel_read(read_test_pair, list(zip(paths, mask_paths)), size, workers or default_workers())
+    read = parallel_read(partial(read_test_pair, bit_depth=bit_depth), list(zip(paths, mask_paths)), size,
+                         workers or default_workers())
+    sizes = sorted({image.shape[:2] for image, _, _ in read})
+    if len(sizes) > 1:
+        raise DataError(f"the test images under {test_dir} are of {len(sizes)} sizes ({sizes[0][0]}x{sizes[0][1]}, "
+                        f"{sizes[-1][0]}x{sizes[-1][1]} ...): give --image_size HxW to score them at one size")
     images = to_tensor([image for image, _, _ in read])
-    empty = np.zeros(height_width(size), np.uint8)
+    empty = np.zeros(sizes[0], np.uint8)
     masks = torch.from_numpy(np.stack([empty if mask is None else mask for _, mask, _ in read]))[:, None]
     notes = [note for _, _, found in read for note in found]
     for note in notes[:5]:

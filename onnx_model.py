@@ -4,11 +4,14 @@ The graph takes a batch of BGR images `images` (N, 3, H, W), float32 in [0, 1], 
 `anomaly_map` (N, H, W) and `image_score` (N) by the official protocol (softmax channel 1 of the
 discriminator; the max of its 21x21 mean filter, zero padding counted), and `reconstruction`
 (N, 3, H, W, BGR) for pictures. The file's metadata holds the category, image size, channel order,
-the training configuration and, when the checkpoint has them, the operating thresholds. Exporting and
+bit depth, the training configuration and, when the checkpoint has them, the operating thresholds (of the
+labelled test set, and calibrated on good images). Larger images are scored in tiles of the exported size
+(tiling.py) around the graph. Exporting and
 running need the packages in requirements-export.txt; training and scoring PyTorch checkpoints do not.
 """
 import importlib
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,8 +55,10 @@ def metadata(info: ModelInfo, size: tuple[int, int], source: Path) -> dict[str, 
             "recipe": str(config.get("recipe", "official")), "base_width": str(config["base_width"]),
             "seg_base_width": str(config["seg_base_width"]), "sspcab": str(bool(config.get("sspcab"))),
             "source_checkpoint": source.name, "source": info.source, "config": json.dumps(config),
-            "operating_points": json.dumps(points),
-            **{f"{kind}_threshold": str(points[kind]["threshold"]) for kind in ("image", "pixel") if kind in points}}
+            "bit_depth": str(info.bit_depth), "operating_points": json.dumps(points),
+            "calibration": json.dumps(info.calibration),
+            **{f"{kind}_threshold": str(info.threshold(kind)) for kind in ("image", "pixel")
+               if info.threshold(kind) is not None}}
 
 
 def export(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = None) -> dict[str, str]:
@@ -77,6 +82,27 @@ def export(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = Non
     onnx.save(proto, out)
     tmp.unlink()
     return props
+
+
+def store_calibration(path: Path, calibration: dict) -> None:
+    """Add calibrated thresholds to an exported file's metadata, in place and atomically."""
+    onnx = require("onnx")
+    proto = onnx.load(path)
+    props = {p.key: p.value for p in proto.metadata_props} | {"calibration": json.dumps(calibration)}
+    for kind in ("image", "pixel"):  # the plain thresholds readers see first: the test set's when it has them
+        from_test_set = json.loads(props.get("operating_points", "{}")).get(kind, {}).get("threshold")
+        if from_test_set is None or math.isnan(from_test_set):
+            props[f"{kind}_threshold"] = str(calibration[kind]["threshold"])
+    onnx.helper.set_model_props(proto, props)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx.save(proto, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be written ({exc.strerror or exc}): the calibrated thresholds were not "
+                              f"stored")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ExportedOutput(NamedTuple):
@@ -121,7 +147,8 @@ def load_onnx(path: Path, device: torch.device = torch.device("cpu")) -> tuple[O
     config = json.loads(meta["config"]) if "config" in meta else {
         "recipe": meta["recipe"], "base_width": int(meta["base_width"]), "seg_base_width": int(meta["seg_base_width"])}
     # The graph takes BGR at its own size, whatever the checkpoint was trained on.
-    config |= {"image_size": list(size), "channel_order": "BGR"}
+    config |= {"image_size": list(size), "channel_order": "BGR", "bit_depth": int(meta.get("bit_depth", 16))}
     info = ModelInfo(config, meta["category"] or None, path.stem, "onnx",
-                     {"operating_points": json.loads(meta["operating_points"])})
+                     {"operating_points": json.loads(meta["operating_points"])},
+                     calibration=json.loads(meta.get("calibration", "{}")))
     return OnnxDraem(session, size), info

@@ -16,9 +16,11 @@ from checkpoint import CheckpointError
 from data_loader import DataError, TestSet, decode, load_test_set, resolve_categories
 from evaluate import evaluate
 from metrics import METRICS, verdict
-from model_files import checkpoint_files, load_model
+from inference import Scoring, images_per_pass, scoring_model
+from model_files import checkpoint_files
 from report import coverage_text, percent, write_report
 from summary import configuration_means, seed_summaries
+from tiling import check_tiling
 from visualize import panel, write_png
 
 
@@ -89,12 +91,13 @@ def log_to_tensorboard(writer: SummaryWriter, run: str, out: dict, labels: torch
     writer.add_pr_curve(f"{run}/pixel", out["masks"].flatten().cpu(), out["maps"].flatten().cpu())
 
 
-def write_test_panels(out_dir: Path, test_set: TestSet, out: dict, cases: list[dict], threshold: float) -> None:
+def write_test_panels(out_dir: Path, test_set: TestSet, out: dict, cases: list[dict], threshold: float,
+                      bit_depth: int) -> None:
     for i, case in enumerate(cases):
         caption = (f"{case['defect_type']} | score {case['score']:.3f} | {case['verdict']} at max-F1 threshold "
                    f"{threshold:.3f}" + (f" | {case['error'].upper()}" if case["error"] else "")
                    + ("" if test_set.has_mask[i] else " | no mask"))
-        picture = panel(decode(test_set.paths[i]), out["reconstructions"][i], out["maps"][i], out["masks"][i], caption)
+        picture = panel(decode(test_set.paths[i], bit_depth), out["reconstructions"][i], out["maps"][i], out["masks"][i], caption)
         write_png(out_dir / case["panel"], picture)
 
 
@@ -109,8 +112,8 @@ def unique_name(name: str, taken: dict) -> str:
 
 
 def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Path, device: torch.device,
-                    obj_id: str | None = None, image_size: tuple[int, int] | None = None, batch_size: int = 16,
-                    mask_protocol: str = "standard", save_images: bool = True, workers: int | None = None) -> dict:
+                    obj_id: str | None = None, scoring: Scoring = Scoring(), mask_protocol: str = "standard",
+                    save_images: bool = True) -> dict:
     """Score every checkpoint (files or folders of them) on its category's test set; write the results folder.
 
     Returns what results.json holds: {"runs", "means", "seeds", "mask_protocol"}.
@@ -120,13 +123,16 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     results, details, writer = {}, {}, SummaryWriter(out_dir / "tensorboard")
     for path in checkpoint_files(checkpoints):
-        model, info = load_model(path, device, image_size)
+        model, info = scoring_model(path, device, scoring)
         category = one_category(obj_id, data_path) if obj_id else info.category
         if not category:
             raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
         started = time.perf_counter()
-        test_set = load_test_set(data_path, category, image_size or info.image_size, workers)
-        out = evaluate(model, test_set, device, info.channel_order, batch_size, mask_protocol,
+        test_set = load_test_set(data_path, category, scoring.size_for(info), scoring.workers,
+                                 scoring.depth_for(info))
+        if scoring.tile:
+            check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
+        out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), mask_protocol,
                        keep_reconstructions=save_images)
         run = unique_name(info.run, results)
         threshold = out["operating_points"]["image"]["threshold"]
@@ -143,7 +149,7 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
              "verdict": c["verdict"]} for c in cases])
         log_to_tensorboard(writer, run, out, test_set.labels)
         if save_images:
-            write_test_panels(out_dir, test_set, out, cases, threshold)
+            write_test_panels(out_dir, test_set, out, cases, threshold, scoring.depth_for(info))
         details[run] = {"curves": out["curves"], "cases": cases}
     writer.close()
     summary = {"runs": results, "means": configuration_means(results), "seeds": seed_summaries(results),

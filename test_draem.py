@@ -3,6 +3,8 @@
     python test_draem.py --checkpoint checkpoints/DRAEM_bottle_....pt --data_path ./datasets/mvtec
     python test_draem.py --checkpoint checkpoints/ --data_path ./datasets/mvtec      # every checkpoint in a folder
     python test_draem.py --checkpoint ckpt.pt --images my_photos/ --out heatmaps/ --threshold 0.5
+    python test_draem.py --checkpoint ckpt.pt --calibrate good_parts/ --false_alarm_rate 0.01   # thresholds
+    python test_draem.py --checkpoint ckpt.pt --images big/ --tile 256 --tile_overlap 32          # large images
 
 Checkpoints: this project's .pt files, the official pair X_<category>_.pckl + X_<category>__seg.pckl (name
 either), anomalib checkpoints, or .onnx files from export_draem.py (run by ONNX Runtime). Protocol
@@ -14,10 +16,11 @@ import argparse
 from pathlib import Path
 
 from cli import one_line_errors, pick_device
-from data_loader import parse_size
+from data_loader import BIT_DEPTHS, parse_size
 from evaluate import MASK_PROTOCOLS
-from inference import score_images
+from inference import Scoring, calibrate_on_folder, score_images
 from results import score_test_sets
+from tiling import parse_overlap
 
 
 def threshold_value(text: str) -> str | float:
@@ -29,6 +32,16 @@ def threshold_value(text: str) -> str | float:
         raise argparse.ArgumentTypeError(f"expected auto or a number, not {text!r}")
 
 
+def rate_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a share of good images in (0, 1) such as 0.01 for 1 %, not {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -38,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image_size", type=parse_size, help="N or HxW the images are resized to (default: the checkpoint's; 256 for official "
                                      "and anomalib checkpoints)")
     a("--images", type=Path, help="an image or a folder of images to score instead of a test set (no labels)")
+    a("--calibrate", type=Path, metavar="GOOD_DIR",
+      help="set the image and pixel thresholds on a folder of good images alone (see --false_alarm_rate) and store "
+           "them in the checkpoint (.pt or .onnx, rewritten atomically in place)")
+    a("--false_alarm_rate", type=rate_value, default=0.01,
+      help="with --calibrate: the share of good images that may be flagged (default 0.01)")
+    a("--bit_depth", type=int, choices=BIT_DEPTHS,
+      help="bits per sample of 16-bit images (default: the depth the checkpoint records; full range when it has none)")
+    a("--tile", type=parse_size, metavar="HxW",
+      help="score each image (at its own size, or at --image_size) in tiles of this size, blended where they "
+           "overlap; --batch_size then counts tiles per pass. For .onnx files: the size they were exported for")
+    a("--tile_overlap", type=parse_overlap, default=0, metavar="P",
+      help="with --tile: overlap of neighbouring tiles in pixels (32) or as a fraction of the tile (0.125) (default 0)")
     a("--out", type=Path, default=Path("results"), help="output folder (default ./results)")
     a("--threshold", type=threshold_value,
       help="with --images: image score at or above which an image is ANOMALY; auto = the checkpoint's max-F1 "
@@ -62,16 +87,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
-    if args.images is not None and len(args.checkpoint) != 1:
-        parser.error("--images takes exactly one --checkpoint")
+    for flag in ("images", "calibrate"):
+        if getattr(args, flag) is not None and len(args.checkpoint) != 1:
+            parser.error(f"--{flag} takes exactly one --checkpoint")
+    if args.images is not None and args.calibrate is not None:
+        parser.error("--images and --calibrate are separate runs: calibrate first, then score")
+    if args.tile_overlap and not args.tile:
+        parser.error("--tile_overlap needs --tile")
+    scoring = Scoring(args.image_size, args.bit_depth, args.tile, args.tile_overlap, args.batch_size,
+                      args.workers or None)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
-        if args.images is not None:
+        if args.calibrate is not None:
+            calibrate_on_folder(args.checkpoint[0], args.calibrate, args.false_alarm_rate, device, scoring)
+        elif args.images is not None:
             score_images(args.checkpoint[0], args.images, args.out, device, args.threshold, args.pixel_threshold,
-                         args.image_size, args.batch_size, args.save_images, args.workers or None)
+                         scoring, args.save_images)
         else:
-            score_test_sets(args.checkpoint, args.data_path, args.out, device, args.obj_id, args.image_size,
-                            args.batch_size, args.mask_protocol, args.save_images, args.workers or None)
+            score_test_sets(args.checkpoint, args.data_path, args.out, device, args.obj_id, scoring,
+                            args.mask_protocol, args.save_images)
 
 
 if __name__ == "__main__":

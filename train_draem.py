@@ -2,6 +2,7 @@
 
     python train_draem.py --obj_id 1 --data_path ./datasets/mvtec --anomaly_source_path ./datasets/dtd/images
     python train_draem.py --demo      # builds a small synthetic dataset, trains and scores it on the CPU
+    python train_draem.py --obj_id my_part --data_path ./datasets/mine --preview 16   # look at the samples first
 
 Each step takes a batch of the cached normal images (uint8, on the training device), simulates
 anomalies on the device (perlin.py), runs both sub-networks and steps Adam on L2 + SSIM + focal loss.
@@ -20,20 +21,23 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from calibration import calibrate, describe
 from checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_training
 from cli import one_line_errors, pick_device
 from config import TrainConfig, add_flags
-from data_loader import TestSet, load_anomaly_sources, load_test_set, load_train_images, resolve_categories
+from data_loader import (TestSet, detect_bit_depth, load_anomaly_sources, load_images, load_test_set,
+                         resolve_categories, train_image_paths)
 from demo import DEMO_DEFAULTS, finish_demo, make_demo_dataset
-from evaluate import evaluate
+from evaluate import evaluate, predict
 from loss import FocalLoss
-from metrics import METRICS
+from metrics import METRICS, image_scores
 from model_unet import DraemModel, DraemOutput
-from perlin import SyntheticBatch, random_crops, simulate_anomalies
+from perlin import SyntheticBatch
 from recipe import RECIPES
-from training import (AMP_DTYPES, Launch, StopRequest, TrainingStopped, build_training, ensure_writable,
-                      epoch_order, parameter_fingerprint, prepare_network, resolve_amp, set_learning_rate,
-                      start_processes, stop_on_signals, stream_seed, train_step)
+from training import (AMP_DTYPES, Launch, StopRequest, TrainingStopped, build_training, calibration_holdout,
+                      ensure_writable, epoch_order, first_samples, parameter_fingerprint, prepare_network,
+                      resolve_amp, set_learning_rate, start_processes, step_batch, stop_on_signals, train_step)
+from visualize import sample_grid, write_png
 
 
 # ---- configuration ----------------------------------------------------------------------------------
@@ -60,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", nargs="?", const="auto", default=None,
       help="continue this run from its checkpoint, or from the checkpoint PATH given; the settings must match, "
            "except a larger --epochs, which extends the run")
+    a("--false_alarm_rate", type=float, default=0.01,
+      help="with --calibration_split: the share of held-out good images the calibrated thresholds may flag "
+           "(default 0.01)")
+    a("--preview", type=int, metavar="N",
+      help="write a PNG grid of the first N simulated training samples (normal image, simulated anomaly, mask), "
+           "drawn as the first steps would draw them, print its path and exit without training")
     a("--ddp", action="store_true", help="under torchrun: train one model data-parallel (global batch = --bs x "
                                          "processes) instead of spreading the categories over the processes")
     a("--demo", action="store_true", help="build ./datasets/demo and train a small model on it, then score it; "
@@ -94,13 +104,21 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--save_every and --log_every must be at least 1")
     if args.run_name is not None and (not args.run_name or set(args.run_name) & set("/\\:*?\"<>|")):
         parser.error(f"--run_name {args.run_name!r}: use a plain file name (no / \\ : * ? \" < > |)")
+    if not 0 <= args.calibration_split < 1:
+        parser.error(f"--calibration_split {args.calibration_split:g}: expected a share in [0, 1), such as 0.1")
+    if not 0 < args.false_alarm_rate < 1:
+        parser.error(f"--false_alarm_rate {args.false_alarm_rate:g}: expected a share in (0, 1), such as 0.01")
+    if args.preview is not None and args.preview < 1:
+        parser.error("--preview N: N must be at least 1")
     if args.data_path is None:
         parser.error("--data_path is required (or use --demo)")
 
 
-def run_config(args: argparse.Namespace, category: str, launch: Launch, device: torch.device) -> TrainConfig:
-    """This run's settings, with what the flags leave open decided: the precision, the processes per model."""
-    return TrainConfig.from_args(args, category=category, amp=resolve_amp(args.amp, device),
+def run_config(args: argparse.Namespace, category: str, launch: Launch, device: torch.device,
+               bit_depth: int) -> TrainConfig:
+    """This run's settings, with what the flags leave open decided: the precision, the processes per model,
+    the bit depth."""
+    return TrainConfig.from_args(args, category=category, amp=resolve_amp(args.amp, device), bit_depth=bit_depth,
                                  processes=launch.dp_size, sync_bn=args.sync_bn and launch.data_parallel)
 
 
@@ -127,8 +145,11 @@ def check_resumable(info: ModelInfo, config: TrainConfig, path: Path, total_step
     stored = info.train_config
     if info.source != "draem" or stored is None:
         raise CheckpointError(f"--resume {path}: not a training checkpoint of this project")
-    # Older checkpoints recorded --amp as given ("auto"), not what it chose on their device.
-    differences = stored.differences(config, ignore=("epochs",) + (("amp",) if stored.amp == "auto" else ()))
+    # Older checkpoints recorded --amp as given ("auto"), not what it chose on their device, and no bit depth
+    # (they read 16-bit files at full range, which 8-bit files are unaffected by).
+    ignore = ("epochs",) + (("amp",) if stored.amp == "auto" else ()) + (
+        ("bit_depth",) if stored.bit_depth == "auto" and config.bit_depth in (8, 16) else ())
+    differences = stored.differences(config, ignore=ignore)
     if differences:
         raise CheckpointError(f"--resume {path}: that run has other settings ({'; '.join(differences)}); resume "
                               f"with its settings, or train this configuration under its own name")
@@ -211,7 +232,7 @@ def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
         raise FloatingPointError(f"loss is NaN or Inf at step {bad + 1}; stopped ({kept})")
 
 
-def load_scoring_set(args: argparse.Namespace, category: str) -> TestSet | None:
+def load_scoring_set(args: argparse.Namespace, category: str, bit_depth: int) -> TestSet | None:
     """The test set, read (and checked: layout, every image, masks) before the first step, so that a broken
     one fails in seconds and not after hours of training; None when there is none or --eval_every -1."""
     if args.eval_every < 0:
@@ -219,13 +240,37 @@ def load_scoring_set(args: argparse.Namespace, category: str) -> TestSet | None:
     if not (args.data_path / category / "test").is_dir():
         print(f"[{category}] no test set under {args.data_path / category}: training without evaluation")
         return None
-    return load_test_set(args.data_path, category, args.image_size, args.workers or None)
+    return load_test_set(args.data_path, category, args.image_size, args.workers or None, bit_depth)
 
 
 def evaluate_category(model: DraemModel, test_set: TestSet, device: torch.device, channel_order: str) -> dict:
     """The test-set metrics, operating points (thresholds) and mask coverage, as the checkpoint stores them."""
     out = evaluate(model, test_set, device, channel_order=channel_order)
     return {**out["metrics"], "operating_points": out["operating_points"], "mask_coverage": out["mask_coverage"]}
+
+
+def calibrate_held_out(model: DraemModel, held_out: torch.Tensor, names: list[str], config: TrainConfig,
+                       rate: float, device: torch.device) -> dict:
+    """Thresholds for the false-alarm budget from the good images --calibration_split kept out of training."""
+    maps, _ = predict(model, held_out, device, config.channel_order, config.bs)
+    source = f"{len(names)} of train/good held out by --calibration_split {config.calibration_split:g}"
+    calibration = calibrate(image_scores(maps).cpu().numpy(), maps.flatten(1).amax(1).cpu().numpy(), rate, source)
+    for line in describe(calibration):
+        print(f"[{config.category}] {line}")
+    return calibration | {"held_out": names}
+
+
+def write_preview(args: argparse.Namespace, images: torch.Tensor, sources: torch.Tensor | None, config: TrainConfig,
+                  name: str, steps_per_epoch: int) -> Path:
+    """--preview: the first N simulated samples as one labelled PNG."""
+    batch = first_samples(images, sources, config, args.preview, steps_per_epoch)
+    h, w = batch.image.shape[-2:]
+    title = (f"{name}: first {args.preview} samples | {config.recipe} recipe | {h}x{w}"
+             + (f" crops of {config.image_size[0]}x{config.image_size[1]}" if config.train_crop else "")
+             + f" | {'textures' if sources is not None else 'Perlin noise'} | {config.bit_depth}-bit")
+    path = args.log_path / name / "preview.png"
+    write_png(path, sample_grid(batch.image, batch.augmented, batch.mask, title))
+    return path
 
 
 def format_metrics(metrics: dict) -> str:
@@ -240,27 +285,34 @@ def format_metrics(metrics: dict) -> str:
 
 def train_category(args: argparse.Namespace, category: str, device: torch.device, sources: torch.Tensor | None,
                    stop: StopRequest, launch: Launch = Launch(), several: bool = False) -> Path:
-    config = run_config(args, category, launch, device)
+    paths = train_image_paths(args.data_path, category)
+    bit_depth = detect_bit_depth(paths, args.workers) if args.bit_depth == "auto" else args.bit_depth
+    config = run_config(args, category, launch, device, bit_depth)
     name, recipe = run_name(args, config, several), RECIPES[config.recipe]
     ckpt_path = args.checkpoint_path / f"{name}.pt"
-    images = load_train_images(args.data_path, category, config.image_size, args.workers).to(device)
-    test_set = load_scoring_set(args, category)
+    kept, held = calibration_holdout(len(paths), config.calibration_split, config.seed)
+    images = load_images([paths[i] for i in kept], config.image_size, args.workers, bit_depth).to(device)
     # Under --ddp the global batch is bs x dp_size: every rank draws the same order and trains its slice.
     steps_per_epoch = math.ceil(len(images) / (config.bs * launch.dp_size))
     total_steps = steps_per_epoch * config.epochs
+    if args.preview:
+        return write_preview(args, images, sources, config, name, steps_per_epoch)
+    held_out = load_images([paths[i] for i in held], config.image_size, args.workers, bit_depth) if held else None
+    test_set = load_scoring_set(args, category, bit_depth)
     training = build_training(config, device)
     model, optimizer, scaler = training.model, training.optimizer, training.scaler
-    start, metrics = 0, {}
+    start, metrics, calibration = 0, {}, {}
     if path := resume_path(args, ckpt_path):
         checkpoint = load_checkpoint(path)
         check_resumable(checkpoint.info, config, path, total_steps)
         checkpoint.load_into(model, optimizer, scaler)
-        start, metrics = checkpoint.info.step, checkpoint.info.metrics
+        start, metrics, calibration = checkpoint.info.step, checkpoint.info.metrics, checkpoint.info.calibration
         print(f"[{category}] resumed from {path} at step {start}")
     net = prepare_network(model, config, args.compile, launch, device)
     writes = launch.writes_outputs
     if writes:
-        print(f"[{category}] {len(images)} training images cached on {device}; run {name}")
+        print(f"[{category}] {len(images)} training images ({bit_depth}-bit) cached on {device}"
+              + (f", {len(held)} held out to calibrate thresholds on" if held else "") + f"; run {name}")
     # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
     writer = SummaryWriter(args.log_path / name, purge_step=start + 1 if start else None) if writes else None
     progress = Progress(category, start, total_steps, steps_per_epoch, config.bs * launch.dp_size, shown=writes)
@@ -270,7 +322,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, read at log points only
 
     def save(done: int) -> None:
-        save_training(ckpt_path, model, config, name, done, done // steps_per_epoch, metrics, optimizer, scaler)
+        save_training(ckpt_path, model, config, name, done, done // steps_per_epoch, metrics, optimizer, scaler,
+                      calibration)
 
     order = None
     model.train()
@@ -282,11 +335,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             set_learning_rate(optimizer, recipe.learning_rate(config.lr, epoch, config.epochs))
 
         # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
-        normal = images[order[index].view(launch.dp_size, config.bs)[launch.dp_rank]]
-        simulation_g.manual_seed(stream_seed(config.seed, "simulation", launch.dp_rank, step))
-        if config.train_crop:
-            normal = random_crops(normal, config.train_crop, simulation_g)
-        batch = simulate_anomalies(normal, sources, recipe, simulation_g)
+        batch = step_batch(images, order, step, steps_per_epoch, sources, config, recipe, launch, simulation_g)
 
         # step
         out, total, parts = train_step(net, batch, optimizer, scaler, autocast, focal, config.sspcab)
@@ -307,14 +356,19 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             check_finite(first_bad, ckpt_path)
             if args.visualize and writer:
                 log_image_grid(writer, batch, out, done)
-            evaluate_now = test_set is not None and (
-                done == total_steps or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0))
-            if writes and ((epoch + 1) % args.save_every == 0 or done == total_steps or evaluate_now):
+            last = done == total_steps
+            evaluate_now = test_set is not None and (last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0))
+            calibrate_now = held_out is not None and last
+            if writes and ((epoch + 1) % args.save_every == 0 or last or evaluate_now):
                 save(done)
             if writes and evaluate_now:
                 metrics = {"epoch": epoch + 1, **evaluate_category(model, test_set, device, config.channel_order)}
                 for key in METRICS:
                     writer.add_scalar(f"test/{key}", metrics[key], done)
+            if writes and calibrate_now:
+                calibration = calibrate_held_out(model, held_out, [paths[i].name for i in held], config,
+                                                 args.false_alarm_rate, device)
+            if writes and (evaluate_now or calibrate_now):
                 save(done)
                 model.train()
 
@@ -362,6 +416,10 @@ def train(args: argparse.Namespace) -> None:
         except TrainingStopped as exc:
             print(exc, file=sys.stderr)
             sys.exit(130)
+    if args.preview:
+        for path in paths:
+            print(f"preview: {path}")
+        return
     if launch.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

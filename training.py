@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,7 +20,8 @@ from config import TrainConfig
 from data_loader import DataError
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
-from perlin import SyntheticBatch
+from perlin import SyntheticBatch, random_crops, simulate_anomalies
+from recipe import RECIPES, Recipe
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -148,6 +149,42 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int, device: torch.de
     order = torch.randperm(n, generator=g, device=device)
     extra = torch.randint(0, n, (steps * batch_size - n,), generator=g, device=device)
     return torch.cat((order, extra)).view(steps, batch_size)
+
+
+def calibration_holdout(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """--calibration_split: (training, held-out) indices into the sorted train/good files; which ones are
+    held out depends on the seed alone, so a resumed or repeated run holds out the same images."""
+    if share == 0:
+        return list(range(n)), []
+    held = round(share * n)
+    if not 0 < held < n:
+        raise DataError(f"--calibration_split {share:g} of {n} training images holds out {held}: it must leave at "
+                        f"least one image for each of training and calibration")
+    g = torch.Generator().manual_seed(stream_seed(seed, "calibration"))
+    order = torch.randperm(n, generator=g)
+    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
+
+
+def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, steps_per_epoch: int,
+               sources: torch.Tensor | None, config: TrainConfig, recipe: Recipe, launch: Launch,
+               generator: torch.Generator) -> SyntheticBatch:
+    """What step trains on: this rank's slice of its batch in the epoch's order (epoch_order), cropped when
+    the run crops, with anomalies simulated from the step's own random stream."""
+    normal = images[order[step % steps_per_epoch].view(launch.dp_size, config.bs)[launch.dp_rank]]
+    generator.manual_seed(stream_seed(config.seed, "simulation", launch.dp_rank, step))
+    if config.train_crop:
+        normal = random_crops(normal, config.train_crop, generator)
+    return simulate_anomalies(normal, sources, recipe, generator)
+
+
+def first_samples(images: torch.Tensor, sources: torch.Tensor | None, config: TrainConfig, count: int,
+                  steps_per_epoch: int, launch: Launch = Launch()) -> SyntheticBatch:
+    """The first count samples the first steps train on (--preview), drawn exactly as the loop draws them."""
+    recipe, generator, parts = RECIPES[config.recipe], torch.Generator(images.device), []
+    for step in range(math.ceil(count / config.bs)):
+        order = epoch_order(len(images), config.bs * launch.dp_size, config.seed, step // steps_per_epoch, images.device)
+        parts.append(step_batch(images, order, step, steps_per_epoch, sources, config, recipe, launch, generator))
+    return SyntheticBatch(*(torch.cat([getattr(b, f.name) for b in parts])[:count] for f in fields(SyntheticBatch)))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def to_bgr_u8(image: torch.Tensor) -> np.ndarray:
@@ -87,3 +88,34 @@ def write_png(path: Path, image: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), image):
         raise OSError(f"cannot write {path}")
+
+
+def sample_grid(normal: torch.Tensor, augmented: torch.Tensor, masks: torch.Tensor, title: str,
+                per_row: int = 2) -> np.ndarray:
+    """Simulated training samples as labelled triples (normal | simulated anomaly | its mask), per_row triples
+    to a row, under a title line: (B, 3, H, W) BGR in [0, 1] images and (B, 1, H, W) masks. Small images are
+    enlarged (nearest neighbour) to at least 192 pixels wide so that the labels stay readable."""
+    zoom = -(-192 // normal.shape[-1])
+    if zoom > 1:
+        normal, augmented, masks = (F.interpolate(t.float(), scale_factor=zoom, mode="nearest")
+                                    for t in (normal, augmented, masks))
+    height, width = normal.shape[-2:]
+    scale = float(np.clip(width / 320, 0.35, 1.0))
+    line = round(26 * scale) + 6
+    cells = []
+    for i in range(len(normal)):
+        mask = masks[i].expand(3, -1, -1)
+        share = masks[i].float().mean().item()
+        tiles = [to_bgr_u8(t) for t in (normal[i], augmented[i], mask)]
+        labels = (f"#{i + 1} normal", "simulated anomaly" if share else "no anomaly drawn", f"mask ({share:.1%})")
+        strip = np.full((line, 3 * width, 3), HEADER_BG, np.uint8)
+        for j, label in enumerate(labels):
+            put_text(strip, label, j * width + 4, line - 8, scale, width - 8)
+        cell = np.concatenate([strip, np.concatenate(tiles, axis=1)], axis=0)
+        cells.append(cv2.copyMakeBorder(cell, 0, 4, 0, 4, cv2.BORDER_CONSTANT, value=(255, 255, 255)))
+    cells += [np.full_like(cells[0], 255)] * (-len(cells) % per_row)
+    rows = [np.concatenate(cells[i:i + per_row], axis=1) for i in range(0, len(cells), per_row)]
+    body = np.concatenate(rows, axis=0)
+    top = np.full((line, body.shape[1], 3), HEADER_BG, np.uint8)
+    put_text(top, title, 4, line - 8, scale, body.shape[1] - 8)
+    return np.concatenate([top, body], axis=0)

@@ -13,8 +13,8 @@ meta = session.get_modelmeta().custom_metadata_map
 height, width = map(int, meta["image_size"].split("x"))
 
 image = cv2.imread(sys.argv[2], cv2.IMREAD_UNCHANGED)  # prepared as test_draem.py prepares it:
-if image.dtype == np.uint16:
-    image = (image >> 8).astype(np.uint8)  # 16-bit: its top byte
+if image.dtype == np.uint16:  # 16-bit file of bit_depth-bit data: its top 8 bits
+    image = np.minimum(image >> (int(meta.get("bit_depth", 16)) - 8), 255).astype(np.uint8)
 if image.ndim == 2:
     image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)  # grayscale: three equal channels
 elif image.shape[2] == 4:

@@ -12,7 +12,8 @@ from summary import configuration_means, seed_summaries
 # A different value for every field of the identity: each must change the run's name.
 CHANGED = {"category": "bottle", "image_size": (256, 512), "train_crop": (128, 128), "base_width": 64,
            "seg_base_width": 32, "recipe": "paper", "sspcab": True, "bs": 16, "lr": 2e-4, "epochs": 800, "seed": 1,
-           "amp": "bf16", "processes": 4, "sync_bn": True, "channel_order": "RGB"}
+           "amp": "bf16", "processes": 4, "sync_bn": True, "channel_order": "RGB",
+           "bit_depth": 12, "calibration_split": 0.1}
 
 
 def test_every_setting_that_shapes_the_weights_changes_the_run_name():
@@ -31,6 +32,14 @@ def test_every_setting_that_shapes_the_weights_changes_the_run_name():
     # ... but the same data at another path is the same one
     moved = dataclasses.replace(base, data_path="/mnt/other", anomaly_source_path="/mnt/dtd")
     assert moved.run_name() == base.run_name() and base.differences(moved) == []
+
+
+def test_settings_added_later_keep_older_names_at_their_earlier_value():
+    older = TrainConfig.from_dict({"category": "carpet", "seed": 3, "anomaly_source_path": "/dtd"})  # no bit_depth
+    assert older.bit_depth == "auto" and older.calibration_split == 0.0
+    assert dataclasses.replace(older, bit_depth=8).run_name() == older.run_name()  # 8-bit data read as before
+    assert dataclasses.replace(older, bit_depth=12).run_name() != older.run_name()
+    assert dataclasses.replace(older, calibration_split=0.1).run_name() != older.run_name()
 
 
 def fmt(value):
