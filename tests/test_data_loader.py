@@ -1,10 +1,12 @@
+import argparse
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from data_loader import (CATEGORIES, DataError, load_anomaly_sources, load_test_set, load_train_images,
-                         resolve_categories)
+from data_loader import (CATEGORIES, DataError, decode, detect_bit_depth, file_bit_depth, load_anomaly_sources,
+                         load_test_set, load_train_images, parse_bit_depth, resolve_categories)
 
 
 def write_mixed_folder(folder):
@@ -127,3 +129,46 @@ def test_a_pure_red_file_lands_in_channel_2_everywhere(tmp_path):
     for images in (train, test, scored):
         assert torch.equal(images[0, :, 5, 5], expected)
         assert (images[0, 2] == 255).all() and (images[0, :2] == 0).all()
+
+
+def test_bit_depth_of_a_file_is_the_smallest_depth_holding_its_largest_value(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {"eight.png": rng.integers(0, 256, (20, 20), dtype=np.uint8), "eight.jpg": np.full((8, 8), 200, np.uint8),
+             "small16.png": np.full((8, 8), 200, np.uint16), "ten.png": np.full((8, 8), 1023, np.uint16),
+             "twelve.png": np.full((8, 8), 4095, np.uint16), "twelve.tiff": np.full((8, 8), 4000, np.uint16),
+             "fourteen.png": np.full((8, 8), 4096, np.uint16), "sixteen.png": np.full((8, 8), 65535, np.uint16)}
+    for name, image in cases.items():
+        cv2.imwrite(str(tmp_path / name), image)
+    depths = {name: file_bit_depth(tmp_path / name) for name in cases}
+    assert depths == {"eight.png": 8, "eight.jpg": 8, "small16.png": 8, "ten.png": 10, "twelve.png": 12,
+                      "twelve.tiff": 12, "fourteen.png": 14, "sixteen.png": 16}
+    assert detect_bit_depth([tmp_path / n for n in ("eight.png", "twelve.png", "ten.png")]) == 12
+
+
+def test_twelve_bit_data_in_a_sixteen_bit_file_reads_as_its_eight_bit_original(tmp_path):
+    rng = np.random.default_rng(1)
+    eight = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    below = rng.integers(0, 16, eight.shape, dtype=np.uint16)  # the 4 bits under the kept 8
+    cv2.imwrite(str(tmp_path / "twelve.png"), (eight.astype(np.uint16) << 4) | below)
+    cv2.imwrite(str(tmp_path / "full.png"), (eight.astype(np.uint16) << 8) | (below << 4))
+    assert np.array_equal(decode(tmp_path / "twelve.png", 12), eight)
+    assert np.array_equal(decode(tmp_path / "full.png", 16), eight)  # full range: the top byte, as before
+    assert np.array_equal(decode(tmp_path / "full.png"), eight)  # the default when no depth is known
+    assert decode(tmp_path / "twelve.png", 16).max() <= 15  # why 12-bit data needs its depth: nearly black
+
+
+def test_values_above_the_depth_saturate_with_one_warning(tmp_path, capsys):
+    import data_loader
+    data_loader._reported_depths.clear()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), np.full((8, 8), 5000, np.uint16))  # above 4095
+    assert (decode(tmp_path / "a.png", 12) == 255).all() and (decode(tmp_path / "b.png", 12) == 255).all()
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "a.png holds values up to 5000, above the 12-bit range" in err
+
+
+def test_bit_depth_flag_values():
+    assert parse_bit_depth("auto") == "auto" and parse_bit_depth("12") == 12
+    for bad in ("9", "0", "32", "twelve"):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto or one of 8, 10, 12, 14, 16"):
+            parse_bit_depth(bad)

@@ -3,14 +3,16 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import train_draem
-from data_loader import DataError
+from data_loader import DataError, list_images, load_images
 from demo import DEMO_DEFAULTS
 from helpers import ROOT, TINY, tiny_dataset
 from recipe import RECIPES
+from training import calibration_holdout
 
 
 def test_demo_settings_are_defaults_that_explicit_flags_override(tmp_path, monkeypatch):
@@ -140,3 +142,46 @@ def test_save_every_and_eval_every(tmp_path, monkeypatch):
     events = EventAccumulator(str(tmp_path / "logs" / ckpt.stem)).Reload()
     assert [e.step for e in events.Scalars("test/image_auroc")] == [6, 12]
     assert torch.load(ckpt, weights_only=True)["metrics"]["epoch"] == 4
+
+
+def test_preview_shows_exactly_what_the_first_steps_train_on(tmp_path, monkeypatch, capsys):
+    shown, trained = [], []
+    monkeypatch.setattr(train_draem, "sample_grid", lambda normal, augmented, masks, title: (
+        shown.append((normal, augmented, masks)), np.zeros((8, 8, 3), np.uint8))[1])
+    run_main(monkeypatch, tmp_path, "--preview", "6", "--train_crop", "32", "--image_size", "64")
+    path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("preview: ")
+    assert (tmp_path / path).is_file() and not list(tmp_path.glob("checkpoints/*.pt"))  # written; nothing trained
+
+    def observe(real, net, batch, *rest):
+        trained.append((batch.image.clone(), batch.augmented.clone(), batch.mask.clone()))
+        return real(net, batch, *rest)
+    run_main(monkeypatch, tmp_path / "run", "--epochs", "1", "--eval_every", "-1", "--train_crop", "32",
+             "--image_size", "64", wrap_step=observe)
+    for got, first in zip(shown[0], (torch.cat(t)[:6] for t in zip(*trained))):  # steps of 4: the first two
+        assert torch.equal(got, first)
+
+
+def test_held_out_images_are_not_trained_on(tmp_path, monkeypatch):
+    seen = []
+
+    def observe(images, *rest):
+        seen.append(images)
+        return real_step_batch(images, *rest)
+    real_step_batch = train_draem.step_batch
+    monkeypatch.setattr(train_draem, "step_batch", observe)
+    data = run_main(monkeypatch, tmp_path, "--epochs", "1", "--eval_every", "-1", "--calibration_split", "0.25")
+    paths = list_images(data / "weave" / "train" / "good")
+    kept, held = calibration_holdout(len(paths), 0.25, 0)
+    assert len(seen[0]) == len(kept) == 9
+    assert torch.equal(seen[0], load_images([paths[i] for i in kept], 32))
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--bit_depth", "9"], "argument --bit_depth: expected auto or one of 8, 10, 12, 14, 16"),
+    (["--calibration_split", "1"], "--calibration_split 1: expected a share in [0, 1)"),
+    (["--false_alarm_rate", "0"], "--false_alarm_rate 0: expected a share in (0, 1)"),
+    (["--preview", "0"], "--preview N: N must be at least 1")])
+def test_bad_training_flags_get_one_line(flags, expect, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train_draem.parse_args(["--data_path", "x", *flags])
+    assert stopped.value.code == 2 and expect in capsys.readouterr().err

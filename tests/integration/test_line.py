@@ -1,0 +1,153 @@
+"""Ready for the line: thresholds from good images, camera bit depths and tiled scoring, end to end."""
+import csv
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from calibration import calibrate
+from checkpoint import load_checkpoint, model_from_checkpoint
+from data_loader import list_images, load_images, load_test_set
+from evaluate import predict
+from helpers import TINY, run_script, tiny_dataset
+from metrics import image_scores
+from tiling import TiledModel
+from training import calibration_holdout
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """A run on good images alone: no evaluation, a quarter of train/good held out to calibrate on."""
+    work = tmp_path_factory.mktemp("line")
+    data = tiny_dataset(work / "data")
+    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+               "--epochs", "2", "--eval_every", "-1", "--calibration_split", "0.25", "--false_alarm_rate", "0.4",
+               *TINY, cwd=work)
+    return work, data, next((work / "checkpoints").glob("*.pt"))
+
+
+def scores_and_maxima(checkpoint, images):
+    model, info = model_from_checkpoint(checkpoint)
+    maps, _ = predict(model, images, torch.device("cpu"))
+    return image_scores(maps).numpy(), maps.flatten(1).amax(1).numpy()
+
+
+def test_calibration_split_holds_out_seeded_images_and_the_run_ends_with_their_thresholds(calibrated):
+    work, data, ckpt = calibrated
+    info = load_checkpoint(ckpt).info
+    paths = list_images(data / "weave" / "train" / "good")
+    _, held = calibration_holdout(len(paths), 0.25, seed=0)
+    assert info.config["calibration_split"] == 0.25 and len(held) == 3
+    assert info.calibration["held_out"] == [paths[i].name for i in held]
+    assert calibration_holdout(len(paths), 0.25, seed=0)[1] == held != calibration_holdout(len(paths), 0.25, seed=1)[1]
+    scores, maxima = scores_and_maxima(ckpt, load_images([paths[i] for i in held], 32))
+    expected = calibrate(scores, maxima, 0.4, "")
+    for kind in ("image", "pixel"):
+        assert info.calibration[kind]["threshold"] == expected[kind]["threshold"]
+        assert info.calibration[kind]["flagged"] == expected[kind]["flagged"] <= 1  # floor(0.4 * 3)
+    assert info.metrics == {} and info.threshold("image") == expected["image"]["threshold"]
+
+
+def test_threshold_auto_uses_the_calibrated_thresholds_and_says_so(calibrated, tmp_path):
+    work, data, ckpt = calibrated
+    proc = run_script("test_draem.py", "--checkpoint", ckpt, "--images", data / "weave" / "test", "--out", tmp_path,
+                      "--threshold", "auto", "--pixel_threshold", "auto", "--device", "cpu", cwd=work)
+    threshold = load_checkpoint(ckpt).info.calibration["image"]["threshold"]
+    assert f"image threshold: {threshold:.6g} (calibrated for 40 % false alarms on 3 good images" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert rows and all((r["verdict"] == "ANOMALY") == (float(r["score"]) >= threshold) for r in rows)
+    assert all(r["mask"] for r in rows)  # the calibrated pixel threshold drew defect masks
+
+
+def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrated, tmp_path):
+    work, data, ckpt = calibrated
+    copy = tmp_path / ckpt.name
+    shutil.copy(ckpt, copy)
+    good = data / "weave" / "test" / "good"
+    proc = run_script("test_draem.py", "--checkpoint", copy, "--calibrate", good, "--false_alarm_rate", "0.25",
+                      "--device", "cpu", cwd=work)
+    assert "4 images cannot show a false-alarm rate of at most 25 %: that takes at least 11 good images" in proc.stdout
+    before, after = load_checkpoint(ckpt), load_checkpoint(copy)
+    scores, maxima = scores_and_maxima(ckpt, load_images(list_images(good), 32))
+    expected = calibrate(scores, maxima, 0.25, f"folder {good}")
+    assert after.info.calibration == expected  # in place, computed from these good images ...
+    assert all(torch.equal(after.reconstructive[k], v) for k, v in before.reconstructive.items())  # ... all else kept
+    assert after.info.config == before.info.config and after.optimizer is not None
+    pytest.importorskip("onnxruntime")
+    from onnx_model import load_onnx
+    run_script("export_draem.py", "--checkpoint", copy, "--out", tmp_path / "m.onnx", cwd=work)
+    assert load_onnx(tmp_path / "m.onnx")[1].calibration == expected
+    run_script("test_draem.py", "--checkpoint", tmp_path / "m.onnx", "--calibrate", good, "--false_alarm_rate", "0.5",
+               "--device", "cpu", cwd=work)
+    stored = load_onnx(tmp_path / "m.onnx")[1]
+    assert stored.calibration["false_alarm_rate"] == 0.5 and stored.threshold("image") == stored.calibration["image"]["threshold"]
+
+
+def test_tiled_onnx_equals_tiled_pytorch(calibrated, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from onnx_model import load_onnx
+    work, data, ckpt = calibrated
+    run_script("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx", cwd=work)
+    images = load_test_set(data, "weave", None).images[:4]  # 160x160: tiles of 32 overlapping by 8
+    model, _ = model_from_checkpoint(ckpt)
+    exported, _ = load_onnx(tmp_path / "m.onnx")
+    cpu = torch.device("cpu")
+    reference, _ = predict(TiledModel(model, (32, 32), 8, 16), images, cpu, batch_size=1)
+    maps, _ = predict(TiledModel(exported, (32, 32), 8, 16), images, cpu, batch_size=1)
+    assert maps.shape == (4, 160, 160)
+    torch.testing.assert_close(maps, reference, rtol=0, atol=1e-4)
+
+
+def test_twelve_bit_camera_images_train_and_score_like_their_eight_bit_originals(tmp_path):
+    data = tiny_dataset(tmp_path / "data")
+    rng = np.random.default_rng(0)
+    for path in list_images(data / "weave" / "train" / "good"):  # the training set as a 12-bit camera stores it
+        image = cv2.imread(str(path)).astype(np.uint16)
+        cv2.imwrite(str(path.with_suffix(".png")), (image << 4) | rng.integers(0, 16, image.shape, dtype=np.uint16))
+    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--epochs", "1", "--eval_every", "-1",
+               *TINY, cwd=tmp_path)
+    ckpt = next((tmp_path / "checkpoints").glob("*.pt"))
+    assert load_checkpoint(ckpt).info.bit_depth == 12  # auto, from the largest value
+    original = cv2.imread(str(data / "weave" / "test" / "stain" / "000.png"))
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "eight.png"), original)
+    cv2.imwrite(str(folder / "twelve.png"), (original.astype(np.uint16) << 4) | 9)
+    cv2.imwrite(str(folder / "full.png"), (original.astype(np.uint16) << 8) | 200)
+    run_script("test_draem.py", "--checkpoint", ckpt, "--images", folder, "--out", tmp_path / "out", "--device",
+               "cpu", cwd=tmp_path)
+    run_script("test_draem.py", "--checkpoint", ckpt, "--images", folder / "full.png", "--bit_depth", "16",
+               "--out", tmp_path / "full", "--device", "cpu", cwd=tmp_path)
+    score = {r["path"].rsplit("/", 1)[-1]: float(r["score"]) for name in ("out", "full")
+             for r in csv.DictReader(open(tmp_path / name / "scores.csv"))}
+    assert score["twelve.png"] == pytest.approx(score["eight.png"], abs=1e-4)
+    assert score["full.png"] == pytest.approx(score["eight.png"], abs=1e-4)  # full range: the top byte, as before
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--calibrate", "{good}", "--false_alarm_rate", "0"], "argument --false_alarm_rate: expected a share of good "
+                                                            "images in (0, 1)"),
+    (["--calibrate", "{good}", "--false_alarm_rate", "1.5"], "argument --false_alarm_rate"),
+    (["--calibrate", "{broken}"], "error: --calibrate {broken}: none of the 1 image(s) could be read"),
+    (["--calibrate", "{empty}"], "error: --calibrate {empty} holds no images"),
+    (["--images", "{good}", "--tile", "100"], "argument --tile: expected N or HxW"),
+    (["--images", "{good}", "--tile", "256"], "is smaller than --tile 256x256"),
+    (["--data_path", "{data}", "--tile", "256"], "error: --tile 256x256 is larger than the test images (160x160)"),
+    (["--images", "{good}", "--tile", "32", "--tile_overlap", "32"], "error: --tile_overlap 32 is not smaller"),
+    (["--images", "{good}", "--bit_depth", "9"], "argument --bit_depth: invalid choice: 9")])
+def test_bad_scoring_input_gets_one_line(calibrated, tmp_path, capsys, flags, expect):
+    import test_draem
+    work, data, ckpt = calibrated
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_text("not a png")
+    (tmp_path / "empty").mkdir()
+    places = {"good": data / "weave" / "test" / "good", "broken": tmp_path / "broken", "empty": tmp_path / "empty",
+              "data": data}
+    with pytest.raises(SystemExit) as stopped:
+        test_draem.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--device", "cpu",
+                         *[f.format(**places) for f in flags]])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and expect.format(**places) in err and "Traceback" not in err
+    assert load_checkpoint(ckpt).info.calibration["false_alarm_rate"] == 0.4  # nothing stored by a failed run
