@@ -92,6 +92,10 @@ def describe(calibration: dict) -> list[str]:
                      f"({percent(point['observed_rate'])}); true rate at most {percent(point['upper_bound'])} "
                      f"({percent(calibration['confidence'])} confidence)")
     if max(calibration[k]["upper_bound"] for k in ("image", "pixel")) > rate:
-        lines.append(f"  {n} images cannot show a false-alarm rate of at most {percent(rate)}: that takes at least "
-                     f"{needed} good images with none flagged")
+        if n < needed:
+            lines.append(f"  {n} images cannot show a false-alarm rate of at most {percent(rate)}: that takes at least "
+                         f"{needed} good images with none flagged")
+        else:
+            lines.append(f"  flagged images keep the bound above {percent(rate)}: {n} images show it only when none "
+                         f"of them is flagged (a stricter --false_alarm_rate)")
     return lines

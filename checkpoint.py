@@ -142,9 +142,9 @@ def store_calibration(path: Path, calibration: dict) -> None:
     """Add calibrated thresholds to a checkpoint of this project, in place and atomically (all else kept)."""
     state = read(path)
     if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: calibrated thresholds are stored in this project's .pt and .onnx files, not "
-                              f"in official or anomalib checkpoints; export it (export_draem.py) and calibrate the "
-                              f".onnx file")
+        raise CheckpointError(f"{path}: calibrated thresholds are stored in this project's .pt, .onnx and .xml "
+                              f"files, not in official or anomalib checkpoints; export it (export_draem.py) and "
+                              f"calibrate the export")
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
         raise CheckpointError(f"{path} cannot be written: the calibrated thresholds were not stored")
     write_atomically(state | {"calibration": calibration}, path)

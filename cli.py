@@ -2,6 +2,7 @@
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,24 @@ def pick_device(name: str = "auto", gpu_id: int | None = None) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DataError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as Linux reports them."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """--amp for scoring: bf16 where the device computes it natively, fp16 on GPUs only."""
+    if device.type == "cpu" and amp == "fp16":
+        raise DataError("--amp fp16 is for GPUs; on the CPU use --amp bf16 (where the CPU has it) or off")
+    if device.type == "cpu" and amp == "bf16" and not cpu_has_bf16():
+        raise DataError("--amp bf16: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16); bf16 would be "
+                        "emulated, slower than fp32: use --amp off")
 
 
 @contextmanager

@@ -4,6 +4,8 @@ Image score = max of the 21x21 mean-filtered anomaly map; image AUROC / AP over 
 AUROC / AP / AUPRO over the pixels of every image whose pixel labels are known (good images, and defect
 images with a mask), pooled. One sort for the images and one for the pixels serve every metric.
 """
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
@@ -12,6 +14,8 @@ from metrics import (METRICS, auroc, auroc_from_counts, average_precision, avera
                      curve_points, image_operating_points, image_scores, pixel_metrics, rank, roc_pr_counts,
                      threshold_values)
 from model_unet import DraemModel
+
+SCORING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 MASK_PROTOCOLS = {
     "standard": lambda m: m >= 128,  # bilinearly resized mask > 0.5
@@ -25,15 +29,17 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def predict(model: DraemModel, images: torch.Tensor, device: torch.device, channel_order: str = "BGR",
-            batch_size: int = 16, keep_reconstructions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            batch_size: int = 16, keep_reconstructions: bool = False, amp: str = "off"
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Anomaly maps (N, H, W) float32 on device for (N, 3, H, W) uint8 BGR images; optionally reconstructions.
+    amp "bf16" (or "fp16" on a GPU) runs the networks under autocast; the maps are returned in float32.
 
     When a batch does not fit in memory (large images), the batch size is halved until it does, with a
     note; an image that does not fit alone is a one-line error.
     """
     while True:
         try:
-            return predict_batches(model, images, device, channel_order, batch_size, keep_reconstructions)
+            return predict_batches(model, images, device, channel_order, batch_size, keep_reconstructions, amp)
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
             if not out_of_memory(exc):
                 raise
@@ -50,14 +56,17 @@ def predict(model: DraemModel, images: torch.Tensor, device: torch.device, chann
 
 @torch.inference_mode()
 def predict_batches(model: DraemModel, images: torch.Tensor, device: torch.device, channel_order: str,
-                    batch_size: int, keep_reconstructions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    model.eval().to(device)  # fp32: the metrics must not depend on the training precision
+                    batch_size: int, keep_reconstructions: bool, amp: str = "off"
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    model.eval().to(device)  # fp32 unless amp is asked for: the metrics must not depend on the training precision
+    autocast = torch.autocast(device.type, dtype=SCORING_DTYPES[amp]) if amp != "off" else nullcontext()
     maps, recs = [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True).float() / 255
         x = x.flip(1) if channel_order == "RGB" else x
-        out = model(x.contiguous(memory_format=torch.channels_last))
-        maps.append(out.anomaly_map)
+        with autocast:
+            out = model(x.contiguous(memory_format=torch.channels_last))
+        maps.append(out.anomaly_map.float())
         if keep_reconstructions:
             rec = out.reconstruction.float()
             recs.append((rec.flip(1) if channel_order == "RGB" else rec).cpu())
@@ -65,9 +74,10 @@ def predict_batches(model: DraemModel, images: torch.Tensor, device: torch.devic
 
 
 def evaluate(model: DraemModel, test_set: TestSet, device: torch.device, channel_order: str = "BGR",
-             batch_size: int = 16, mask_protocol: str = "standard", keep_reconstructions: bool = False) -> dict:
+             batch_size: int = 16, mask_protocol: str = "standard", keep_reconstructions: bool = False,
+             amp: str = "off") -> dict:
     """Metrics, operating points, per-defect-type rows, curves and how many defect images had a mask."""
-    maps, recs = predict(model, test_set.images, device, channel_order, batch_size, keep_reconstructions)
+    maps, recs = predict(model, test_set.images, device, channel_order, batch_size, keep_reconstructions, amp)
     scores = image_scores(maps)
     labels = test_set.labels.to(device)
     masks = MASK_PROTOCOLS[mask_protocol](test_set.masks[:, 0].to(device))

@@ -1,43 +1,83 @@
-"""Export a DRAEM checkpoint to one ONNX file with the whole scoring inside.
+"""Export a DRAEM checkpoint for inference without PyTorch: ONNX or OpenVINO IR, fp32, bf16 or int8.
 
     python export_draem.py --checkpoint checkpoints/DRAEM_bottle_....pt --out bottle.onnx
     python export_draem.py --checkpoint DRAEM_seg_large_ae_large_0.0001_800_bs8_bottle_.pckl --out bottle.onnx
-    python test_draem.py --checkpoint bottle.onnx --images photos/ --out heatmaps/     # check it before shipping
+    python export_draem.py --checkpoint ckpt.pt --format openvino --precision int8 --out bottle.xml --check ./datasets/mvtec
+    python export_draem.py --checkpoint ckpt.pt --check ./datasets/mvtec --compare bottle.xml   # gate an earlier export
 
 The graph takes a batch of BGR images `images` (N, 3, H, W), float32 in [0, 1], N free, and returns
 `anomaly_map` (N, H, W), `image_score` (N) by the official protocol and `reconstruction` (N, 3, H, W, BGR).
-The file's metadata holds the category, image size, channel order, training configuration and, when the
-checkpoint has them, the operating thresholds. Needs the packages in requirements-export.txt.
+The file's metadata holds the category, image size, channel order, bit depth, precision, training
+configuration and, when the checkpoint has them, the thresholds. --check scores the labelled test set with
+the export and with the checkpoint, side by side, and exits with status 1 when the export fails the
+accuracy gate. ONNX needs requirements-export.txt; OpenVINO and int8 for it requirements-deploy.txt.
 """
 import argparse
+import sys
 from pathlib import Path
 
-from cli import one_line_errors
+from accuracy_gate import compare, gate_lines
+from cli import one_line_errors, pick_device
 from data_loader import parse_size
-from onnx_model import OUTPUTS, export
+from deploy import MAX_CALIBRATION_IMAGES, PRECISIONS, export_model
+from onnx_graph import OUTPUTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="this project's .pt, an official .pckl (either of the pair) or an anomalib checkpoint")
-    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    p.add_argument("--image_size", type=parse_size,
-                   help="N or HxW the graph takes, sides multiples of 32 (default: the checkpoint's; 256 for "
-                        "official and anomalib checkpoints)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    a = p.add_argument
+    a("--checkpoint", type=Path, required=True,
+      help="this project's .pt, an official .pckl (either of the pair) or an anomalib checkpoint")
+    a("--out", type=Path, help="the file to write: .onnx, or .xml for OpenVINO (its .bin is written beside it)")
+    a("--format", choices=sorted(PRECISIONS), default="onnx", help="onnx (ONNX Runtime) or openvino (default onnx)")
+    a("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+      help="fp32; bf16 (openvino, on CPUs with bf16 instructions); int8 (post-training quantization) (default fp32)")
+    a("--calibration_images", type=Path,
+      help="with --precision int8: good images to calibrate the quantization on (default: the checkpoint's "
+           "train/good, when reachable)")
+    a("--calibration_count", type=int, default=MAX_CALIBRATION_IMAGES,
+      help=f"with --precision int8: at most this many of them, evenly spaced (default {MAX_CALIBRATION_IMAGES})")
+    a("--image_size", type=parse_size,
+      help="N or HxW the graph takes, sides multiples of 32 (default: the checkpoint's; 256 for official and "
+           "anomalib checkpoints)")
+    a("--check", type=Path, metavar="DATA",
+      help="then score the labelled test set under DATA with the export and with the checkpoint, side by side; "
+           "exit status 1 when the export fails the accuracy gate")
+    a("--compare", type=Path, metavar="FILE", help="with --check: gate this earlier export instead of exporting")
+    a("--obj_id", help="with --check: the category to score (default: the checkpoint's)")
+    a("--batch_size", type=int, default=16, help="with --check: images per forward pass (default 16)")
+    a("--device", default="cpu", help="with --check: where PyTorch scores (default cpu)")
+    a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.compare is not None and args.check is None:
+        p.error("--compare FILE needs --check DATA")
+    if args.compare is None and args.out is None:
+        p.error("--out is required (or --check DATA --compare FILE to gate an earlier export)")
+    if args.calibration_count < 1:
+        p.error("--calibration_count must be at least 1")
     with one_line_errors(args.debug):
-        props = export(args.checkpoint, args.out, args.image_size)
-        size_mib = args.out.stat().st_size / 2 ** 20
-        print(f"wrote {args.out} ({size_mib:.1f} MiB): images (N, 3, {props['image_size'].replace('x', ', ')}) BGR "
-              f"in [0, 1] -> {', '.join(OUTPUTS)}; category {props['category'] or '-'}; thresholds: "
-              f"image {props.get('image_threshold', 'none')}, pixel {props.get('pixel_threshold', 'none')}")
+        exported = args.compare
+        if exported is None:
+            props = export_model(args.checkpoint, args.out, args.format, args.precision, args.image_size,
+                                 args.calibration_images, args.calibration_count)
+            exported = args.out
+            size_mib = sum(f.stat().st_size for f in (args.out, args.out.with_suffix(".bin")) if f.is_file()) / 2 ** 20
+            print(f"wrote {args.out} ({size_mib:.1f} MiB, {args.format} {args.precision}): images (N, 3, "
+                  f"{props['image_size'].replace('x', ', ')}) BGR in [0, 1] -> {', '.join(OUTPUTS)}; category "
+                  f"{props['category'] or '-'}; thresholds: image {props.get('image_threshold', 'none')}, pixel "
+                  f"{props.get('pixel_threshold', 'none')}")
+        if args.check is not None:
+            result = compare(args.checkpoint, exported, args.check, pick_device(args.device), args.obj_id,
+                             args.batch_size)
+            for line in gate_lines(result, f"{exported.name}"):
+                print(line)
+            if result["failures"]:
+                sys.exit(1)
 
 
 if __name__ == "__main__":

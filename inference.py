@@ -35,6 +35,7 @@ class Scoring:
     tile_overlap: float = 0  # pixels, or a fraction of the tile below 1
     batch_size: int = 16  # images per forward pass; tiles per pass when tiled
     workers: int | None = None
+    amp: str = "off"  # bf16: PyTorch networks under autocast (exported files run at their own precision)
 
     def size_for(self, info: ModelInfo) -> tuple[int, int] | None:
         """The size images are resized to (None: kept at their own size, for tiling)."""
@@ -49,7 +50,7 @@ def scoring_model(path: Path, device: torch.device, scoring: Scoring) -> tuple[o
     if scoring.tile is None:
         return load_model(path, device, scoring.image_size)
     model, info = load_model(path, device)
-    if info.source == "onnx" and tuple(scoring.tile) != info.image_size:
+    if info.source in ("onnx", "openvino") and tuple(scoring.tile) != info.image_size:
         h, w = info.image_size
         raise CheckpointError(f"--tile {scoring.tile[0]}x{scoring.tile[1]}: {path} was exported for {h}x{w} tiles; "
                               f"use --tile {h}x{w}, or export again with --image_size at the tile size")
@@ -125,7 +126,7 @@ def scored_chunks(model, info: ModelInfo, paths: list[Path], device: torch.devic
         for group in groups:
             batch = to_tensor([resize(image, size) if size else image for _, image in group])
             maps, recs = predict(model, batch, device, info.channel_order, images_per_pass(scoring),
-                                 keep_reconstructions)
+                                 keep_reconstructions, scoring.amp)
             yield ScoredChunk(group, maps, recs, [])
 
 

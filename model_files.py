@@ -1,4 +1,4 @@
-"""Which file holds which kind of model: PyTorch checkpoints (checkpoint.py) or ONNX exports (onnx_model.py)."""
+"""Which file holds which kind of model: PyTorch checkpoints (checkpoint.py) or ONNX exports (onnx_graph.py)."""
 from pathlib import Path
 
 import torch
@@ -7,16 +7,21 @@ import checkpoint
 from checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
 from model_unet import DraemModel
 
-SUFFIXES = (".pt", ".pth", ".ckpt", ".pckl", ".onnx")
+SUFFIXES = (".pt", ".pth", ".ckpt", ".pckl", ".onnx", ".xml")
 
 
 def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | None = None
                ) -> tuple[DraemModel, ModelInfo]:
-    """A PyTorch checkpoint of any supported kind, or an ONNX file from export_draem.py (run by ONNX Runtime)."""
-    if path.suffix != ".onnx":
+    """A PyTorch checkpoint of any supported kind, or a file from export_draem.py: .onnx (run by ONNX Runtime)
+    or .xml (OpenVINO IR)."""
+    if path.suffix not in (".onnx", ".xml"):
         return model_from_checkpoint(path)
-    from onnx_model import load_onnx  # ONNX Runtime only when an .onnx file is asked for
-    model, info = load_onnx(path, device)
+    if path.suffix == ".onnx":
+        from onnx_graph import load_onnx  # ONNX Runtime only when an .onnx file is asked for
+        model, info = load_onnx(path, device)
+    else:
+        from openvino_model import load_openvino
+        model, info = load_openvino(path, device)
     if image_size and tuple(image_size) != model.size:
         raise CheckpointError(f"--image_size {image_size[0]}x{image_size[1]}: {path} was exported for "
                               f"{model.size[0]}x{model.size[1]} images; export again with that --image_size")
@@ -26,8 +31,11 @@ def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | N
 def store_calibration(path: Path, calibration: dict) -> None:
     """Calibrated thresholds into the model file itself: a .pt checkpoint or an .onnx export."""
     if path.suffix == ".onnx":
-        from onnx_model import store_calibration as store_in_onnx
+        from onnx_graph import store_calibration as store_in_onnx
         return store_in_onnx(path, calibration)
+    if path.suffix == ".xml":
+        from openvino_model import store_calibration as store_in_ir
+        return store_in_ir(path, calibration)
     checkpoint.store_calibration(path, calibration)
 
 

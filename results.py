@@ -133,7 +133,7 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
         if scoring.tile:
             check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
         out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), mask_protocol,
-                       keep_reconstructions=save_images)
+                       keep_reconstructions=save_images, amp=scoring.amp)
         run = unique_name(info.run, results)
         threshold = out["operating_points"]["image"]["threshold"]
         cases = test_cases(test_set, out["scores"].tolist(), threshold, run, save_images)

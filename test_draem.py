@@ -7,7 +7,7 @@
     python test_draem.py --checkpoint ckpt.pt --images big/ --tile 256 --tile_overlap 32          # large images
 
 Checkpoints: this project's .pt files, the official pair X_<category>_.pckl + X_<category>__seg.pckl (name
-either), anomalib checkpoints, or .onnx files from export_draem.py (run by ONNX Runtime). Protocol
+either), anomalib checkpoints, or files from export_draem.py: .onnx (run by ONNX Runtime) and .xml (OpenVINO). Protocol
 (official): image score = max of the 21x21 mean-filtered anomaly map; image AUROC / AP; pixel AUROC / AP
 over all test pixels pooled; AUPRO up to FPR 0.3. A folder of runs gets a mean per configuration and, for
 runs that differ only in --seed, a seed summary.
@@ -15,7 +15,7 @@ runs that differ only in --seed, a seed summary.
 import argparse
 from pathlib import Path
 
-from cli import one_line_errors, pick_device
+from cli import check_amp, one_line_errors, pick_device
 from data_loader import BIT_DEPTHS, parse_size
 from evaluate import MASK_PROTOCOLS
 from inference import Scoring, calibrate_on_folder, score_images
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="standard: masks binarised at 0.5; official: only pixels exactly 255 after resizing (default standard)")
     a("--batch_size", type=int, default=16, help="images per forward pass, and per chunk with --images (default 16)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--amp", choices=("off", "bf16", "fp16"), default="off",
+      help="PyTorch checkpoints under autocast: bf16 on CPUs with bf16 instructions and GPUs, fp16 on GPUs; "
+           "exported files run at their own precision (default off: fp32)")
     a("--workers", type=int, default=0, help="threads that decode images (default: up to 8)")
     a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
@@ -95,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.tile_overlap and not args.tile:
         parser.error("--tile_overlap needs --tile")
     scoring = Scoring(args.image_size, args.bit_depth, args.tile, args.tile_overlap, args.batch_size,
-                      args.workers or None)
+                      args.workers or None, args.amp)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
+        check_amp(args.amp, device)
         if args.calibrate is not None:
             calibrate_on_folder(args.checkpoint[0], args.calibrate, args.false_alarm_rate, device, scoring)
         elif args.images is not None:

@@ -76,7 +76,7 @@ def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrat
     assert all(torch.equal(after.reconstructive[k], v) for k, v in before.reconstructive.items())  # ... all else kept
     assert after.info.config == before.info.config and after.optimizer is not None
     pytest.importorskip("onnxruntime")
-    from onnx_model import load_onnx
+    from onnx_graph import load_onnx
     run_script("export_draem.py", "--checkpoint", copy, "--out", tmp_path / "m.onnx", cwd=work)
     assert load_onnx(tmp_path / "m.onnx")[1].calibration == expected
     run_script("test_draem.py", "--checkpoint", tmp_path / "m.onnx", "--calibrate", good, "--false_alarm_rate", "0.5",
@@ -87,7 +87,7 @@ def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrat
 
 def test_tiled_onnx_equals_tiled_pytorch(calibrated, tmp_path):
     pytest.importorskip("onnxruntime")
-    from onnx_model import load_onnx
+    from onnx_graph import load_onnx
     work, data, ckpt = calibrated
     run_script("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx", cwd=work)
     images = load_test_set(data, "weave", None).images[:4]  # 160x160: tiles of 32 overlapping by 8

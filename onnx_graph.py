@@ -27,12 +27,12 @@ FORMAT = "draem-onnx-v1"
 OUTPUTS = ["anomaly_map", "image_score", "reconstruction"]
 
 
-def require(module: str):
+def require(module: str, requirements: str = "requirements-export.txt"):
     """Import an optional package, or say in one line which requirements file brings it."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise DataError(f"the Python package {module} is not installed: pip install -r requirements-export.txt")
+        raise DataError(f"the Python package {module} is not installed: pip install -r {requirements}")
 
 
 class ScoringGraph(nn.Module):
@@ -55,7 +55,7 @@ def metadata(info: ModelInfo, size: tuple[int, int], source: Path) -> dict[str, 
             "recipe": str(config.get("recipe", "official")), "base_width": str(config["base_width"]),
             "seg_base_width": str(config["seg_base_width"]), "sspcab": str(bool(config.get("sspcab"))),
             "source_checkpoint": source.name, "source": info.source, "config": json.dumps(config),
-            "bit_depth": str(info.bit_depth), "operating_points": json.dumps(points),
+            "bit_depth": str(info.bit_depth), "precision": "fp32", "operating_points": json.dumps(points),
             "calibration": json.dumps(info.calibration),
             **{f"{kind}_threshold": str(info.threshold(kind)) for kind in ("image", "pixel")
                if info.threshold(kind) is not None}}
@@ -76,33 +76,46 @@ def export(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = Non
                           dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
                           external_data=False, verbose=False)
     proto = onnx.load(tmp)
+    tmp.unlink()
     props = metadata(info, size, checkpoint)
+    save_with_metadata(proto, props, out)
+    return props
+
+
+def with_calibration(props: dict[str, str], calibration: dict) -> dict[str, str]:
+    """Metadata with calibrated thresholds added; the plain thresholds readers see first become the
+    calibrated ones where the labelled test set gave none."""
+    props = props | {"calibration": json.dumps(calibration)}
+    for kind in ("image", "pixel"):
+        from_test_set = json.loads(props.get("operating_points", "{}")).get(kind, {}).get("threshold")
+        if from_test_set is None or math.isnan(from_test_set):
+            props[f"{kind}_threshold"] = str(calibration[kind]["threshold"])
+    return props
+
+
+def save_with_metadata(proto, props: dict[str, str], out: Path) -> None:
+    """Write an ONNX model with this metadata, via a temporary file beside out."""
+    onnx = require("onnx")
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
-    onnx.save(proto, out)
-    tmp.unlink()
-    return props
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        onnx.save(proto, tmp)
+        tmp.replace(out)
+    except OSError as exc:
+        raise CheckpointError(f"{out} cannot be written ({exc.strerror or exc})")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_metadata(proto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def store_calibration(path: Path, calibration: dict) -> None:
     """Add calibrated thresholds to an exported file's metadata, in place and atomically."""
-    onnx = require("onnx")
-    proto = onnx.load(path)
-    props = {p.key: p.value for p in proto.metadata_props} | {"calibration": json.dumps(calibration)}
-    for kind in ("image", "pixel"):  # the plain thresholds readers see first: the test set's when it has them
-        from_test_set = json.loads(props.get("operating_points", "{}")).get(kind, {}).get("threshold")
-        if from_test_set is None or math.isnan(from_test_set):
-            props[f"{kind}_threshold"] = str(calibration[kind]["threshold"])
-    onnx.helper.set_model_props(proto, props)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save(proto, tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        raise CheckpointError(f"{path} cannot be written ({exc.strerror or exc}): the calibrated thresholds were not "
-                              f"stored")
-    finally:
-        tmp.unlink(missing_ok=True)
+    proto = require("onnx").load(path)
+    save_with_metadata(proto, with_calibration(read_metadata(proto), calibration), path)
 
 
 class ExportedOutput(NamedTuple):
@@ -143,12 +156,18 @@ def load_onnx(path: Path, device: torch.device = torch.device("cpu")) -> tuple[O
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an export of this project (no '{FORMAT}' metadata): "
                               f"make one with export_draem.py")
+    info = info_from_metadata(meta, path, "onnx")
+    return OnnxDraem(session, info.image_size), info
+
+
+def info_from_metadata(meta: dict[str, str], path: Path, source: str) -> ModelInfo:
+    """What an exported file's metadata says about its model."""
     size = parse_size(meta["image_size"])
     config = json.loads(meta["config"]) if "config" in meta else {
         "recipe": meta["recipe"], "base_width": int(meta["base_width"]), "seg_base_width": int(meta["seg_base_width"])}
     # The graph takes BGR at its own size, whatever the checkpoint was trained on.
     config |= {"image_size": list(size), "channel_order": "BGR", "bit_depth": int(meta.get("bit_depth", 16))}
-    info = ModelInfo(config, meta["category"] or None, path.stem, "onnx",
+    config |= {"precision": meta.get("precision", "fp32")}
+    return ModelInfo(config, meta["category"] or None, path.stem, source,
                      {"operating_points": json.loads(meta["operating_points"])},
                      calibration=json.loads(meta.get("calibration", "{}")))
-    return OnnxDraem(session, size), info

@@ -1,0 +1,161 @@
+"""OpenVINO and int8 exports: equal to PyTorch (fp32) or within the gate's tolerance (bf16, int8), on
+this project's, official and anomalib weights, on generated and real images; the gate fails a damaged model."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from accuracy_gate import MAP_TOLERANCE, compare
+from checkpoint import model_from_checkpoint, save_training
+from cli import cpu_has_bf16
+from config import TrainConfig
+from conftest import SHARED_DATA
+from data_loader import list_images, load_images, load_test_set
+from deploy import export_model
+from evaluate import predict
+from helpers import ROOT, read_json, run_script, tiny_dataset
+from metrics import METRICS
+from model_files import load_model
+from model_unet import DraemModel, init_weights
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+CPU = torch.device("cpu")
+SIZE = (64, 64)
+
+
+def informative_model(seed: int = 0) -> DraemModel:
+    """Random weights with spread-out BatchNorm statistics, so that maps vary from pixel to pixel."""
+    torch.manual_seed(seed)
+    model = DraemModel(8, 8)
+    init_weights(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.3, 3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One checkpoint (recording its data, so int8 finds train/good) and each export of it."""
+    work = tmp_path_factory.mktemp("deploy")
+    data = tiny_dataset(work / "data")
+    ckpt = work / "weave.pt"
+    config = TrainConfig(category="weave", data_path=str(data), image_size=SIZE, base_width=8, seg_base_width=8,
+                         bit_depth=8)
+    save_training(ckpt, informative_model(), config, "weave")
+    files = {}
+    for fmt, precision in (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("onnx", "int8")):
+        if precision == "bf16" and not cpu_has_bf16():
+            continue
+        out = work / f"weave_{precision}{'.xml' if fmt == 'openvino' else '.onnx'}"
+        export_model(ckpt, out, fmt, precision, calibration_count=12)
+        files[(fmt, precision)] = out
+    return work, data, ckpt, files
+
+
+def images_to_check(data):
+    images = [load_test_set(data, "weave", SIZE).images]
+    if (SHARED_DATA / "mtd").is_dir():
+        images.append(load_images(list_images(SHARED_DATA / "mtd" / "test" / "crack")[:6], SIZE))
+    return torch.cat(images)
+
+
+def test_openvino_fp32_equals_pytorch_for_ours_official_and_anomalib_weights(exported, tmp_path):
+    work, data, ckpt, _ = exported
+    model = informative_model(1)
+    official = tmp_path / "DRAEM_test_0.0001_2_bs4_weave_.pckl"
+    torch.save(model.reconstructive_subnetwork.state_dict(), official)
+    torch.save(model.discriminative_subnetwork.state_dict(), tmp_path / "DRAEM_test_0.0001_2_bs4_weave__seg.pckl")
+    anomalib = {f"model.{net}.{k}": v for net in ("reconstructive_subnetwork", "discriminative_subnetwork")
+                for k, v in getattr(model, net).state_dict().items()}
+    torch.save({"state_dict": anomalib}, tmp_path / "anomalib_weave.ckpt")
+    images = images_to_check(data)
+    for source, order in ((ckpt, "BGR"), (official, "BGR"), (tmp_path / "anomalib_weave.ckpt", "RGB")):
+        out = tmp_path / f"{source.stem}.xml"
+        export_model(source, out, "openvino", image_size=SIZE)
+        reference_model, _ = model_from_checkpoint(source)
+        reference = predict(reference_model, images if order == "BGR" else images.flip(1), CPU, order)[0]
+        ir, info = load_model(out, CPU)
+        maps = predict(ir, images, CPU, batch_size=5)[0]  # batches of 5: the batch size is free
+        torch.testing.assert_close(maps, reference, rtol=0, atol=1e-4)
+        assert reference.std() > 1e-3  # maps that vary: equality is not trivial
+        assert info.source == "openvino" and info.config["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("key", [("openvino", "bf16"), ("openvino", "int8"), ("onnx", "int8")])
+def test_bf16_and_int8_maps_stay_within_the_gate_tolerance(exported, key):
+    work, data, ckpt, files = exported
+    if key not in files:
+        pytest.skip("this CPU has no bf16 instructions")
+    images = images_to_check(data)
+    reference = predict(model_from_checkpoint(ckpt)[0], images, CPU)[0]
+    model, info = load_model(files[key], CPU)
+    maps = predict(model, images, CPU)[0]
+    difference = (maps - reference).abs().max().item()
+    assert 0 < difference <= MAP_TOLERANCE[key[1]]  # not the fp32 graph, and close to it
+    assert info.config["precision"] == key[1]
+
+
+def test_pytorch_bf16_scoring_stays_within_the_gate_tolerance(exported):
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions")
+    work, data, ckpt, _ = exported
+    images = images_to_check(data)
+    model, _ = model_from_checkpoint(ckpt)
+    fp32, bf16 = predict(model, images, CPU)[0], predict(model, images, CPU, amp="bf16")[0]
+    assert 0 < (fp32 - bf16).abs().max().item() <= MAP_TOLERANCE["bf16"] and bf16.dtype == torch.float32
+
+
+def test_metadata_round_trip(exported):
+    work, data, ckpt, files = exported
+    _, pt = model_from_checkpoint(ckpt)
+    for (fmt, precision), path in files.items():
+        _, info = load_model(path, CPU)
+        assert (info.category, info.image_size, info.bit_depth, info.channel_order) == ("weave", SIZE, 8, "BGR")
+        assert info.train_config == pt.train_config and info.config["precision"] == precision
+
+
+def test_xml_scores_like_its_checkpoint_in_the_test_script(exported, tmp_path):
+    work, data, ckpt, files = exported
+    for source, out in ((ckpt, "pt"), (files[("openvino", "fp32")], "xml")):
+        run_script("test_draem.py", "--checkpoint", source, "--data_path", data, "--out", tmp_path / out, "--device",
+                   "cpu", "--no-save_images", cwd=work)
+    pt = read_json(tmp_path / "pt" / "results.json")["runs"]["weave"]
+    ir = read_json(tmp_path / "xml" / "results.json")["runs"]["weave_fp32"]
+    for m in METRICS:
+        assert ir[m] == pytest.approx(pt[m], abs=1e-4), m
+
+
+def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path):
+    work, data, ckpt, files = exported
+    proc = run_script("export_draem.py", "--checkpoint", ckpt, "--check", data, "--compare", files[("openvino", "fp32")],
+                      cwd=work)
+    assert "PASSES the accuracy gate" in proc.stdout and "PyTorch fp32 (reference)" in proc.stdout
+    damaged_model = informative_model()
+    with torch.no_grad():
+        for p in damaged_model.discriminative_subnetwork.parameters():
+            p.mul_(1.05)  # every weight 5 % off: a broken export, as a scaling bug would make it
+    damaged = tmp_path / "damaged.pt"
+    save_training(damaged, damaged_model, TrainConfig(category="weave", image_size=SIZE, base_width=8,
+                                                      seg_base_width=8), "weave")
+    export_model(damaged, tmp_path / "damaged.xml", "openvino")
+    proc = run_script("export_draem.py", "--checkpoint", ckpt, "--check", data, "--compare", tmp_path / "damaged.xml",
+                      cwd=work, check=False)
+    assert proc.returncode == 1 and "FAILS the accuracy gate" in proc.stdout, proc.stdout + proc.stderr
+    result = compare(ckpt, tmp_path / "damaged.xml", data, CPU)
+    assert result["max_map_difference"] > MAP_TOLERANCE["fp32"] and result["failures"]
+
+
+def test_missing_openvino_is_one_line_naming_the_requirements_file(exported, tmp_path):
+    work, data, ckpt, _ = exported
+    args = ["--checkpoint", str(ckpt), "--format", "openvino", "--out", str(tmp_path / "x.xml")]
+    code = (f"import sys, runpy; sys.modules['openvino'] = None; sys.argv = ['export_draem.py'] + {args!r}; "
+            f"runpy.run_path({str(ROOT / 'export_draem.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "requirements-deploy.txt" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("export_draem.py", "--checkpoint", ckpt, "--format", "onnx", "--precision", "bf16", "--out",
+                      tmp_path / "x.onnx", cwd=work, check=False)
+    assert proc.returncode == 2 and "--precision bf16: onnx supports fp32, int8" in proc.stderr
