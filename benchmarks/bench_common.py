@@ -28,3 +28,18 @@ def report(config: dict, results: list[dict], json_path: Path | None) -> None:
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"config": config, "results": results}, indent=2))
+
+
+def memory_mib(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MiB, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_memory() -> float:
+    """Start the peak (VmHWM) afresh at the current resident memory (Linux: /proc/self/clear_refs), so that
+    a later peak measures what came after, not imports; returns the current resident memory in MiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return memory_mib("VmRSS")

@@ -13,7 +13,6 @@ before loading it (Python, torch and the runtimes' libraries).
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import random_checkpoint, report  # noqa: E402
+from bench_common import memory_mib, random_checkpoint, report, reset_peak_memory  # noqa: E402
 from cli import cpu_has_bf16  # noqa: E402
 from deploy import export_model  # noqa: E402
 from evaluate import predict  # noqa: E402
@@ -59,22 +58,15 @@ def prepare(folder: Path, widths: tuple[int, int], size: int) -> None:
 
 def runner(folder: Path, runtime: str, precision: str, images: torch.Tensor):
     model, _ = load_model(model_file(folder, runtime, precision), torch.device("cpu"))
-    amp = precision if runtime == "pytorch" else "off"
+    amp = "bf16" if (runtime, precision) == ("pytorch", "bf16") else "off"
     return lambda: predict(model, images, torch.device("cpu"), batch_size=len(images), amp=amp)[0]
-
-
-def resident_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(folder: Path, runtime: str, precision: str, batch: int, size: int) -> dict:
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    before = resident_mib()
+    before = reset_peak_memory()
     runner(folder, runtime, precision, images)()
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before}
+    return {"peak_mib": memory_mib("VmHWM") - before}
 
 
 def library_versions() -> dict:

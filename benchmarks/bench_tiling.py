@@ -23,17 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import report  # noqa: E402
+from bench_common import memory_mib, report, reset_peak_memory  # noqa: E402
 from evaluate import predict  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
 from tiling import TiledModel  # noqa: E402
-
-
-def resident_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(widths: tuple[int, int], tiled: bool, args: argparse.Namespace) -> dict:
@@ -46,14 +39,14 @@ def measure(widths: tuple[int, int], tiled: bool, args: argparse.Namespace) -> d
     model.eval()
     image = torch.randint(0, 256, (1, 3, args.size, args.size), dtype=torch.uint8)
     scorer = TiledModel(model, (args.tile, args.tile), args.tile_overlap, args.tile_batch) if tiled else model
-    before = resident_mib()
+    before = reset_peak_memory()
     started = time.perf_counter()
     try:
         predict(scorer, image, torch.device("cpu"), batch_size=1)
     except Exception as exc:  # an allocation beyond the cap: the whole image does not fit
         return {"fits": False, "error": str(exc).splitlines()[0][:200], "limit_gib": args.memory_limit}
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = memory_mib("VmHWM")
     return {"fits": True, "seconds": seconds, "peak_mib": peak, "extra_mib": peak - before}
 
 

@@ -26,7 +26,8 @@ SIZE = (64, 64)
 
 
 def informative_model(seed: int = 0) -> DraemModel:
-    """Random weights with spread-out BatchNorm statistics, so that maps vary from pixel to pixel."""
+    """Random weights with spread-out BatchNorm statistics and a steep last layer, so that the maps vary from
+    pixel to pixel over much of [0, 1], as a trained model's do."""
     torch.manual_seed(seed)
     model = DraemModel(8, 8)
     init_weights(model)
@@ -34,7 +35,13 @@ def informative_model(seed: int = 0) -> DraemModel:
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.3, 0.3)
             module.running_var.uniform_(0.3, 3)
-    return model.eval()
+    last = model.discriminative_subnetwork.decoder_segment.fin_out[0]
+    model.eval()
+    with torch.no_grad():
+        last.weight.mul_(400)
+        logits = model.discriminative_subnetwork(torch.rand(4, 6, *SIZE, generator=torch.Generator().manual_seed(0)))
+        last.bias[1] -= (logits[:, 1] - logits[:, 0]).mean()  # centred: maps on both sides of 0.5
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +84,11 @@ def test_openvino_fp32_equals_pytorch_for_ours_official_and_anomalib_weights(exp
         out = tmp_path / f"{source.stem}.xml"
         export_model(source, out, "openvino", image_size=SIZE)
         reference_model, _ = model_from_checkpoint(source)
-        reference = predict(reference_model, images if order == "BGR" else images.flip(1), CPU, order)[0]
+        reference = predict(reference_model, images, CPU, order)[0]  # BGR files; predict flips them for RGB weights
         ir, info = load_model(out, CPU)
         maps = predict(ir, images, CPU, batch_size=5)[0]  # batches of 5: the batch size is free
         torch.testing.assert_close(maps, reference, rtol=0, atol=1e-4)
-        assert reference.std() > 1e-3  # maps that vary: equality is not trivial
+        assert reference.std() > 0.05  # maps that vary: equality is not trivial
         assert info.source == "openvino" and info.config["precision"] == "fp32"
 
 

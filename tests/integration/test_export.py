@@ -72,7 +72,7 @@ def test_exported_graphs_equal_pytorch_on_real_and_generated_images(trained, tmp
         loaded, state = model_from_checkpoint(source)
         size = (64, 32) if extra[1:] == ["64x32"] else (32, 64)
         images = images_to_check(data, SHARED_DATA, size)
-        expected = predict(loaded, images if order == "BGR" else images.flip(1), torch.device("cpu"), order)[0]
+        expected = predict(loaded, images, torch.device("cpu"), order)[0]  # BGR images, flipped for RGB weights
         for batch in (images[:1], images):  # the batch size is free
             maps, scores, meta = run_onnx(out, batch)
             reference = expected[:len(batch)]
