@@ -77,8 +77,8 @@ def describe_threshold(value: float | None, given: str | float | None, info: Mod
     if value is None:
         return f"{kind} threshold: none ({flag})"
     if given is not None and given != "auto":
-        return f"{kind} threshold: {value:.6g} ({flag})"
-    line = f"{kind} threshold: {value:.6g} ({info.threshold_source(kind)})"
+        return f"{kind} threshold: {value} ({flag})"
+    line = f"{kind} threshold: {value} ({info.threshold_source(kind)})"
     calibrated = info.calibration.get(kind, {}).get("threshold")
     if calibrated is not None and f"{calibrated:.6g}" != f"{value:.6g}":
         line += f"; the calibrated one, {calibrated:.6g}, is also stored: {flag} {calibrated:.9g} uses it"
@@ -175,7 +175,7 @@ def score_images(checkpoint: Path, images: Path, out_dir: Path, device: torch.de
             regions_file.flush()
             bar.update(len(chunk.images))
     if scored == 0:
-        raise DataError(f"--images {images}: none of the {len(paths)} image(s) could be scored ({errors[0]})")
+        raise DataError(f"--images {images}: none of the {len(paths)} image(s) could be read or scored ({errors[0]})")
     seconds = time.perf_counter() - started
     print(f"scored {scored} image(s) in {seconds:.1f} s ({scored / seconds:.1f} images/s)"
           + (f", skipped {len(errors)} unreadable" if errors else "")

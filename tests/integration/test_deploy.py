@@ -15,7 +15,7 @@ from conftest import SHARED_DATA
 from data_loader import list_images, load_images, load_test_set
 from deploy import export_model
 from evaluate import predict
-from helpers import ROOT, read_json, run_script, tiny_dataset
+from helpers import ROOT, read_json, tiny_dataset
 from metrics import METRICS
 from model_files import load_model
 from model_unet import DraemModel, init_weights
@@ -134,21 +134,23 @@ def test_metadata_round_trip(exported):
 
 
 def test_xml_scores_like_its_checkpoint_in_the_test_script(exported, tmp_path):
+    import test_draem
     work, data, ckpt, files = exported
     for source, out in ((ckpt, "pt"), (files[("openvino", "fp32")], "xml")):
-        run_script("test_draem.py", "--checkpoint", source, "--data_path", data, "--out", tmp_path / out, "--device",
-                   "cpu", "--no-save_images", cwd=work)
+        test_draem.main(["--checkpoint", str(source), "--data_path", str(data), "--out", str(tmp_path / out),
+                         "--device", "cpu", "--no-save_images"])
     pt = read_json(tmp_path / "pt" / "results.json")["runs"]["weave"]
     ir = read_json(tmp_path / "xml" / "results.json")["runs"]["weave_fp32"]
     for m in METRICS:
         assert ir[m] == pytest.approx(pt[m], abs=1e-4), m
 
 
-def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path):
+def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path, capsys):
+    import export_draem
     work, data, ckpt, files = exported
-    proc = run_script("export_draem.py", "--checkpoint", ckpt, "--check", data, "--compare", files[("openvino", "fp32")],
-                      cwd=work)
-    assert "PASSES the accuracy gate" in proc.stdout and "PyTorch fp32 (reference)" in proc.stdout
+    export_draem.main(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(files[("openvino", "fp32")])])
+    out = capsys.readouterr().out
+    assert "PASSES the accuracy gate" in out and "PyTorch fp32 (reference)" in out
     damaged_model = informative_model()
     with torch.no_grad():
         for p in damaged_model.discriminative_subnetwork.parameters():
@@ -157,20 +159,22 @@ def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path
     save_training(damaged, damaged_model, TrainConfig(category="weave", image_size=SIZE, base_width=8,
                                                       seg_base_width=8), "weave")
     export_model(damaged, tmp_path / "damaged.xml", "openvino")
-    proc = run_script("export_draem.py", "--checkpoint", ckpt, "--check", data, "--compare", tmp_path / "damaged.xml",
-                      cwd=work, check=False)
-    assert proc.returncode == 1 and "FAILS the accuracy gate" in proc.stdout, proc.stdout + proc.stderr
+    with pytest.raises(SystemExit) as stopped:
+        export_draem.main(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(tmp_path / "damaged.xml")])
+    assert stopped.value.code == 1 and "FAILS the accuracy gate" in capsys.readouterr().out
     result = compare(ckpt, tmp_path / "damaged.xml", data, CPU)
     assert result["p999_map_difference"] > MAP_TOLERANCE["fp32"] and any("anomaly-map" in f for f in result["failures"])
 
 
-def test_missing_openvino_is_one_line_naming_the_requirements_file(exported, tmp_path):
+def test_missing_openvino_is_one_line_naming_the_requirements_file(exported, tmp_path, capsys):
     work, data, ckpt, _ = exported
     args = ["--checkpoint", str(ckpt), "--format", "openvino", "--out", str(tmp_path / "x.xml")]
     code = (f"import sys, runpy; sys.modules['openvino'] = None; sys.argv = ['export_draem.py'] + {args!r}; "
             f"runpy.run_path({str(ROOT / 'export_draem.py')!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "requirements-deploy.txt" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("export_draem.py", "--checkpoint", ckpt, "--format", "onnx", "--precision", "bf16", "--out",
-                      tmp_path / "x.onnx", cwd=work, check=False)
-    assert proc.returncode == 2 and "--precision bf16: onnx supports fp32, int8" in proc.stderr
+    import export_draem
+    with pytest.raises(SystemExit) as stopped:
+        export_draem.main(["--checkpoint", str(ckpt), "--format", "onnx", "--precision", "bf16", "--out",
+                           str(tmp_path / "x.onnx")])
+    assert stopped.value.code == 2 and "--precision bf16: onnx supports fp32, int8" in capsys.readouterr().err
