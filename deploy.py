@@ -44,8 +44,8 @@ def calibration_images(folder: Path, size: tuple[int, int], bit_depth: int, coun
     return (load_images(chosen, size, bit_depth=bit_depth).float() / 255).numpy()
 
 
-def final_convolution(nodes, op_of, inputs_of, producer) -> str:
-    """The name of the convolution whose output the softmax reads (through adds or reshapes, if any)."""
+def final_convolution(nodes, op_of, inputs_of, producer):
+    """The convolution node (ONNX or OpenVINO) whose output the softmax reads, through adds or reshapes."""
     [softmax] = [n for n in nodes if op_of(n) in ("Softmax", "SoftMax")]
     node = softmax
     while op_of(node) != "Convolution" and op_of(node) != "Conv":
