@@ -327,3 +327,11 @@ def resolve_categories(obj_id: str, data_path: Path) -> list[str]:
             raise DataError(f"--obj_id {obj_id}: expected -1, 0..{len(CATEGORIES) - 1} or a category name")
         return [CATEGORIES[index]]
     return [obj_id]
+
+
+def one_category(obj_id: str, data_path: Path) -> str:
+    """--obj_id where exactly one category is meant (scoring a test set)."""
+    categories = resolve_categories(obj_id, data_path)
+    if len(categories) != 1:
+        raise DataError(f"--obj_id {obj_id}: name one category (0..14 or a folder name)")
+    return categories[0]

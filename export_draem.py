@@ -16,11 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from accuracy_gate import compare, gate_lines
-from cli import one_line_errors, pick_device
 from data_loader import parse_size
-from deploy import MAX_CALIBRATION_IMAGES, PRECISIONS, export_model
-from onnx_graph import OUTPUTS
+from deploy.export import MAX_CALIBRATION_IMAGES, PRECISIONS, export_model
+from deploy.onnx_graph import OUTPUTS
+from scoring.accuracy_gate import compare, gate_lines
+from training.cli import one_line_errors, pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""DRAEM's two networks: a reconstructive auto-encoder and a discriminative U-Net.
+"""DRAEM's two networks: a reconstructive auto-encoder and a discriminative U-Net, and the image score.
 
 Module and parameter names match the official checkpoints exactly (``encoder.block1.0.weight`` ...),
 so the published ``.pckl`` state_dicts load without renaming. Inputs are float images in [0, 1]
@@ -193,6 +193,13 @@ class DraemModel(nn.Module):
     def anomaly_map(self, image: Tensor) -> Tensor:
         """(B, H, W) probability of the anomalous class."""
         return torch.softmax(self(image).logits.float(), dim=1)[:, 1]
+
+
+def image_scores(anomaly_maps: Tensor, kernel: int = 21) -> Tensor:
+    """The paper's image-level score: max of the kernel x kernel mean-filtered anomaly map (stride 1, zero
+    padding counted): (N, H, W) -> (N,)."""
+    pooled = F.avg_pool2d(anomaly_maps[:, None].float(), kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    return pooled.flatten(1).amax(1)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -15,12 +15,12 @@ runs that differ only in --seed, a seed summary.
 import argparse
 from pathlib import Path
 
-from cli import check_amp, one_line_errors, pick_device
 from data_loader import BIT_DEPTHS, parse_size
-from evaluate import MASK_PROTOCOLS
-from inference import Scoring, calibrate_on_folder, score_images
-from results import score_test_sets
-from tiling import parse_overlap
+from scoring.evaluate import MASK_PROTOCOLS
+from scoring.inference import Scoring, calibrate_on_folder, score_images
+from scoring.results import score_test_sets
+from scoring.tiling import parse_overlap
+from training.cli import check_amp, one_line_errors, pick_device
 
 
 def threshold_value(text: str) -> str | float:

@@ -14,30 +14,33 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from calibration import calibrate, describe
-from checkpoint import CheckpointError, ModelInfo, load_checkpoint, save_training
-from cli import one_line_errors, pick_device
-from config import TrainConfig, add_flags
 from data_loader import (TestSet, detect_bit_depth, load_anomaly_sources, load_images, load_test_set,
                          resolve_categories, train_image_paths)
-from demo import DEMO_DEFAULTS, finish_demo, make_demo_dataset
-from evaluate import evaluate, predict
 from loss import FocalLoss
-from metrics import METRICS, image_scores
-from model_unet import DraemModel, DraemOutput
-from perlin import SyntheticBatch
+from model_unet import DraemModel, image_scores
 from recipe import RECIPES
-from training import (AMP_DTYPES, Launch, StopRequest, TrainingStopped, build_training, calibration_holdout,
-                      ensure_writable, epoch_order, first_samples, parameter_fingerprint, prepare_network,
-                      resolve_amp, set_learning_rate, start_processes, step_batch, stop_on_signals, train_step)
-from visualize import sample_grid, write_png
+from scoring.calibration import calibrate, describe
+from scoring.evaluate import evaluate, predict
+from scoring.metrics import METRICS
+from scoring.results import score_test_sets
+from scoring.visualize import sample_grid, write_png
+from training.checkpoint import load_checkpoint, save_training
+from training.cli import one_line_errors, pick_device
+from training.config import TrainConfig, add_flags
+from training.demo import DEMO_DEFAULTS, make_demo_dataset
+from training.processes import Launch, StopRequest, TrainingStopped, ensure_writable, start_processes, stop_on_signals
+from training.progress import Progress, log_image_grid, log_step
+from training.resume import check_resumable, resume_path
+from training.step import (AMP_DTYPES, Training, build_training, calibration_holdout, epoch_order, first_samples,
+                           parameter_fingerprint, prepare_network, resolve_amp, set_learning_rate, step_batch,
+                           train_step)
 
 
 # ---- configuration ----------------------------------------------------------------------------------
@@ -128,102 +131,7 @@ def run_name(args: argparse.Namespace, config: TrainConfig, several: bool) -> st
     return f"{args.run_name}_{config.category}" if several else args.run_name
 
 
-def resume_path(args: argparse.Namespace, ckpt_path: Path) -> Path | None:
-    """The checkpoint --resume names, or this run's own if it exists ("auto"); None to start afresh."""
-    if not args.resume:
-        return None
-    if args.resume == "auto":
-        return ckpt_path if ckpt_path.is_file() else None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such checkpoint")
-    return path
-
-
-def check_resumable(info: ModelInfo, config: TrainConfig, path: Path, total_steps: int) -> None:
-    """--resume continues the same run: equal settings, except --epochs, which may extend it."""
-    stored = info.train_config
-    if info.source != "draem" or stored is None:
-        raise CheckpointError(f"--resume {path}: not a training checkpoint of this project")
-    # Older checkpoints recorded --amp as given ("auto"), not what it chose on their device, and no bit depth
-    # (they read 16-bit files at full range, which 8-bit files are unaffected by).
-    ignore = ("epochs",) + (("amp",) if stored.amp == "auto" else ()) + (
-        ("bit_depth",) if stored.bit_depth == "auto" and config.bit_depth in (8, 16) else ())
-    differences = stored.differences(config, ignore=ignore)
-    if differences:
-        raise CheckpointError(f"--resume {path}: that run has other settings ({'; '.join(differences)}); resume "
-                              f"with its settings, or train this configuration under its own name")
-    if info.step >= total_steps:
-        raise CheckpointError(f"--resume {path}: the checkpoint is at step {info.step}, and --epochs {config.epochs} "
-                              f"ends at step {total_steps}: give more --epochs to extend it")
-    for location in ("data_path", "anomaly_source_path"):
-        if getattr(stored, location) != getattr(config, location):
-            print(f"note: --{location} {getattr(config, location)} (the checkpoint trained on "
-                  f"{getattr(stored, location)})", file=sys.stderr)
-    if stored.epochs != config.epochs:
-        recipe = RECIPES[config.recipe]
-        milestones = ", ".join(str(round(f * config.epochs)) for f in recipe.lr_milestones) or "none"
-        print(f"note: extending a {stored.epochs}-epoch run to {config.epochs} epochs: from step {info.step} the "
-              f"learning rate follows the {config.epochs}-epoch schedule (x{recipe.lr_decay:g} at epochs "
-              f"{milestones})", file=sys.stderr)
-
-
-# ---- what people see: progress, TensorBoard, evaluation ---------------------------------------------------
-
-class Progress:
-    """One tqdm bar over a category's steps when stderr is a terminal; otherwise (CI, nohup, a cluster job,
-    where a bar's redraws fill the log with cursor codes) one plain line per log point."""
-
-    def __init__(self, category: str, start: int, total: int, steps_per_epoch: int, images_per_step: int,
-                 shown: bool):
-        self.category, self.total, self.steps_per_epoch, self.images_per_step = category, total, steps_per_epoch, images_per_step
-        self.bar = tqdm(desc=category, initial=start, total=total, unit="step") if shown and sys.stderr.isatty() else None
-        self.lines = shown and self.bar is None
-        self.since_step, self.since_time = start, time.perf_counter()
-
-    def advance(self) -> None:
-        if self.bar:
-            self.bar.update()
-
-    def report(self, step: int, loss: float, lr: float) -> None:
-        epoch = f"{(step - 1) // self.steps_per_epoch + 1}/{self.total // self.steps_per_epoch}"
-        if self.bar:
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
-        elif self.lines:
-            now = time.perf_counter()
-            rate = (step - self.since_step) * self.images_per_step / max(now - self.since_time, 1e-9)
-            self.since_step, self.since_time = step, now
-            print(f"[{self.category}] step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3g} "
-                  f"{rate:.1f} img/s", flush=True)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
-
-
-def log_step(writer: SummaryWriter | None, progress: Progress, step: int, total: torch.Tensor, parts: dict,
-             optimizer: torch.optim.Optimizer) -> None:
-    """Losses and learning rate to TensorBoard and the progress display (reading the losses syncs the device)."""
-    values = {k: v.item() for k, v in parts.items()} | {"total": total.item()}
-    lr = optimizer.param_groups[0]["lr"]
-    if writer:
-        for key, value in values.items():
-            writer.add_scalar(f"loss/{key}", value, step)
-        writer.add_scalar("lr", lr, step)
-    progress.report(step, values["total"], lr)
-
-
-def to_rgb_grid(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) BGR or 1-channel in [0, 1] -> (B, 3, H, W) RGB for TensorBoard."""
-    images = images.detach().float().clamp(0, 1)
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.flip(1)
-
-
-def log_image_grid(writer: SummaryWriter, batch: SyntheticBatch, out: DraemOutput, step: int) -> None:
-    predicted = torch.softmax(out.logits.float(), 1)[:, 1:]
-    grid = torch.cat([to_rgb_grid(t) for t in (batch.augmented, out.reconstruction, batch.mask, predicted)])
-    writer.add_images("train/augmented_reconstruction_target_predicted", grid, step)
-
+# ---- evaluation, calibration, preview ------------------------------------------------------------------
 
 def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
     bad = first_bad.item()
@@ -283,62 +191,114 @@ def format_metrics(metrics: dict) -> str:
 
 # ---- the loop -----------------------------------------------------------------------------------------
 
-def train_category(args: argparse.Namespace, category: str, device: torch.device, sources: torch.Tensor | None,
-                   stop: StopRequest, launch: Launch = Launch(), several: bool = False) -> Path:
+@dataclass
+class Run:
+    """One category's run as the loop sees it: settings, name and file, what it trains on, its schedule, and
+    what it has measured so far (the checkpoint stores that too)."""
+    config: TrainConfig
+    name: str
+    checkpoint: Path
+    images: torch.Tensor  # the training images, uint8 on the device
+    held_out: list[Path]  # train/good files kept out of training by --calibration_split
+    steps_per_epoch: int
+    metrics: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+
+def plan_run(args: argparse.Namespace, category: str, device: torch.device, launch: Launch, several: bool) -> Run:
+    """The run's settings and name, and its training images cached on the device."""
     paths = train_image_paths(args.data_path, category)
     bit_depth = detect_bit_depth(paths, args.workers) if args.bit_depth == "auto" else args.bit_depth
     config = run_config(args, category, launch, device, bit_depth)
-    name, recipe = run_name(args, config, several), RECIPES[config.recipe]
-    ckpt_path = args.checkpoint_path / f"{name}.pt"
+    name = run_name(args, config, several)
     kept, held = calibration_holdout(len(paths), config.calibration_split, config.seed)
     images = load_images([paths[i] for i in kept], config.image_size, args.workers, bit_depth).to(device)
     # Under --ddp the global batch is bs x dp_size: every rank draws the same order and trains its slice.
     steps_per_epoch = math.ceil(len(images) / (config.bs * launch.dp_size))
-    total_steps = steps_per_epoch * config.epochs
+    return Run(config, name, args.checkpoint_path / f"{name}.pt", images, [paths[i] for i in held], steps_per_epoch)
+
+
+def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> int:
+    """Load --resume's checkpoint into the model, optimiser and run; the step to continue from (0: afresh)."""
+    path = resume_path(args, run.checkpoint)
+    if path is None:
+        return 0
+    checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint.info, run.config, path, run.total_steps)
+    checkpoint.load_into(training.model, training.optimizer, training.scaler)
+    run.metrics, run.calibration = checkpoint.info.metrics, checkpoint.info.calibration
+    print(f"[{run.config.category}] resumed from {path} at step {checkpoint.info.step}")
+    return checkpoint.info.step
+
+
+def save(run: Run, training: Training, done: int) -> None:
+    save_training(run.checkpoint, training.model, run.config, run.name, done, done // run.steps_per_epoch,
+                  run.metrics, training.optimizer, training.scaler, run.calibration)
+
+
+def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: int, test_set: TestSet | None,
+                 held_out: torch.Tensor | None, writer: SummaryWriter, device: torch.device) -> None:
+    """Save when due, then score the test set and calibrate on the held-out images when due, and save again
+    (saving first: a failure in scoring never costs the weights)."""
+    done, last = (epoch + 1) * run.steps_per_epoch, epoch + 1 == run.config.epochs
+    evaluate_now = test_set is not None and (last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0))
+    calibrate_now = held_out is not None and last
+    if (epoch + 1) % args.save_every == 0 or last or evaluate_now:
+        save(run, training, done)
+    if evaluate_now:
+        run.metrics = {"epoch": epoch + 1, **evaluate_category(training.model, test_set, device, run.config.channel_order)}
+        for key in METRICS:
+            writer.add_scalar(f"test/{key}", run.metrics[key], done)
+    if calibrate_now:
+        run.calibration = calibrate_held_out(training.model, held_out, [p.name for p in run.held_out], run.config,
+                                             args.false_alarm_rate, device)
+    if evaluate_now or calibrate_now:
+        save(run, training, done)
+        training.model.train()
+
+
+def train_category(args: argparse.Namespace, category: str, device: torch.device, sources: torch.Tensor | None,
+                   stop: StopRequest, launch: Launch = Launch(), several: bool = False) -> Path:
+    run = plan_run(args, category, device, launch, several)
+    config, recipe, images, steps_per_epoch = run.config, RECIPES[run.config.recipe], run.images, run.steps_per_epoch
     if args.preview:
-        return write_preview(args, images, sources, config, name, steps_per_epoch)
-    held_out = load_images([paths[i] for i in held], config.image_size, args.workers, bit_depth) if held else None
-    test_set = load_scoring_set(args, category, bit_depth)
+        return write_preview(args, images, sources, config, run.name, steps_per_epoch)
+    held_out = load_images(run.held_out, config.image_size, args.workers, config.bit_depth) if run.held_out else None
+    test_set = load_scoring_set(args, category, config.bit_depth)
     training = build_training(config, device)
-    model, optimizer, scaler = training.model, training.optimizer, training.scaler
-    start, metrics, calibration = 0, {}, {}
-    if path := resume_path(args, ckpt_path):
-        checkpoint = load_checkpoint(path)
-        check_resumable(checkpoint.info, config, path, total_steps)
-        checkpoint.load_into(model, optimizer, scaler)
-        start, metrics, calibration = checkpoint.info.step, checkpoint.info.metrics, checkpoint.info.calibration
-        print(f"[{category}] resumed from {path} at step {start}")
-    net = prepare_network(model, config, args.compile, launch, device)
+    start = resume_if_asked(args, run, training)
+    net = prepare_network(training.model, config, args.compile, launch, device)
     writes = launch.writes_outputs
     if writes:
-        print(f"[{category}] {len(images)} training images ({bit_depth}-bit) cached on {device}"
-              + (f", {len(held)} held out to calibrate thresholds on" if held else "") + f"; run {name}")
+        print(f"[{category}] {len(images)} training images ({config.bit_depth}-bit) cached on {device}"
+              + (f", {len(run.held_out)} held out to calibrate thresholds on" if run.held_out else "")
+              + f"; run {run.name}")
     # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
-    writer = SummaryWriter(args.log_path / name, purge_step=start + 1 if start else None) if writes else None
-    progress = Progress(category, start, total_steps, steps_per_epoch, config.bs * launch.dp_size, shown=writes)
+    writer = SummaryWriter(args.log_path / run.name, purge_step=start + 1 if start else None) if writes else None
+    progress = Progress(category, start, run.total_steps, steps_per_epoch, config.bs * launch.dp_size, shown=writes)
     dtype = AMP_DTYPES[config.amp]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     focal, simulation_g = FocalLoss(), torch.Generator(device)
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, read at log points only
-
-    def save(done: int) -> None:
-        save_training(ckpt_path, model, config, name, done, done // steps_per_epoch, metrics, optimizer, scaler,
-                      calibration)
-
     order = None
-    model.train()
-    for step in range(start, total_steps):
+    training.model.train()
+    for step in range(start, run.total_steps):
         # schedule: the epoch's batch order and learning rate
         epoch, index = divmod(step, steps_per_epoch)
         if order is None or index == 0:
             order = epoch_order(len(images), config.bs * launch.dp_size, config.seed, epoch, device)
-            set_learning_rate(optimizer, recipe.learning_rate(config.lr, epoch, config.epochs))
+            set_learning_rate(training.optimizer, recipe.learning_rate(config.lr, epoch, config.epochs))
 
         # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
         batch = step_batch(images, order, step, steps_per_epoch, sources, config, recipe, launch, simulation_g)
 
         # step
-        out, total, parts = train_step(net, batch, optimizer, scaler, autocast, focal, config.sspcab)
+        out, total, parts = train_step(net, batch, training.optimizer, training.scaler, autocast, focal,
+                                       config.sspcab)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total), step, first_bad)
         done = step + 1
         progress.advance()
@@ -348,43 +308,31 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         log_now = done % args.log_every == 0
         stopping = stop.agreed(device) if launch.data_parallel and log_now else stop.requested and not launch.data_parallel
         if log_now or stopping:
-            check_finite(first_bad, ckpt_path)
-            log_step(writer, progress, done, total, parts, optimizer)
+            check_finite(first_bad, run.checkpoint)
+            log_step(writer, progress, done, total, parts, training.optimizer)
 
-        # end of an epoch: visualise, save, evaluate (after saving: a failure in scoring never costs the weights)
+        # end of an epoch: visualise, save, evaluate, calibrate
         if index + 1 == steps_per_epoch:
-            check_finite(first_bad, ckpt_path)
+            check_finite(first_bad, run.checkpoint)
             if args.visualize and writer:
                 log_image_grid(writer, batch, out, done)
-            last = done == total_steps
-            evaluate_now = test_set is not None and (last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0))
-            calibrate_now = held_out is not None and last
-            if writes and ((epoch + 1) % args.save_every == 0 or last or evaluate_now):
-                save(done)
-            if writes and evaluate_now:
-                metrics = {"epoch": epoch + 1, **evaluate_category(model, test_set, device, config.channel_order)}
-                for key in METRICS:
-                    writer.add_scalar(f"test/{key}", metrics[key], done)
-            if writes and calibrate_now:
-                calibration = calibrate_held_out(model, held_out, [paths[i].name for i in held], config,
-                                                 args.false_alarm_rate, device)
-            if writes and (evaluate_now or calibrate_now):
-                save(done)
-                model.train()
+            if writes:
+                end_of_epoch(args, run, training, epoch, test_set, held_out, writer, device)
 
         if stopping:
             if writes:
-                save(done)
+                save(run, training, done)
                 writer.close()
             progress.close()
             raise TrainingStopped(f"[{category}] stopped at step {done}; resume with --resume")
     progress.close()
     if launch.data_parallel:
-        print(f"[{category}] rank {launch.rank} parameter fingerprint {parameter_fingerprint(model)}")
+        print(f"[{category}] rank {launch.rank} parameter fingerprint {parameter_fingerprint(training.model)}")
     if writer:
         writer.close()
-        print(f"[{category}] checkpoint {ckpt_path}" + (f"  metrics {format_metrics(metrics)}" if metrics else ""))
-    return ckpt_path
+        print(f"[{category}] checkpoint {run.checkpoint}"
+              + (f"  metrics {format_metrics(run.metrics)}" if run.metrics else ""))
+    return run.checkpoint
 
 
 def train(args: argparse.Namespace) -> None:
@@ -428,6 +376,14 @@ def train(args: argparse.Namespace) -> None:
               f" TensorBoard: tensorboard --logdir {args.log_path}")
     if args.demo and launch.rank == 0:
         finish_demo(args.data_path, paths, device, args.log_path)
+
+
+def finish_demo(data_path: Path, checkpoints: list[Path], device: torch.device, log_path: Path) -> None:
+    """Score the demo's checkpoints and say where to look."""
+    out = Path("results") / "demo"
+    score_test_sets(checkpoints, data_path, out, device)
+    print(f"demo done. open {out / 'report.html'} (metrics, curves, every test image's panel); "
+          f"TensorBoard: tensorboard --logdir {log_path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import save_training  # noqa: E402
-from config import TrainConfig  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
+from training.checkpoint import save_training  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 
 
 def random_checkpoint(path: Path, base_width: int, seg_base_width: int, image_size: int) -> DraemModel:

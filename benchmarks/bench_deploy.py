@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import memory_mib, random_checkpoint, report, reset_peak_memory  # noqa: E402
-from cli import cpu_has_bf16  # noqa: E402
-from deploy import export_model  # noqa: E402
-from evaluate import predict  # noqa: E402
-from model_files import load_model  # noqa: E402
+from deploy.export import export_model  # noqa: E402
+from deploy.model_files import load_model  # noqa: E402
+from scoring.evaluate import predict  # noqa: E402
+from training.cli import cpu_has_bf16  # noqa: E402
 
 RUNTIMES = [("pytorch", "fp32"), ("pytorch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
             ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]

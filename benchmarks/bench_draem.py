@@ -21,12 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import pick_device  # noqa: E402
-from evaluate import predict  # noqa: E402
 from loss import FocalLoss, draem_loss  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
 from perlin import simulate_anomalies  # noqa: E402
-from training import train_step  # noqa: E402
+from scoring.evaluate import predict  # noqa: E402
+from training.cli import pick_device  # noqa: E402
+from training.step import train_step  # noqa: E402
 
 PRESETS = {
     "cpu": {"image_size": 128, "base_width": 32, "seg_base_width": 16, "bs": 8, "amp": "off", "steps": 8},

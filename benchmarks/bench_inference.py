@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "mtd"
 
 from bench_common import random_checkpoint, report  # noqa: E402
-from demo import make_demo_dataset  # noqa: E402
+from training.demo import make_demo_dataset  # noqa: E402
 
 
 def source_images(work: Path) -> list[Path]:

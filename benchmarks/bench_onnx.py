@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import random_checkpoint, report  # noqa: E402
-from evaluate import predict  # noqa: E402
-from onnx_graph import export, load_onnx  # noqa: E402
+from deploy.onnx_graph import export, load_onnx  # noqa: E402
+from scoring.evaluate import predict  # noqa: E402
 
 
 def main() -> None:

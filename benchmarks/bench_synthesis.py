@@ -136,7 +136,7 @@ def main() -> None:
         if (SHARED / "mtd").is_dir():
             args.data_path, args.anomaly_source_path = SHARED, SHARED / "dtd" / "images"
         else:
-            from demo import CATEGORY, make_demo_dataset
+            from training.demo import CATEGORY, make_demo_dataset
             args.data_path, args.category = make_demo_dataset(), CATEGORY
             args.anomaly_source_path = args.data_path / "sources"
     normal_paths = list_images(args.data_path / args.category / "train" / "good")

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import memory_mib, report, reset_peak_memory  # noqa: E402
-from evaluate import predict  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
-from tiling import TiledModel  # noqa: E402
+from scoring.evaluate import predict  # noqa: E402
+from scoring.tiling import TiledModel  # noqa: E402
 
 
 def measure(widths: tuple[int, int], tiled: bool, args: argparse.Namespace) -> dict:

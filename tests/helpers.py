@@ -17,7 +17,7 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: int =
 
 
 def tiny_dataset(root: Path) -> Path:
-    from demo import make_demo_dataset
+    from training.demo import make_demo_dataset
     return make_demo_dataset(root, train=12, test_good=4, per_defect=2, sources=6)
 
 

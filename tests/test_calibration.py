@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from calibration import allowed_false_alarms, budget_threshold, calibrate, images_needed, upper_bound
-from checkpoint import ModelInfo
+from scoring.calibration import allowed_false_alarms, budget_threshold, calibrate, images_needed, upper_bound
+from training.checkpoint import ModelInfo
 
 
 def flagged(scores: np.ndarray, threshold: float) -> int:

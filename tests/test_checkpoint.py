@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import load_checkpoint, save_training
-from config import TrainConfig
 from model_unet import DraemModel
+from training import checkpoint
+from training.checkpoint import load_checkpoint, save_training
+from training.config import TrainConfig
 
 
 def saved(tmp_path, seed):

@@ -1,13 +1,11 @@
 """TrainConfig: one place for every setting of a run, feeding the flags, the checkpoint, the name and grouping."""
-import ast
 import dataclasses
 from pathlib import Path
 
 import pytest
 
-from config import LOCATIONS, TrainConfig
-from helpers import ROOT
-from summary import configuration_means, seed_summaries
+from training.config import LOCATIONS, TrainConfig
+from scoring.results import configuration_means, seed_summaries
 
 # A different value for every field of the identity: each must change the run's name.
 CHANGED = {"category": "bottle", "image_size": (256, 512), "train_crop": (128, 128), "base_width": 64,
@@ -99,51 +97,3 @@ def test_means_are_per_configuration_and_seed_summaries_per_category():
     [seeds] = seed_summaries(results)
     assert seeds["runs"] == ["a0", "a1"] and seeds["seeds"] == [0, 1] and seeds["category"] == "carpet"
     assert seeds["image_auroc"]["mean"] == pytest.approx(0.6)
-
-
-TOP_LEVEL = sorted(p for p in ROOT.glob("*.py"))
-SCRIPTS = {"train_draem", "test_draem", "export_draem"}
-
-
-def imports_of(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_no_module_imports_a_script_and_the_imports_have_no_cycle():
-    modules = {p.stem: imports_of(p) & {q.stem for q in TOP_LEVEL} for p in TOP_LEVEL}
-    modules |= {f"benchmarks/{p.stem}": imports_of(p) & {q.stem for q in TOP_LEVEL}
-                for p in (ROOT / "benchmarks").glob("*.py")}
-    for module, imported in modules.items():
-        assert not imported & SCRIPTS, f"{module} imports {imported & SCRIPTS}"
-    visiting, done = set(), set()
-
-    def visit(module, path):
-        assert module not in visiting, f"import cycle: {' -> '.join(path + [module])}"
-        if module in done:
-            return
-        visiting.add(module)
-        for other in modules.get(module, ()):
-            visit(other, path + [module])
-        visiting.discard(module)
-        done.add(module)
-
-    for module in modules:
-        visit(module, [])
-
-
-CHECKPOINT_KEYS = ('"reconstructive"', '"discriminative"', '"optimizer"', '"scaler"')
-
-
-def test_the_checkpoint_dict_is_written_and_read_in_checkpoint_py_only():
-    for path in TOP_LEVEL + sorted((ROOT / "benchmarks").glob("*.py")):
-        if path.name == "checkpoint.py":
-            continue
-        text = path.read_text()
-        assert not [k for k in CHECKPOINT_KEYS if f"[{k}]" in text or f"{k}:" in text], path.name
-        assert "torch.save(" not in text and "torch.load(" not in text, path.name

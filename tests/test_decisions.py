@@ -5,9 +5,9 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_curve
 
-from metrics import f1_operating_point, image_operating_points
-from regions import defect_regions
-from visualize import panel
+from scoring.inference import defect_regions
+from scoring.metrics import f1_operating_point, image_operating_points
+from scoring.visualize import panel
 
 
 def scores_with_ties(n: int, decimals: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +95,7 @@ def test_panel_keeps_the_input_at_its_resolution_under_a_header_with_a_colour_ba
 
 def test_plotted_curves_equal_scikit_learn_and_thin_out_evenly():
     from sklearn.metrics import roc_curve
-    from metrics import curve_points, rank, roc_pr_counts
+    from scoring.metrics import curve_points, rank, roc_pr_counts
     scores, labels = scores_with_ties(300, 2, 5)
     counts = roc_pr_counts(rank(torch.tensor(scores)), torch.tensor(labels))
     curves = curve_points(*counts)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from data_loader import load_test_set, load_train_images
-from demo import CATEGORY, DEFECTS, draw_defect, make_demo_dataset, texture
+from training.demo import CATEGORY, DEFECTS, draw_defect, make_demo_dataset, texture
 
 
 @pytest.mark.parametrize("kind", DEFECTS)

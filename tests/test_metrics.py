@@ -4,7 +4,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from metrics import aupro, auroc, average_precision, image_scores, pixel_metrics
+from model_unet import image_scores
+from scoring.metrics import aupro, auroc, average_precision, pixel_metrics
 
 
 @pytest.mark.parametrize("n,decimals", [(7, 1), (500, 2), (20000, 3)])
@@ -53,7 +54,7 @@ def test_image_score_is_max_of_zero_padded_21x21_mean():
 
 
 def test_mask_protocols():
-    from evaluate import MASK_PROTOCOLS
+    from scoring.evaluate import MASK_PROTOCOLS
     resized = torch.tensor([0, 127, 128, 254, 255], dtype=torch.uint8)
     assert MASK_PROTOCOLS["standard"](resized).tolist() == [False, False, True, True, True]
     # The official code's uint8 cast of mask / 255 keeps only pixels that are exactly 255.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data_loader import DataError, load_test_set, parse_size
-from evaluate import predict
+from scoring.evaluate import predict
 from helpers import tiny_dataset
 from model_unet import DraemModel
 

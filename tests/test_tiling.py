@@ -7,7 +7,7 @@ import torch
 
 from data_loader import DataError
 from model_unet import DraemModel
-from tiling import TiledModel, check_tiling, parse_overlap, tile_starts
+from scoring.tiling import TiledModel, check_tiling, parse_overlap, tile_starts
 
 
 def tiny_model() -> DraemModel:

@@ -9,10 +9,10 @@ import torch
 
 import train_draem
 from data_loader import DataError, list_images, load_images
-from demo import DEMO_DEFAULTS
+from training.demo import DEMO_DEFAULTS
 from helpers import ROOT, TINY, tiny_dataset
 from recipe import RECIPES
-from training import calibration_holdout
+from training.step import calibration_holdout
 
 
 def test_demo_settings_are_defaults_that_explicit_flags_override(tmp_path, monkeypatch):

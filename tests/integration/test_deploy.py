@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from accuracy_gate import MAP_TOLERANCE, compare, quantile_difference
-from checkpoint import model_from_checkpoint, save_training
-from cli import cpu_has_bf16
-from config import TrainConfig
+from scoring.accuracy_gate import MAP_TOLERANCE, compare, quantile_difference
+from training.checkpoint import model_from_checkpoint, save_training
+from training.cli import cpu_has_bf16
+from training.config import TrainConfig
 from conftest import SHARED_DATA
 from data_loader import list_images, load_images, load_test_set
-from deploy import export_model
-from evaluate import predict
+from deploy.export import export_model
+from scoring.evaluate import predict
 from helpers import ROOT, read_json, tiny_dataset
-from metrics import METRICS
-from model_files import load_model
+from deploy.model_files import load_model
 from model_unet import DraemModel, init_weights
+from scoring.metrics import METRICS
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import model_from_checkpoint, save_training
-from config import TrainConfig
 from data_loader import list_images, load_images, load_test_set
-from evaluate import predict
+from scoring.evaluate import predict
+from training.checkpoint import model_from_checkpoint, save_training
+from training.config import TrainConfig
 from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
-from metrics import METRICS, image_scores
-from model_unet import DraemModel, init_weights
+from model_unet import DraemModel, image_scores, init_weights
+from scoring.metrics import METRICS
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

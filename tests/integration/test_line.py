@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibration import calibrate
-from checkpoint import load_checkpoint, model_from_checkpoint
 from data_loader import list_images, load_images, load_test_set
-from evaluate import predict
+from scoring.calibration import calibrate
+from scoring.evaluate import predict
+from training.checkpoint import load_checkpoint, model_from_checkpoint
 from helpers import TINY, run_script, tiny_dataset
 
 
@@ -18,9 +18,9 @@ def run(script: str, *args) -> None:
     """A script's main in this process (a subprocess would spend seconds importing torch)."""
     import importlib
     importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
-from metrics import image_scores
-from tiling import TiledModel
-from training import calibration_holdout
+from model_unet import image_scores
+from scoring.tiling import TiledModel
+from training.step import calibration_holdout
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrat
     assert all(torch.equal(after.reconstructive[k], v) for k, v in before.reconstructive.items())  # ... all else kept
     assert after.info.config == before.info.config and after.optimizer is not None
     pytest.importorskip("onnxruntime")
-    from onnx_graph import load_onnx
+    from deploy.onnx_graph import load_onnx
     run("export_draem.py", "--checkpoint", copy, "--out", tmp_path / "m.onnx")
     assert load_onnx(tmp_path / "m.onnx")[1].calibration == expected
     run("test_draem.py", "--checkpoint", tmp_path / "m.onnx", "--calibrate", good, "--false_alarm_rate", "0.5",
@@ -93,7 +93,7 @@ def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrat
 
 def test_tiled_onnx_equals_tiled_pytorch(calibrated, tmp_path):
     pytest.importorskip("onnxruntime")
-    from onnx_graph import load_onnx
+    from deploy.onnx_graph import load_onnx
     work, data, ckpt = calibrated
     run("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx")
     images = load_test_set(data, "weave", None).images[:4]  # 160x160: tiles of 32 overlapping by 8

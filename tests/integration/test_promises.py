@@ -16,12 +16,12 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from checkpoint import model_from_checkpoint
 from data_loader import load_test_set
-from evaluate import predict
+from scoring.evaluate import predict
+from training.checkpoint import model_from_checkpoint
 from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
-from metrics import METRICS
-from regions import resize_map
+from scoring.inference import resize_map
+from scoring.metrics import METRICS
 from test_metrics import brute_force_aupro
 
 

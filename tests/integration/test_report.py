@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from helpers import TINY, read_json, run_script, tiny_dataset
-from metrics import METRICS
+from scoring.metrics import METRICS
 
 
 def train(work: Path, data: Path, *extra) -> Path:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from checkpoint import model_from_checkpoint
 from data_loader import load_test_set
-from evaluate import predict
+from scoring.evaluate import predict
+from training.checkpoint import model_from_checkpoint
 from helpers import TINY, read_json, run_script, tiny_dataset
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from checkpoint import model_from_checkpoint
 from data_loader import load_test_set
-from evaluate import predict
+from scoring.evaluate import predict
+from training.checkpoint import model_from_checkpoint
 from helpers import TINY, read_json, run_script, tiny_dataset
-from metrics import METRICS
+from scoring.metrics import METRICS
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import TINY, read_json, run_script, tiny_dataset
-from metrics import METRICS
+from scoring.metrics import METRICS
 
 SMALL = [a for a in TINY if a not in ("--image_size", "32")]  # TINY without its size
 

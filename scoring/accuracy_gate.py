@@ -6,16 +6,15 @@ stay within MAP_TOLERANCE[precision] of PyTorch's (docs/deploy.md says why these
 difference is shown too, but not gated: in reduced precision a few pixels whose two logits are both large
 move far while the maps, metrics and verdicts do not.
 """
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from checkpoint import model_from_checkpoint
-from data_loader import load_test_set
-from evaluate import evaluate
-from model_files import load_model
-from results import one_category
+from data_loader import load_test_set, one_category
+from deploy.model_files import load_model
+from scoring.evaluate import evaluate
+from training.checkpoint import model_from_checkpoint
 
 IMAGE_AUROC_DROP = 0.005  # 0.5 points
 PIXEL_AP_DROP = 0.01  # 1 point

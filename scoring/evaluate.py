@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from data_loader import DataError, TestSet, warn
-from metrics import (METRICS, auroc, auroc_from_counts, average_precision, average_precision_from_counts, best_f1,
-                     curve_points, image_operating_points, image_scores, pixel_metrics, rank, roc_pr_counts,
-                     threshold_values)
-from model_unet import DraemModel
+from model_unet import DraemModel, image_scores
+from scoring.metrics import (METRICS, auroc, auroc_from_counts, average_precision, average_precision_from_counts,
+                             best_f1, curve_points, image_operating_points, pixel_metrics, rank, roc_pr_counts,
+                             threshold_values)
 
 SCORING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,15 +1,12 @@
 """The embedded demo: a small MVTec-layout dataset of procedural textures with drawn defects.
 
 ``python train_draem.py --demo`` builds ./datasets/demo once (nothing to download), trains a small
-model on it (about two minutes on 2 CPU cores), scores it and writes heatmap panels.
+model on it (about two minutes on 2 CPU cores), then scores it and writes the report (train_draem.py).
 """
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-
-from results import score_test_sets
 
 DEMO_ROOT = Path("datasets/demo")
 CATEGORY = "weave"
@@ -99,11 +96,3 @@ def make_demo_dataset(root: Path = DEMO_ROOT, train: int = 64, test_good: int = 
         save(root / "sources" / f"{i:03d}.png", source_texture(rng))
     done.write_text("ok\n")
     return root
-
-
-def finish_demo(data_path: Path, checkpoints: list[Path], device: torch.device, log_path: Path) -> None:
-    """Score the demo's checkpoints and say where to look."""
-    out = Path("results") / "demo"
-    score_test_sets(checkpoints, data_path, out, device)
-    print(f"demo done. open {out / 'report.html'} (metrics, curves, every test image's panel); "
-          f"TensorBoard: tensorboard --logdir {log_path}")

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics on tensors (any device): AUROC, AP, AUPRO, DRAEM's image score, and the
+"""Anomaly-detection metrics on tensors (any device): AUROC, AP, AUPRO, and the
 operating points (thresholds) a user picks from: maximum F1, no escapes, no false alarms.
 
 Exact, tie-aware equivalents of scikit-learn's roc_auc_score and average_precision_score, computed by
@@ -16,12 +16,6 @@ from torch import Tensor
 # Every metric a run reports, in report order, with the name people read.
 METRICS = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max": "image F1max",
            "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "pixel_f1_max": "pixel F1max", "aupro": "AUPRO"}
-
-
-def image_scores(anomaly_maps: Tensor, kernel: int = 21) -> Tensor:
-    """Max of the kernel x kernel mean-filtered anomaly map (stride 1, zero padding counted): (N, H, W) -> (N,)."""
-    pooled = F.avg_pool2d(anomaly_maps[:, None].float(), kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-    return pooled.flatten(1).amax(1)
 
 
 Ranking = tuple[Tensor, Tensor]  # (descending order of the scores, index of the last score of each distinct value)

@@ -6,7 +6,7 @@ discriminator; the max of its 21x21 mean filter, zero padding counted), and `rec
 (N, 3, H, W, BGR) for pictures. The file's metadata holds the category, image size, channel order,
 bit depth, the training configuration and, when the checkpoint has them, the operating thresholds (of the
 labelled test set, and calibrated on good images). Larger images are scored in tiles of the exported size
-(tiling.py) around the graph. Exporting and
+(scoring/tiling.py) around the graph. Exporting and
 running need the packages in requirements-export.txt; training and scoring PyTorch checkpoints do not.
 """
 import importlib
@@ -18,10 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
 from data_loader import DataError, parse_size
-from metrics import image_scores
-from model_unet import DraemModel
+from model_unet import DraemModel, image_scores
+from training.checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
 
 FORMAT = "draem-onnx-v1"
 OUTPUTS = ["anomaly_map", "image_score", "reconstruction"]

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from metrics import METRICS  # noqa: E402
+from scoring.metrics import METRICS  # noqa: E402
 
 ERROR_ORDER = {"missed defect": 0, "false alarm": 1, "": 2}
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1600px}

@@ -2,33 +2,76 @@
 
 Per run: scores_<run>.csv (every test image's score and verdict), a labelled panel per image, TensorBoard
 scalars and PR curves; for all runs together: results.json, results.md and report.html, with the
-per-configuration means and seed summaries of summary.py.
+per-configuration means and seed summaries.
+
+A configuration is a TrainConfig's identity (training/config.py); the means average the categories of one
+configuration, never different variants, and a seed summary takes the runs of one category and
+configuration that differ only in --seed. Official and anomalib weights record no seed: each kind is a
+configuration of its own and takes no part in seed summaries.
 """
 import csv
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from checkpoint import CheckpointError
-from data_loader import DataError, TestSet, decode, load_test_set, resolve_categories
-from evaluate import evaluate
-from metrics import METRICS, verdict
-from inference import Scoring, images_per_pass, scoring_model
-from model_files import checkpoint_files
-from report import coverage_text, percent, write_report
-from summary import configuration_means, seed_summaries
-from tiling import check_tiling
-from visualize import panel, write_png
+from data_loader import DataError, TestSet, decode, height_width, load_test_set, one_category
+from deploy.model_files import checkpoint_files
+from scoring.evaluate import evaluate
+from scoring.inference import Scoring, images_per_pass, scoring_model
+from scoring.metrics import METRICS, verdict
+from scoring.report import coverage_text, percent, write_report
+from scoring.tiling import check_tiling
+from scoring.visualize import panel, write_png
+from training.checkpoint import CheckpointError
+from training.config import TrainConfig
 
 
-def one_category(obj_id: str, data_path: Path) -> str:
-    categories = resolve_categories(obj_id, data_path)
-    if len(categories) != 1:
-        raise DataError(f"--obj_id {obj_id}: name one category (0..14 or a folder name)")
-    return categories[0]
+# ---- runs grouped by what they are: means per configuration, seed summaries ---------------------------
+
+def configuration(result: dict, leave_out: tuple[str, ...]) -> str:
+    """A label equal for two runs exactly when their settings agree apart from leave_out."""
+    config = result["config"]
+    if "seed" in config:
+        return TrainConfig.from_dict(config).variant(leave_out=leave_out)
+    h, w = height_width(config["image_size"])
+    label = f"{result['source']}_{h}x{w}_w{config['base_width']}-{config['seg_base_width']}"
+    return label + ("_sspcab" if config.get("sspcab") else "")
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if not math.isnan(v)]
+    return {"mean": statistics.fmean(values) if values else float("nan"),
+            "std": statistics.stdev(values) if len(values) > 1 else float("nan")}
+
+
+def configuration_means(results: dict[str, dict]) -> list[dict]:
+    """Per configuration: the mean of each metric over its runs (its categories; every seed counts as a run)."""
+    groups: dict[str, list[str]] = {}
+    for run, result in results.items():
+        groups.setdefault(configuration(result, ("category",)), []).append(run)
+    return [{"configuration": label, "runs": runs, "categories": sorted({results[r]["category"] for r in runs}),
+             **{m: mean_std([results[r][m] for r in runs])["mean"] for m in METRICS}}
+            for label, runs in groups.items()]
+
+
+def seed_summaries(results: dict[str, dict]) -> list[dict]:
+    """Mean and sample standard deviation of each metric over runs that differ only in --seed (2 or more)."""
+    groups: dict[str, list[str]] = {}
+    for run, result in results.items():
+        if "seed" in result["config"]:
+            groups.setdefault(configuration(result, ("seed",)), []).append(run)
+    return [{"category": results[runs[0]]["category"], "configuration": label, "runs": runs,
+             "seeds": [results[r]["config"]["seed"] for r in runs],
+             **{m: mean_std([results[r][m] for r in runs]) for m in METRICS}}
+            for label, runs in groups.items() if len(runs) > 1]
+
+
+# ---- scoring test sets ----------------------------------------------------------------------------------
 
 
 def write_scores_csv(path: Path, rows: list[dict]) -> None:

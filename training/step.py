@@ -1,114 +1,23 @@
-"""The pieces of a training run that the loop in train_draem.py uses: processes under torchrun, stopping on
-a signal, the model and optimiser, the step-derived random streams, and the optimisation step itself."""
-import argparse
+"""What one optimisation step needs: the model and optimiser, the step-derived random streams (batch order,
+anomaly simulation, the calibration hold-out), the batch a step trains on, and the step itself."""
 import hashlib
 import math
-import os
-import signal
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from config import TrainConfig
 from data_loader import DataError
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
 from perlin import SyntheticBatch, random_crops, simulate_anomalies
 from recipe import RECIPES, Recipe
+from training.config import TrainConfig
+from training.processes import Launch
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
-
-# ---- processes: torchrun, and stopping on a signal ----------------------------------------------------
-
-@dataclass(frozen=True)
-class Launch:
-    """This process's place under torchrun (process 0 of 1 without it)."""
-    rank: int = 0  # torchrun's global rank
-    world_size: int = 1
-    data_parallel: bool = False  # --ddp: the processes train one model; otherwise each trains its own categories
-    device: str | None = None  # cuda:LOCAL_RANK on a multi-GPU launch
-
-    @property
-    def dp_rank(self) -> int:  # which slice of the global batch this process trains on
-        return self.rank if self.data_parallel else 0
-
-    @property
-    def dp_size(self) -> int:  # how many processes share one model's batch
-        return self.world_size if self.data_parallel else 1
-
-    @property
-    def writes_outputs(self) -> bool:  # checkpoints, logs and progress come from one process per model
-        return not self.data_parallel or self.rank == 0
-
-
-def start_processes(args: argparse.Namespace) -> Launch:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        if args.ddp:
-            print("note: --ddp without torchrun: training on one process", file=sys.stderr)
-        return Launch()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and args.device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Launch(rank, world_size, args.ddp, f"cuda:{local_rank}" if use_cuda else None)
-
-
-class TrainingStopped(Exception):
-    """Raised after the checkpoint of a run stopped by SIGINT / SIGTERM was written."""
-
-
-class StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint after the current step and stops."""
-
-    def __init__(self):
-        self.requested = False
-
-    def handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr)
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was asked to stop (one all-reduce, at log points only)."""
-        flag = torch.tensor(float(self.requested), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """Install the SIGINT / SIGTERM handlers for the training run; put the previous ones back after it."""
-    stop = StopRequest()
-    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def ensure_writable(folder: Path, flag: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test{id(folder)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise DataError(f"{flag} {folder} cannot be written ({exc.strerror or exc})")
-
-
-# ---- model and optimiser, random streams --------------------------------------------------------------
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """--amp auto as what it means on this device: bf16 on a GPU that supports it, else off."""
@@ -210,8 +119,6 @@ def parameter_fingerprint(model: nn.Module) -> str:
         digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
-
-# ---- the step ---------------------------------------------------------------------------------------
 
 def train_step(net, batch: SyntheticBatch, optimizer, scaler, autocast, focal: FocalLoss,
                sspcab: bool) -> tuple[DraemOutput, torch.Tensor, dict]:

@@ -1,6 +1,6 @@
 """OpenVINO IR files of this project: an ONNX export converted to IR (fp32, bf16 or int8), and running them.
 
-The IR computes what the ONNX graph computes (onnx_graph.py: BGR images in; anomaly map, image score and
+The IR computes what the ONNX graph computes (deploy/onnx_graph.py: BGR images in; anomaly map, image score and
 reconstruction out) and carries the same metadata, plus its precision, as one JSON string in the model's
 runtime info (`draem_metadata`). bf16 is a property of the compiled model (OpenVINO's inference precision
 hint) on CPUs that have bf16 instructions; int8 is in the file (NNCF's post-training quantization). Needs
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, ModelInfo
-from onnx_graph import ExportedOutput, info_from_metadata, require, with_calibration
+from deploy.onnx_graph import ExportedOutput, info_from_metadata, require, with_calibration
+from training.checkpoint import CheckpointError, ModelInfo
 
 FORMAT = "draem-openvino-v1"
 METADATA_KEY = "draem_metadata"

@@ -11,19 +11,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration import calibrate, describe
-from checkpoint import CheckpointError, ModelInfo
 from data_loader import DataError, decode, default_workers, list_images, read_each, resize, to_tensor, warn
-from evaluate import predict
-from metrics import image_scores, verdict
-from model_files import checkpoint_files, load_model, store_calibration
-from tiling import TiledModel
-from regions import defect_regions, resize_map
-from visualize import panel, write_png
+from deploy.model_files import checkpoint_files, load_model, store_calibration
+from model_unet import image_scores
+from scoring.calibration import calibrate, describe
+from scoring.evaluate import predict
+from scoring.metrics import verdict
+from scoring.tiling import TiledModel
+from scoring.visualize import panel, write_png
+from training.checkpoint import CheckpointError, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -231,3 +232,30 @@ def image_outputs(stem: Path, image_path: Path, image: np.ndarray, rec: torch.Te
     return row, [{"path": str(image_path), "region": i + 1, **{k: f"{v:.6f}" if isinstance(v, float) else v
                                                                 for k, v in region.items()}}
                  for i, region in enumerate(regions)]
+
+
+# ---- from an anomaly map to decisions at the image's own resolution ---------------------------------------
+
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The model-size anomaly map, bilinearly resized to the original image's size (float32)."""
+    return cv2.resize(anomaly_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def defect_regions(anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, list[dict]]:
+    """The defect mask (uint8 0/255: map >= threshold) and its 8-connected regions, largest first.
+
+    Each region: bounding box (x, y, width, height) and area in the map's pixels, and the maximum and
+    mean anomaly score inside it.
+    """
+    mask = (anomaly_map >= threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    ids, values = labels.ravel(), anomaly_map.ravel().astype(np.float64)
+    sums = np.bincount(ids, weights=values, minlength=count)
+    maxima = np.full(count, -np.inf)
+    np.maximum.at(maxima, ids, values)
+    regions = [{"x": int(stats[i, cv2.CC_STAT_LEFT]), "y": int(stats[i, cv2.CC_STAT_TOP]),
+                "width": int(stats[i, cv2.CC_STAT_WIDTH]), "height": int(stats[i, cv2.CC_STAT_HEIGHT]),
+                "area": int(stats[i, cv2.CC_STAT_AREA]), "max_score": float(maxima[i]),
+                "mean_score": float(sums[i] / stats[i, cv2.CC_STAT_AREA])} for i in range(1, count)]
+    regions.sort(key=lambda r: r["area"], reverse=True)
+    return mask * 255, regions

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from config import TrainConfig
 from data_loader import CATEGORIES, CHANNEL_ORDER, FULL_RANGE, height_width
 from model_unet import DraemModel
+from training.config import TrainConfig
 
 FORMAT = "draem-checkpoint-v1"
 ANOMALIB_PREFIX = "model."
@@ -33,7 +33,7 @@ class ModelInfo:
     source: str  # "draem" (this project), "official", "anomalib" or "onnx"
     metrics: dict = field(default_factory=dict)  # the end-of-training evaluation, with its operating points
     step: int = 0
-    calibration: dict = field(default_factory=dict)  # thresholds set on good images alone (calibration.py)
+    calibration: dict = field(default_factory=dict)  # thresholds set on good images alone (scoring/calibration.py)
 
     @property
     def image_size(self) -> tuple[int, int]:

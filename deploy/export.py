@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import load_checkpoint
 from data_loader import DataError, list_images, load_images
-from onnx_graph import export, read_metadata, require, save_with_metadata
-from openvino_model import DEPLOY_REQUIREMENTS, FORMAT as OPENVINO_FORMAT, save_ir
+from deploy.onnx_graph import export, read_metadata, require, save_with_metadata
+from deploy.openvino_model import DEPLOY_REQUIREMENTS, FORMAT as OPENVINO_FORMAT, save_ir
+from training.checkpoint import load_checkpoint
 
 PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}

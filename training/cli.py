@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError
 from data_loader import DataError
+from training.checkpoint import CheckpointError
 
 
 def pick_device(name: str = "auto", gpu_id: int | None = None) -> torch.device:

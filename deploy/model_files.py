@@ -1,11 +1,12 @@
-"""Which file holds which kind of model: PyTorch checkpoints (checkpoint.py) or ONNX exports (onnx_graph.py)."""
+"""Which file holds which kind of model: PyTorch checkpoints (training/checkpoint.py), ONNX exports (onnx_graph.py) or
+OpenVINO IR (openvino_model.py)."""
 from pathlib import Path
 
 import torch
 
-import checkpoint
-from checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
 from model_unet import DraemModel
+from training import checkpoint
+from training.checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
 
 SUFFIXES = (".pt", ".pth", ".ckpt", ".pckl", ".onnx", ".xml")
 
@@ -17,10 +18,10 @@ def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | N
     if path.suffix not in (".onnx", ".xml"):
         return model_from_checkpoint(path)
     if path.suffix == ".onnx":
-        from onnx_graph import load_onnx  # ONNX Runtime only when an .onnx file is asked for
+        from deploy.onnx_graph import load_onnx  # ONNX Runtime only when an .onnx file is asked for
         model, info = load_onnx(path, device)
     else:
-        from openvino_model import load_openvino
+        from deploy.openvino_model import load_openvino
         model, info = load_openvino(path, device)
     if image_size and tuple(image_size) != model.size:
         raise CheckpointError(f"--image_size {image_size[0]}x{image_size[1]}: {path} was exported for "
@@ -31,10 +32,10 @@ def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | N
 def store_calibration(path: Path, calibration: dict) -> None:
     """Calibrated thresholds into the model file itself: a .pt checkpoint or an .onnx export."""
     if path.suffix == ".onnx":
-        from onnx_graph import store_calibration as store_in_onnx
+        from deploy.onnx_graph import store_calibration as store_in_onnx
         return store_in_onnx(path, calibration)
     if path.suffix == ".xml":
-        from openvino_model import store_calibration as store_in_ir
+        from deploy.openvino_model import store_calibration as store_in_ir
         return store_in_ir(path, calibration)
     checkpoint.store_calibration(path, calibration)
 

@@ -1,0 +1,138 @@
+"""The house: the scripts and the paper's modules at the root, support code in three folders that import one
+way (training <- deploy <- scoring), no module importing a script, no import cycle, and the checkpoint
+dictionary written and read in training/checkpoint.py alone. Modules are compared by full dotted name."""
+import ast
+from pathlib import Path
+
+from helpers import ROOT
+
+SCRIPTS = {"train_draem", "test_draem", "export_draem"}
+PAPER = {"model_unet", "loss", "perlin", "data_loader", "recipe"}
+# A folder may import the paper's modules, its own modules and the folders before it here, nothing after.
+FOLDERS = ("training", "deploy", "scoring")
+
+
+def module_files(root: Path = ROOT) -> dict[str, Path]:
+    """Every library module and script by dotted name: the root's .py files and those of the folders."""
+    files = {p.stem: p for p in root.glob("*.py")}
+    for folder in FOLDERS:
+        files |= {f"{folder}.{p.stem}": p for p in (root / folder).glob("*.py") if p.stem != "__init__"}
+    return files
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The known modules a file imports, by full dotted name (`from training import checkpoint` is
+    training.checkpoint; `from training.checkpoint import X` too); relative imports are refused."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.relative_to(ROOT)}: relative import (use the full dotted name)"
+            candidates = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        for name in candidates:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    files = module_files(root)
+    graph = {name: imported_modules(path, set(files)) - {name} for name, path in files.items()}
+    graph |= {f"benchmarks.{p.stem}": imported_modules(p, set(files)) for p in (root / "benchmarks").glob("*.py")}
+    return graph
+
+
+def room(module: str) -> str:
+    return module.split(".")[0]
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that run against the house's direction; empty when the layout holds."""
+    bad = []
+    for module, imported in graph.items():
+        for other in imported:
+            if room(other) in SCRIPTS:
+                bad.append(f"{module} imports the script {other}")
+            elif module in PAPER and room(other) in FOLDERS:
+                bad.append(f"{module} (a paper module) imports {other}")
+            elif room(module) in FOLDERS and room(other) in FOLDERS and \
+                    FOLDERS.index(room(other)) > FOLDERS.index(room(module)):
+                bad.append(f"{module} imports {other}, from a folder above it")
+    return bad
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path, or None."""
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if state.get(module) == "open":
+            return path[path.index(module):] + [module]
+        if state.get(module) == "done":
+            return None
+        state[module] = "open"
+        for other in sorted(graph.get(module, ())):
+            if found := visit(other, path + [module]):
+                return found
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if found := visit(module, []):
+            return found
+    return None
+
+
+def test_the_root_holds_the_scripts_and_the_paper_modules_and_the_folders_the_rest():
+    assert {p.stem for p in ROOT.glob("*.py")} == SCRIPTS | PAPER
+    for folder in FOLDERS:
+        assert (ROOT / folder / "__init__.py").is_file()
+    graph = import_graph()
+    assert {"training.checkpoint", "deploy.onnx_graph", "scoring.evaluate"} <= set(graph)  # the walk sees the folders
+
+
+def test_imports_run_one_way_with_no_script_imported_and_no_cycle():
+    graph = import_graph()
+    assert layering_violations(graph) == []
+    assert cycle(graph) is None
+    # the scripts do stand on the folders: the check above is not vacuous
+    assert {"training.checkpoint", "scoring.results"} <= graph["train_draem"]
+
+
+def test_the_checks_catch_a_bad_import_in_a_folder_module(tmp_path):
+    """A copy of the tree with one deliberate bad import each time: the checks above must name it."""
+    def tree_with(path: str, line: str) -> dict[str, set[str]]:
+        for source in list(ROOT.glob("*.py")) + [p for f in FOLDERS + ("benchmarks",) for p in (ROOT / f).glob("*.py")]:
+            target = tmp_path / source.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(source.read_text())
+        (tmp_path / path).write_text((ROOT / path).read_text() + f"\n{line}\n")
+        return import_graph(tmp_path)
+
+    assert layering_violations(tree_with("training/demo.py", "import train_draem")) == \
+        ["training.demo imports the script train_draem"]
+    assert layering_violations(tree_with("deploy/onnx_graph.py", "from scoring import metrics")) == \
+        ["deploy.onnx_graph imports scoring.metrics, from a folder above it"]
+    assert layering_violations(tree_with("perlin.py", "from training.config import TrainConfig")) == \
+        ["perlin (a paper module) imports training.config"]
+    found = cycle(tree_with("training/config.py", "from training.checkpoint import ModelInfo"))
+    assert found is not None and {"training.config", "training.checkpoint"} <= set(found)
+
+
+CHECKPOINT_KEYS = ('"reconstructive"', '"discriminative"', '"optimizer"', '"scaler"')
+
+
+def test_the_checkpoint_dict_is_written_and_read_in_training_checkpoint_py_only():
+    files = module_files() | {f"benchmarks.{p.stem}": p for p in (ROOT / "benchmarks").glob("*.py")}
+    assert "training.checkpoint" in files
+    for name, path in files.items():
+        if name == "training.checkpoint":
+            continue
+        text = path.read_text()
+        assert not [k for k in CHECKPOINT_KEYS if f"[{k}]" in text or f"{k}:" in text], name
+        assert "torch.save(" not in text and "torch.load(" not in text, name
