@@ -217,6 +217,13 @@ def category_dir(data_path: Path, category: str) -> Path:
     return folder
 
 
+def has_defect_images(data_path: Path, category: str) -> bool:
+    """Whether the category has a labelled test set: images under test/<defect type>/ besides test/good/."""
+    test = Path(data_path) / category / "test"
+    return test.is_dir() and any(d.is_dir() and d.name != "good" and list_images(d, recursive=True)
+                                 for d in test.iterdir())
+
+
 def train_image_paths(data_path: Path, category: str) -> list[Path]:
     folder = category_dir(data_path, category) / "train" / "good"
     paths = list_images(folder) if folder.is_dir() else []

@@ -3,6 +3,7 @@
     python test_draem.py --checkpoint checkpoints/DRAEM_bottle_....pt --data_path ./datasets/mvtec
     python test_draem.py --checkpoint checkpoints/ --data_path ./datasets/mvtec      # every checkpoint in a folder
     python test_draem.py --checkpoint ckpt.pt --images my_photos/ --out heatmaps/ --threshold 0.5
+    python test_draem.py --checkpoint ckpt.pt --data_path ./datasets/mvtec --threshold calibrated   # the line's threshold
     python test_draem.py --checkpoint ckpt.pt --calibrate good_parts/ --false_alarm_rate 0.01   # thresholds
     python test_draem.py --checkpoint ckpt.pt --images big/ --tile 256 --tile_overlap 32          # large images
 
@@ -16,20 +17,13 @@ import argparse
 from pathlib import Path
 
 from data_loader import BIT_DEPTHS, parse_size
+from scoring.detector import Scoring
 from scoring.evaluate import MASK_PROTOCOLS
-from scoring.inference import Scoring, calibrate_on_folder, score_images
+from scoring.inference import calibrate_on_folder, score_images
 from scoring.results import score_test_sets
+from scoring.thresholds import threshold_value
 from scoring.tiling import parse_overlap
 from training.cli import check_amp, one_line_errors, pick_device
-
-
-def threshold_value(text: str) -> str | float:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number, not {text!r}")
 
 
 def rate_value(text: str) -> float:
@@ -65,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="with --tile: overlap of neighbouring tiles in pixels (32) or as a fraction of the tile (0.125) (default 0)")
     a("--out", type=Path, default=Path("results"), help="output folder (default ./results)")
     a("--threshold", type=threshold_value,
-      help="with --images: image score at or above which an image is ANOMALY; auto = the checkpoint's max-F1 "
-           "threshold (default: auto when the checkpoint holds one)")
+      help="image score at or above which an image is ANOMALY (verdicts; on a test set also the missed defects and "
+           "false alarms): auto = the one the model stores (its test set's max F1, else calibrated), calibrated, "
+           "max_f1 (a test set's own: optimistic) or a number (default: auto; on a test set without a stored one, "
+           "its own max F1)")
     a("--pixel_threshold", type=threshold_value,
-      help="with --images: anomaly-map value at or above which a pixel is defective (defect masks and regions); "
-           "auto = the checkpoint's max-F1 pixel threshold (default: auto when the checkpoint holds one)")
+      help="anomaly-map value at or above which a pixel is defective (defect masks and regions); the same choices "
+           "(default: auto)")
     a("--save_images", action=argparse.BooleanOptionalAction, default=True,
       help="write a labelled panel per image: input, reconstruction, heatmap (default on; --no-save_images skips "
            "them, and the report then shows no pictures)")
@@ -109,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                          scoring, args.save_images)
         else:
             score_test_sets(args.checkpoint, args.data_path, args.out, device, args.obj_id, scoring,
-                            args.mask_protocol, args.save_images)
+                            args.mask_protocol, args.save_images, args.threshold, args.pixel_threshold)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
-from data_loader import (TestSet, detect_bit_depth, load_anomaly_sources, load_images, load_test_set,
-                         resolve_categories, train_image_paths)
+from data_loader import (TestSet, detect_bit_depth, has_defect_images, load_anomaly_sources, load_images,
+                         load_test_set, resolve_categories, train_image_paths)
 from loss import FocalLoss
 from model_unet import DraemModel, image_scores
 from recipe import RECIPES
@@ -45,12 +45,15 @@ from training.step import (AMP_DTYPES, Training, build_training, calibration_hol
 
 # ---- configuration ----------------------------------------------------------------------------------
 
+DEFAULT_CALIBRATION_SPLIT = 0.1  # of train/good, for a category without a labelled test set
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--obj_id", default="-1", help="category: 0..14 (official MVTec order), -1 for every category under "
                                      "--data_path, or a folder name such as my_part (default -1)")
     add_flags(p)  # every setting of the run: config.TrainConfig
+    p.set_defaults(calibration_split=None)  # decided per category: default_calibration_split
     a("--run_name", help="name of the run's checkpoint and TensorBoard folder (with several categories: "
                          "NAME_<category>); default: built from the settings, unique per configuration")
     a("--checkpoint_path", type=Path, default=Path("checkpoints"), help="folder for checkpoints (default ./checkpoints)")
@@ -107,7 +110,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--save_every and --log_every must be at least 1")
     if args.run_name is not None and (not args.run_name or set(args.run_name) & set("/\\:*?\"<>|")):
         parser.error(f"--run_name {args.run_name!r}: use a plain file name (no / \\ : * ? \" < > |)")
-    if not 0 <= args.calibration_split < 1:
+    if args.calibration_split is not None and not 0 <= args.calibration_split < 1:
         parser.error(f"--calibration_split {args.calibration_split:g}: expected a share in [0, 1), such as 0.1")
     if not 0 < args.false_alarm_rate < 1:
         parser.error(f"--false_alarm_rate {args.false_alarm_rate:g}: expected a share in (0, 1), such as 0.01")
@@ -117,12 +120,31 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--data_path is required (or use --demo)")
 
 
-def run_config(args: argparse.Namespace, category: str, launch: Launch, device: torch.device,
-               bit_depth: int) -> TrainConfig:
+def run_config(args: argparse.Namespace, category: str, launch: Launch, device: torch.device, bit_depth: int,
+               calibration_split: float) -> TrainConfig:
     """This run's settings, with what the flags leave open decided: the precision, the processes per model,
-    the bit depth."""
+    the bit depth, the calibration split."""
     return TrainConfig.from_args(args, category=category, amp=resolve_amp(args.amp, device), bit_depth=bit_depth,
-                                 processes=launch.dp_size, sync_bn=args.sync_bn and launch.data_parallel)
+                                 processes=launch.dp_size, sync_bn=args.sync_bn and launch.data_parallel,
+                                 calibration_split=calibration_split)
+
+
+def default_calibration_split(args: argparse.Namespace, category: str, images: int) -> float:
+    """--calibration_split as given; without it, DEFAULT_CALIBRATION_SPLIT for a category with no labelled test
+    set (said on the console), so that an own part with good images alone still ends with thresholds."""
+    if args.calibration_split is not None:
+        return args.calibration_split
+    if has_defect_images(args.data_path, category):
+        return 0.0
+    held = round(DEFAULT_CALIBRATION_SPLIT * images)
+    if held < 1:
+        print(f"[{category}] no labelled test set, and {images} good image(s) are too few to hold any out: the run "
+              f"stores no thresholds (give them later with test_draem.py --calibrate GOOD_DIR)")
+        return 0.0
+    print(f"[{category}] no labelled test set: holding out {held} of {images} good images (--calibration_split "
+          f"{DEFAULT_CALIBRATION_SPLIT:g}) to set thresholds for {100 * args.false_alarm_rate:g} % false alarms "
+          f"(--false_alarm_rate); --calibration_split 0 trains on all of them")
+    return DEFAULT_CALIBRATION_SPLIT
 
 
 def run_name(args: argparse.Namespace, config: TrainConfig, several: bool) -> str:
@@ -213,7 +235,8 @@ def plan_run(args: argparse.Namespace, category: str, device: torch.device, laun
     """The run's settings and name, and its training images cached on the device."""
     paths = train_image_paths(args.data_path, category)
     bit_depth = detect_bit_depth(paths, args.workers) if args.bit_depth == "auto" else args.bit_depth
-    config = run_config(args, category, launch, device, bit_depth)
+    split = default_calibration_split(args, category, len(paths))
+    config = run_config(args, category, launch, device, bit_depth, split)
     name = run_name(args, config, several)
     kept, held = calibration_holdout(len(paths), config.calibration_split, config.seed)
     images = load_images([paths[i] for i in kept], config.image_size, args.workers, bit_depth).to(device)
@@ -224,7 +247,7 @@ def plan_run(args: argparse.Namespace, category: str, device: torch.device, laun
 
 def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> int:
     """Load --resume's checkpoint into the model, optimiser and run; the step to continue from (0: afresh)."""
-    path = resume_path(args, run.checkpoint)
+    path = resume_path(args, run.config, run.checkpoint)
     if path is None:
         return 0
     checkpoint = load_checkpoint(path)

@@ -23,7 +23,7 @@ table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;pad
 th:first-child,td:first-child{text-align:left}h2{margin-top:36px;border-bottom:2px solid #444}
 img.plot{max-width:100%;display:block;margin:8px 0}.cases{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;border:1px solid #ccc;padding:6px;max-width:480px}figure img{width:100%;display:block}
-figure.error{border:3px solid #c00}figcaption{font-size:13px;word-break:break-all}.bad{color:#c00;font-weight:bold}"""
+figure.error{border:3px solid #c00}figcaption{font-size:13px;word-break:break-all}.bad{color:#c00;font-weight:bold}.optimistic{color:#a60}"""
 
 
 def percent(value: float) -> str:
@@ -56,7 +56,7 @@ def plot_curves(curves: dict, metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_histogram(cases: list[dict], threshold: float, path: Path) -> None:
+def plot_histogram(cases: list[dict], threshold: float | None, path: Path) -> None:
     good = [c["score"] for c in cases if not c["label"]]
     defective = [c["score"] for c in cases if c["label"]]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -64,8 +64,8 @@ def plot_histogram(cases: list[dict], threshold: float, path: Path) -> None:
     bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
     ax.hist(good, bins, alpha=0.6, color="C2", label=f"good ({len(good)})")
     ax.hist(defective, bins, alpha=0.6, color="C3", label=f"defective ({len(defective)})")
-    if not math.isnan(threshold):
-        ax.axvline(threshold, color="k", linestyle="--", label=f"max-F1 threshold {threshold:.3f}")
+    if threshold is not None and not math.isnan(threshold):
+        ax.axvline(threshold, color="k", linestyle="--", label=f"image threshold {threshold:.3f}")
     ax.set(xlabel="image score", ylabel="test images", title="image scores")
     ax.legend()
     fig.tight_layout()
@@ -92,8 +92,9 @@ def case_figure(case: dict) -> str:
 def run_section(index: int, run: str, result: dict, detail: dict, files: Path) -> str:
     curves_png, histogram_png = files / f"run{index:02d}_curves.png", files / f"run{index:02d}_scores.png"
     image, pixel = result["operating_points"]["image"], result["operating_points"]["pixel"]
+    used = result["thresholds"]
     plot_curves(detail["curves"], result, curves_png)
-    plot_histogram(detail["cases"], image["threshold"], histogram_png)
+    plot_histogram(detail["cases"], used["image"]["value"], histogram_png)
     points = table(["operating point", "threshold", "what it costs on this test set"], [
         ["max F1 (image)", f"{image['threshold']:.6g}",
          f"precision {percent(image['precision'])} %, recall {percent(image['recall'])} %, F1 {percent(image['f1'])}"],
@@ -108,11 +109,26 @@ def run_section(index: int, run: str, result: dict, detail: dict, files: Path) -
     cases = ordered_cases(detail["cases"])
     errors = sum(1 for c in cases if c["error"])
     return (f'<h2 id="run{index:02d}">{html.escape(run)} [{html.escape(result["category"])}]</h2>'
+            f"{threshold_note(used)}"
             f'<img class="plot" src="{files.name}/{curves_png.name}" alt="ROC and PR curves">'
             f'<img class="plot" src="{files.name}/{histogram_png.name}" alt="image score histogram">'
             f"<h3>Operating points</h3>{points}<h3>Per defect type</h3>{defects}"
-            f"<h3>Test images ({len(cases)}; {errors} wrong at the max-F1 threshold, shown first)</h3>"
+            f"<h3>Test images ({len(cases)}; {errors} wrong at the image threshold, shown first)</h3>"
             f'<div class="cases">{"".join(case_figure(c) for c in cases)}</div>')
+
+
+def threshold_note(used: dict) -> str:
+    """Which thresholds the verdicts and defect masks below use, and a warning when they were tuned on these
+    very images."""
+    lines = [f"{kind} threshold {'none' if t['value'] is None else format(t['value'], '.6g')} "
+             f"({html.escape(t['source'])})" for kind, t in used.items()]
+    note = f'<p class="thresholds">Judged at: {"; ".join(lines)}.</p>'
+    if any(t["optimistic"] for t in used.values()):
+        note += ('<p class="optimistic"><b>Optimistic:</b> a threshold here was tuned on this test set (its own '
+                 'maximum F1), so the missed defects and false alarms below are fewer than the line will see. '
+                 'Judge at a threshold set on other images: <code>--threshold calibrated</code> after '
+                 '<code>test_draem.py --calibrate GOOD_DIR</code>, or a number.</p>')
+    return note
 
 
 def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dict], means: list[dict],

@@ -14,15 +14,18 @@ import json
 import math
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from data_loader import DataError, TestSet, decode, height_width, load_test_set, one_category
 from deploy.model_files import checkpoint_files
+from scoring import thresholds
+from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model
 from scoring.evaluate import evaluate
-from scoring.inference import Scoring, images_per_pass, scoring_model
 from scoring.metrics import METRICS, verdict
 from scoring.report import coverage_text, percent, write_report
 from scoring.tiling import check_tiling
@@ -99,6 +102,10 @@ def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[di
         lines += [f"| {row['category']} | {row['configuration']} | {', '.join(map(str, row['seeds']))} | "
                   + " | ".join(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRICS) + " |"
                   for row in seeds]
+    lines += ["", "Thresholds the verdicts, missed defects, false alarms and defect masks were judged at.", "",
+              "| run | image threshold | from | pixel threshold | from |", "|---|---|---|---|---|"]
+    lines += [f"| {run} | " + " | ".join(threshold_cells(r["thresholds"][kind]) for kind in ("image", "pixel")) + " |"
+              for run, r in results.items()]
     lines += ["", "Operating points (image: anomalous when score >= threshold; rates on this test set).", "",
               "| run | max-F1 threshold | precision | recall | no-escape threshold | false alarms | "
               "no-false-alarm threshold | escapes | pixel max-F1 threshold |", "|---|---|---|---|---|---|---|---|---|"]
@@ -113,6 +120,11 @@ def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[di
     lines += [f"| {run} | {defect} | {row['images']} | {row['images_with_mask']} | {percent(row['image_auroc'])} | "
               f"{percent(row['pixel_ap'])} |" for run, r in results.items() for defect, row in r["per_defect_type"].items()]
     return "\n".join(lines) + "\n"
+
+
+def threshold_cells(threshold: dict) -> str:
+    value = "none" if threshold["value"] is None else f"{threshold['value']:.6g}"
+    return f"{value} | {threshold['source']}" + (" (optimistic: tuned on this test set)" if threshold["optimistic"] else "")
 
 
 def test_cases(test_set: TestSet, scores: list[float], threshold: float, run: str, panels: bool) -> list[dict]:
@@ -134,13 +146,20 @@ def log_to_tensorboard(writer: SummaryWriter, run: str, out: dict, labels: torch
     writer.add_pr_curve(f"{run}/pixel", out["masks"].flatten().cpu(), out["maps"].flatten().cpu())
 
 
-def write_test_panels(out_dir: Path, test_set: TestSet, out: dict, cases: list[dict], threshold: float,
-                      bit_depth: int) -> None:
+def write_test_panels(out_dir: Path, test_set: TestSet, out: dict, cases: list[dict], image_threshold: thresholds.Threshold,
+                      pixel_threshold: thresholds.Threshold, bit_depth: int) -> None:
+    """A labelled panel per test image: the verdict at the image threshold, the defect mask at the pixel threshold
+    (white) and the ground truth (green)."""
     for i, case in enumerate(cases):
-        caption = (f"{case['defect_type']} | score {case['score']:.3f} | {case['verdict']} at max-F1 threshold "
-                   f"{threshold:.3f}" + (f" | {case['error'].upper()}" if case["error"] else "")
+        original = decode(test_set.paths[i], bit_depth)
+        big_map = resize_map(out["maps"][i].cpu().numpy(), *original.shape[:2])
+        defects = None if pixel_threshold.value is None else (big_map >= pixel_threshold.value).astype(np.uint8)
+        at = "no image threshold" if image_threshold.value is None else \
+            f"{case['verdict']} at threshold {image_threshold.value:.3f}"
+        caption = (f"{case['defect_type']} | score {case['score']:.3f} | {at}"
+                   + (f" | {case['error'].upper()}" if case["error"] else "")
                    + ("" if test_set.has_mask[i] else " | no mask"))
-        picture = panel(decode(test_set.paths[i], bit_depth), out["reconstructions"][i], out["maps"][i], out["masks"][i], caption)
+        picture = panel(original, out["reconstructions"][i], big_map, out["masks"][i], caption, defect_mask=defects)
         write_png(out_dir / case["panel"], picture)
 
 
@@ -156,8 +175,10 @@ def unique_name(name: str, taken: dict) -> str:
 
 def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Path, device: torch.device,
                     obj_id: str | None = None, scoring: Scoring = Scoring(), mask_protocol: str = "standard",
-                    save_images: bool = True) -> dict:
+                    save_images: bool = True, threshold: str | float | None = None,
+                    pixel_threshold: str | float | None = None) -> dict:
     """Score every checkpoint (files or folders of them) on its category's test set; write the results folder.
+    Verdicts, missed defects and false alarms are judged at the threshold chosen by thresholds.choose.
 
     Returns what results.json holds: {"runs", "means", "seeds", "mask_protocol"}.
     """
@@ -178,21 +199,24 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
         out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), mask_protocol,
                        keep_reconstructions=save_images, amp=scoring.amp)
         run = unique_name(info.run, results)
-        threshold = out["operating_points"]["image"]["threshold"]
-        cases = test_cases(test_set, out["scores"].tolist(), threshold, run, save_images)
+        image_t, pixel_t = (thresholds.choose(given, info, kind, out["operating_points"][kind]["threshold"])
+                            for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")))
+        cases = test_cases(test_set, out["scores"].tolist(), image_t.value, run, save_images)
         results[run] = {"category": category, "checkpoint": str(path), "source": info.source, **out["metrics"],
+                        "thresholds": {"image": asdict(image_t), "pixel": asdict(pixel_t)},
                         "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
                         "mask_coverage": out["mask_coverage"], "config": info.config, "images": len(test_set.paths),
                         "seconds": round(time.perf_counter() - started, 2)}
         print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
               + f" ({len(test_set.paths)} images, masks for {coverage_text(out['mask_coverage'])} defect images, "
-                f"{results[run]['seconds']} s)")
+                f"{results[run]['seconds']} s)\n  " + thresholds.describe(image_t, info, "image") + "\n  "
+              + thresholds.describe(pixel_t, info, "pixel"))
         write_scores_csv(out_dir / f"scores_{run}.csv", [
             {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
              "verdict": c["verdict"]} for c in cases])
         log_to_tensorboard(writer, run, out, test_set.labels)
         if save_images:
-            write_test_panels(out_dir, test_set, out, cases, threshold, scoring.depth_for(info))
+            write_test_panels(out_dir, test_set, out, cases, image_t, pixel_t, scoring.depth_for(info))
         details[run] = {"curves": out["curves"], "cases": cases}
     writer.close()
     summary = {"runs": results, "means": configuration_means(results), "seeds": seed_summaries(results),

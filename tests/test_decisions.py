@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_curve
 
-from scoring.inference import defect_regions
+from scoring.detector import defect_regions
 from scoring.metrics import f1_operating_point, image_operating_points
 from scoring.visualize import panel
 

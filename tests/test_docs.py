@@ -90,3 +90,11 @@ def test_readme_is_one_screen_and_the_docs_tell_no_development_story():
         if path.is_file():
             hits = story.findall(path.read_text())
             assert not hits, f"{path.name}: {hits}"
+
+
+def test_no_page_points_readers_at_a_folder_they_do_not_have():
+    """The development machines' data folder (`../shared`) is for the tests; readers get download and
+    preparation commands instead (data.md)."""
+    for page in PAGES:
+        assert "../shared" not in page.read_text(), page.name
+    assert "scripts/prepare_mtd.py" in (ROOT / "docs" / "data.md").read_text()

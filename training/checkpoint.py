@@ -72,10 +72,11 @@ class ModelInfo:
         """Where threshold(kind) comes from, in words."""
         if self.test_set_threshold(kind) is not None:
             return "max F1 on the labelled test set"
-        if kind in self.calibration:
-            c = self.calibration
-            return f"calibrated for {100 * c['false_alarm_rate']:.3g} % false alarms on {c['images']} good images ({c['source']})"
-        return "none stored"
+        return self.calibration_source() if kind in self.calibration else "none stored"
+
+    def calibration_source(self) -> str:
+        c = self.calibration
+        return f"calibrated for {100 * c['false_alarm_rate']:.3g} % false alarms on {c['images']} good images ({c['source']})"
 
 
 @dataclass

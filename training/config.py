@@ -62,7 +62,8 @@ class TrainConfig:
                 "checkpoint records the depth, and scoring reads images the same way", type=parse_bit_depth)
     calibration_split: float = setting(
         0.0, "share of train/good held out from training (chosen by --seed) to set thresholds on at the end "
-             "(see --false_alarm_rate); 0 = train on all", type=float)
+             "(see --false_alarm_rate); 0 = train on all (default: 0.1 when the category has no labelled test set, "
+             "so that the run still ends with thresholds; else 0)", type=float)
 
     # ---- reading and writing --------------------------------------------------------------------------
 

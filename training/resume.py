@@ -1,5 +1,6 @@
 """--resume: which checkpoint continues this run, and whether it may (same settings; a larger --epochs extends)."""
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -8,16 +9,38 @@ from training.checkpoint import CheckpointError, ModelInfo
 from training.config import TrainConfig
 
 
-def resume_path(args: argparse.Namespace, ckpt_path: Path) -> Path | None:
-    """The checkpoint --resume names, or this run's own if it exists ("auto"); None to start afresh."""
+def resume_path(args: argparse.Namespace, config: TrainConfig, ckpt_path: Path) -> Path | None:
+    """The checkpoint --resume continues from; None to start afresh.
+
+    --resume PATH: that file. --resume alone: this run's own checkpoint, else the one checkpoint of the same run
+    trained for another --epochs (extended by check_resumable's rules); two such are an error naming both, and
+    none is said in one line before starting afresh."""
     if not args.resume:
         return None
-    if args.resume == "auto":
-        return ckpt_path if ckpt_path.is_file() else None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such checkpoint")
-    return path
+    if args.resume != "auto":
+        path = Path(args.resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint")
+        return path
+    if ckpt_path.is_file():
+        return ckpt_path
+    others = other_lengths(ckpt_path, config) if args.run_name is None else []
+    if len(others) > 1:
+        raise CheckpointError(f"--resume: {len(others)} checkpoints of this run with other --epochs "
+                              f"({', '.join(map(str, others))}): name the one to continue with --resume PATH")
+    if not others:
+        print(f"[{config.category}] --resume: no checkpoint of this run in {ckpt_path.parent} ({ckpt_path.name}, "
+              f"or the same run with other --epochs): starting afresh", file=sys.stderr)
+        return None
+    return others[0]
+
+
+def other_lengths(ckpt_path: Path, config: TrainConfig) -> list[Path]:
+    """Checkpoints beside ckpt_path of this very run trained for another --epochs: run names that differ in
+    the epoch count alone (the name's digest covers every other setting)."""
+    head, tail = ckpt_path.name.split(f"_ep{config.epochs}_", 1)
+    same_run = re.compile(rf"{re.escape(head)}_ep\d+_{re.escape(tail)}")
+    return [p for p in sorted(ckpt_path.parent.glob("*.pt")) if p != ckpt_path and same_run.fullmatch(p.name)]
 
 
 def check_resumable(info: ModelInfo, config: TrainConfig, path: Path, total_steps: int) -> None:

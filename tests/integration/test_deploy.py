@@ -1,5 +1,7 @@
 """OpenVINO and int8 exports: equal to PyTorch (fp32) or within the gate's tolerance (bf16, int8), on
-this project's, official and anomalib weights, on generated and real images; the gate fails a damaged model."""
+this project's, official and anomalib weights, on generated and real images; the gate fails a damaged model; the
+Python API equals the command line on every format."""
+import csv
 import subprocess
 import sys
 
@@ -178,3 +180,38 @@ def test_missing_openvino_is_one_line_naming_the_requirements_file(exported, tmp
         export_draem.main(["--checkpoint", str(ckpt), "--format", "onnx", "--precision", "bf16", "--out",
                            str(tmp_path / "x.onnx")])
     assert stopped.value.code == 2 and "--precision bf16: onnx supports fp32, int8" in capsys.readouterr().err
+
+
+def test_the_python_api_equals_the_command_line_on_pt_onnx_and_xml(exported, tmp_path, capsys):
+    """scoring.detector.load(file).predict(...) gives test_draem.py --images' scores, verdicts and defect masks at
+    the thresholds the file stores, for a checkpoint and both exports of it; an image array scores as its file."""
+    import cv2
+    import test_draem
+    from scoring.detector import load
+    work, data, ckpt, _ = exported
+    calibrated = tmp_path / "weave.pt"
+    calibrated.write_bytes(ckpt.read_bytes())
+    test_draem.main(["--checkpoint", str(calibrated), "--calibrate", str(data / "weave" / "train" / "good"),
+                     "--false_alarm_rate", "0.25", "--device", "cpu"])
+    files = [calibrated]
+    for out in (tmp_path / "weave.onnx", tmp_path / "weave.xml"):
+        export_model(calibrated, out, "openvino" if out.suffix == ".xml" else "onnx", "fp32")
+        files.append(out)
+    photos = sorted((data / "weave" / "test").rglob("*.png"))
+    for path in files:
+        out = tmp_path / f"cli_{path.suffix[1:]}"
+        test_draem.main(["--checkpoint", str(path), "--images", str(data / "weave" / "test"), "--out", str(out),
+                         "--device", "cpu", "--no-save_images"])
+        rows = {row["path"]: row for row in csv.DictReader(open(out / "scores.csv"))}
+        detector = load(path)
+        assert detector.image_threshold.value is not None and detector.pixel_threshold.value is not None
+        results = detector.predict(photos)
+        assert len(results) == len(photos) == len(rows)
+        for photo, result in zip(photos, results):
+            row = rows[str(photo)]
+            assert abs(result.score - float(row["score"])) < 1e-6 and result.verdict == row["verdict"], photo
+            np.testing.assert_array_equal(result.defect_mask, cv2.imread(row["mask"], cv2.IMREAD_GRAYSCALE))
+        assert {r.verdict for r in results} == {"OK", "ANOMALY"}  # the stored threshold splits these images
+        single = detector.predict(cv2.imread(str(photos[0]), cv2.IMREAD_UNCHANGED))
+        assert single.score == results[0].score and single.anomaly_map.shape == results[0].anomaly_map.shape
+    capsys.readouterr()

@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from data_loader import list_images, load_images, load_test_set
+from helpers import TINY, run_script, tiny_dataset
+from model_unet import image_scores
 from scoring.calibration import calibrate
 from scoring.evaluate import predict
+from scoring.tiling import TiledModel
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from helpers import TINY, run_script, tiny_dataset
+from training.step import calibration_holdout
 
 
 def run(script: str, *args) -> None:
     """A script's main in this process (a subprocess would spend seconds importing torch)."""
     import importlib
     importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
-from model_unet import image_scores
-from scoring.tiling import TiledModel
-from training.step import calibration_holdout
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,31 @@ def test_calibration_split_holds_out_seeded_images_and_the_run_ends_with_their_t
         assert info.calibration[kind]["threshold"] == expected[kind]["threshold"]
         assert info.calibration[kind]["flagged"] == expected[kind]["flagged"] <= 1  # floor(0.4 * 3)
     assert info.metrics == {} and info.threshold("image") == expected["image"]["threshold"]
+
+
+def test_the_own_part_commands_on_good_images_alone_end_with_verdicts_and_masks(tmp_path):
+    """README's own-part path: train/good only (no test set), train, then --images: verdicts and defect masks,
+    from thresholds the run calibrated on a default 10 % held out, said on the console."""
+    demo = tiny_dataset(tmp_path / "demo")
+    part = tmp_path / "data" / "my_part" / "train" / "good"
+    shutil.copytree(demo / "weave" / "train" / "good", part)
+    proc = run_script("train_draem.py", "--obj_id", "my_part", "--data_path", tmp_path / "data",
+                      "--anomaly_source_path", demo / "sources", "--epochs", "1", *TINY, cwd=tmp_path)
+    assert "no labelled test set: holding out 1 of 12 good images (--calibration_split 0.1)" in proc.stdout
+    [ckpt] = (tmp_path / "checkpoints").glob("DRAEM_my_part_*.pt")
+    info = load_checkpoint(ckpt).info
+    assert info.config["calibration_split"] == 0.1 and len(info.calibration["held_out"]) == 1
+    run_script("test_draem.py", "--checkpoint", ckpt, "--images", demo / "weave" / "test", "--out",
+               tmp_path / "heatmaps", "--device", "cpu", cwd=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "heatmaps" / "scores.csv")))
+    assert len(rows) == 10 and all(r["verdict"] in ("OK", "ANOMALY") for r in rows)
+    threshold = info.calibration["image"]["threshold"]
+    assert all((r["verdict"] == "ANOMALY") == (float(r["score"]) >= threshold) for r in rows)
+    assert all(r["mask"] and cv2.imread(r["mask"], cv2.IMREAD_GRAYSCALE) is not None for r in rows)
+    # the default applies only without a labelled test set: the demo layout (which has one) holds nothing out
+    proc = run_script("train_draem.py", "--obj_id", "weave", "--data_path", demo, "--anomaly_source_path",
+                      demo / "sources", "--epochs", "1", "--eval_every", "-1", "--preview", "4", *TINY, cwd=tmp_path)
+    assert "holding out" not in proc.stdout
 
 
 def test_threshold_auto_uses_the_calibrated_thresholds_and_says_so(calibrated, tmp_path, capsys):

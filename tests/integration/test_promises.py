@@ -20,7 +20,7 @@ from data_loader import load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
 from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
-from scoring.inference import resize_map
+from scoring.detector import resize_map
 from scoring.metrics import METRICS
 from test_metrics import brute_force_aupro
 

@@ -178,3 +178,32 @@ def test_unreadable_folder_and_threshold_auto_without_stored_thresholds(scored, 
     proc = run_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o4",
                       "--threshold", "abc", "--device", "cpu", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--threshold" in proc.stderr
+
+
+def test_a_test_set_is_judged_at_the_threshold_asked_for_and_says_where_it_came_from(scored, tmp_path):
+    work, data, runs = scored
+    # default: the stored max-F1 threshold, tuned on this very test set: named, and flagged as optimistic
+    default = read_json(work / "res" / "results.json")["runs"][runs[0].stem]["thresholds"]["image"]
+    stored = torch.load(runs[0], weights_only=True)["metrics"]["operating_points"]["image"]["threshold"]
+    assert default == {"value": stored, "source": "max F1 on the labelled test set", "optimistic": True}
+    assert "Optimistic:" in (work / "res" / "report.html").read_text()
+    goods = len(list((data / "weave" / "test" / "good").glob("*.png")))
+    defects = len(list((data / "weave" / "test").rglob("*.png"))) - goods
+    for value, expected in (("0", {"false alarm": goods, "missed defect": 0}),
+                            ("1.5", {"false alarm": 0, "missed defect": defects})):
+        out = tmp_path / value
+        run_script("test_draem.py", "--checkpoint", runs[0], "--data_path", data, "--out", out, "--threshold", value,
+                   "--pixel_threshold", "0.5", "--device", "cpu", "--no-save_images", cwd=work)
+        used = read_json(out / "results.json")["runs"][runs[0].stem]["thresholds"]
+        assert used["image"] == {"value": float(value), "source": f"--threshold {float(value):g}", "optimistic": False}
+        assert used["pixel"]["value"] == 0.5
+        parser = ReportParser()
+        parser.feed((out / "report.html").read_text())
+        errors = [case["data-error"] for case in parser.cases]
+        assert {kind: errors.count(kind) for kind in expected} == expected, value
+        assert "Optimistic:" not in (out / "report.html").read_text()
+        verdicts = {r["verdict"] for r in csv.DictReader(open(out / f"scores_{runs[0].stem}.csv"))}
+        assert verdicts == {"ANOMALY" if value == "0" else "OK"}
+    proc = run_script("test_draem.py", "--checkpoint", runs[0], "--data_path", data, "--out", tmp_path / "c",
+                      "--threshold", "calibrated", "--device", "cpu", cwd=work, check=False)
+    assert proc.returncode == 2 and "holds no calibrated image threshold" in proc.stderr

@@ -2,6 +2,7 @@
 runs is summarised per configuration and per seed, and the test set cannot cost a trained model."""
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,28 @@ def test_resume_refuses_other_settings_and_extends_to_more_epochs(data, tmp_path
     for part in ("reconstructive", "discriminative"):
         for key, value in straight[part].items():
             torch.testing.assert_close(state[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+
+
+def test_resume_alone_finds_its_run_when_epochs_grow_and_never_restarts_silently(data, tmp_path):
+    # nothing to resume: said in one line, then a fresh run from step 1
+    proc = train(data, tmp_path, "--epochs", "1", "--eval_every", "-1", "--resume")
+    [line] = [line for line in proc.stderr.splitlines() if "--resume" in line]
+    assert "no checkpoint of this run" in line and "starting afresh" in line, proc.stderr
+    [one_epoch] = (tmp_path / "checkpoints").glob("*.pt")
+    # --resume alone with a larger --epochs: the 1-epoch run is found and extended from its stored step
+    proc = train(data, tmp_path, "--epochs", "2", "--eval_every", "-1", "--resume")
+    assert f"resumed from {Path('checkpoints') / one_epoch.name} at step 3" in proc.stdout, proc.stdout
+    assert "extending a 1-epoch run to 2 epochs" in proc.stderr
+    steps = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("[weave] step ")]
+    assert steps == ["4/6", "6/6"]  # a restart would log 2/6 first
+    two_epochs = one_epoch.with_name(one_epoch.name.replace("_ep1_", "_ep2_"))
+    assert torch.load(two_epochs, weights_only=True)["step"] == 6
+    # two runs of other lengths to extend: an error naming both, nothing trained
+    proc = train(data, tmp_path, "--epochs", "3", "--eval_every", "-1", "--resume", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert one_epoch.name in line and two_epochs.name in line and "--resume PATH" in line, line
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
 
 
 def test_a_defect_image_without_a_mask_costs_only_its_pixel_metrics(data, tmp_path):

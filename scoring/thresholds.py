@@ -1,0 +1,74 @@
+"""Which threshold a verdict (image score) or a defect mask (anomaly map) is judged at, and where it comes from.
+
+Verdicts need an image threshold and defect masks a pixel threshold. A model file stores them from the labelled
+test set scored at the end of training (max F1) or, without one, from good images alone for a false-alarm
+budget (calibration.py). --threshold / --pixel_threshold choose: auto (the stored one: test set first, else
+calibrated), calibrated, max_f1 (a test set's own, when scoring one), or a number.
+"""
+import argparse
+import math
+from dataclasses import dataclass
+
+from training.checkpoint import CheckpointError, ModelInfo
+
+CHOICES = ("auto", "calibrated", "max_f1")
+FLAGS = {"image": "--threshold", "pixel": "--pixel_threshold"}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float | None  # None: no verdicts (image) or no defect masks (pixel)
+    source: str  # where the value comes from, in words
+    optimistic: bool = False  # tuned on the very images it judges (a test set's own max F1)
+
+
+def threshold_value(text: str) -> str | float:
+    """The flags' type: auto, calibrated, max_f1 or a number."""
+    if text in CHOICES:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(CHOICES)} or a number, not {text!r}")
+
+
+def choose(given: str | float | None, info: ModelInfo, kind: str, own_max_f1: float | None = None) -> Threshold:
+    """The threshold for kind ("image" or "pixel"). own_max_f1: the max-F1 threshold of the labelled test set
+    being scored, when one is; None for unlabelled images."""
+    flag = FLAGS[kind]
+    if isinstance(given, float):
+        return Threshold(given, f"{flag} {given:g}")
+    calibrated = info.calibration.get(kind, {}).get("threshold")
+    own = None if own_max_f1 is None or math.isnan(own_max_f1) else own_max_f1
+    if given == "calibrated":
+        if calibrated is None:
+            raise CheckpointError(f"{flag} calibrated: {info.run} holds no calibrated {kind} threshold: run "
+                                  f"test_draem.py --calibrate GOOD_DIR first")
+        return Threshold(calibrated, info.calibration_source())
+    if given == "max_f1" and own is not None:
+        return Threshold(own, "max F1 on this test set", optimistic=True)
+    stored = info.test_set_threshold(kind) if given == "max_f1" else info.threshold(kind)
+    if stored is not None:
+        # a test-set threshold stored at training judges the category's own test set: the images it was tuned on
+        return Threshold(stored, info.threshold_source(kind),
+                         optimistic=own is not None and info.test_set_threshold(kind) is not None)
+    if own is not None:
+        return Threshold(own, "max F1 on this test set (the model stores none)", optimistic=True)
+    if given is not None:
+        stored_kind = f"max-F1 {kind}" if given == "max_f1" else kind
+        raise CheckpointError(f"{flag} {given}: {info.run} holds no {stored_kind} threshold: calibrate one on good "
+                              f"images (test_draem.py --calibrate GOOD_DIR), or give a number")
+    return Threshold(None, f"none stored ({flag} sets one)")
+
+
+def describe(threshold: Threshold, info: ModelInfo, kind: str) -> str:
+    """One line for the console: the value, its source, and the calibrated alternative when one is stored."""
+    if threshold.value is None:
+        return f"{kind} threshold: {threshold.source}"
+    line = f"{kind} threshold: {threshold.value} ({threshold.source})"
+    if threshold.optimistic:
+        line += "; optimistic: tuned on these test images"
+    calibrated = info.calibration.get(kind, {}).get("threshold")
+    if calibrated is not None and f"{calibrated:.6g}" != f"{threshold.value:.6g}":
+        line += f"; the calibrated one, {calibrated:.6g}, is also stored: {FLAGS[kind]} calibrated uses it"
+    return line
