@@ -47,6 +47,7 @@ from training.step import (AMP_DTYPES, Training, build_training, calibration_hol
 
 DEFAULT_CALIBRATION_SPLIT = 0.1  # of train/good, for a category without a labelled test set
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
