@@ -1,8 +1,9 @@
 """report.html: what test_draem.py found, for people, in a folder that opens from disk.
 
-Per run: the metrics and operating points, ROC and PR curves (image and pixel), the image-score histogram
-of good and defective images with the max-F1 threshold, the per-defect-type rows, and every test image's
-panel, errors first (missed defects, then false alarms), each group by score. Plain HTML and PNG plots,
+Per run: the thresholds it was judged at (with a warning when they were tuned on this test set), the metrics
+and operating points, ROC and PR curves (image and pixel), the image-score histogram of good and defective
+images with the image threshold, the per-defect-type rows, and every test image's panel, errors first
+(missed defects, then false alarms), each group by score. Plain HTML and PNG plots,
 relative links only: the results folder can be zipped and sent, and nothing is fetched from a network.
 """
 import html

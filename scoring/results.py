@@ -76,7 +76,6 @@ def seed_summaries(results: dict[str, dict]) -> list[dict]:
 
 # ---- scoring test sets ----------------------------------------------------------------------------------
 
-
 def write_scores_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -191,6 +190,9 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
         category = one_category(obj_id, data_path) if obj_id else info.category
         if not category:
             raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
+        for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")):
+            if given == "calibrated":  # decided by the file alone: fail before the evaluation, not after it
+                thresholds.choose(given, info, kind)
         started = time.perf_counter()
         test_set = load_test_set(data_path, category, scoring.size_for(info), scoring.workers,
                                  scoring.depth_for(info))

@@ -207,3 +207,18 @@ def test_a_test_set_is_judged_at_the_threshold_asked_for_and_says_where_it_came_
     proc = run_script("test_draem.py", "--checkpoint", runs[0], "--data_path", data, "--out", tmp_path / "c",
                       "--threshold", "calibrated", "--device", "cpu", cwd=work, check=False)
     assert proc.returncode == 2 and "holds no calibrated image threshold" in proc.stderr
+
+
+def test_a_threshold_the_file_cannot_give_fails_before_the_evaluation(scored, tmp_path, monkeypatch):
+    import test_draem
+    from scoring import results
+    work, data, runs = scored
+    evaluated, real = [], results.evaluate
+    monkeypatch.setattr(results, "evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    with pytest.raises(SystemExit) as stopped:
+        test_draem.main(["--checkpoint", str(runs[0]), "--data_path", str(data), "--out", str(tmp_path / "c"),
+                         "--pixel_threshold", "calibrated", "--device", "cpu"])
+    assert stopped.value.code == 2 and evaluated == []
+    test_draem.main(["--checkpoint", str(runs[0]), "--data_path", str(data), "--out", str(tmp_path / "d"),
+                     "--device", "cpu", "--no-save_images"])
+    assert evaluated == [1]  # the spy does see an evaluation when one runs
