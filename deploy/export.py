@@ -1,32 +1,44 @@
 """Exporting for inspection PCs: ONNX (fp32, int8) and OpenVINO IR (fp32, bf16, int8), from one checkpoint.
 
 Every format starts from the fp32 ONNX graph of onnx_graph.py. int8 is post-training static quantization
-calibrated on good training images: ONNX Runtime's QDQ quantization, or NNCF's for OpenVINO. Both quantize
-the convolutions only and keep in float the discriminative network's last convolution (its two logits
-decide every pixel of the anomaly map: a quantization step there moves every map value) and everything
-after it, the softmax and the image score's 21x21 mean filter and maximum. bf16 is OpenVINO's inference
-precision on CPUs with bf16 instructions; the file holds fp32 weights.
+(deploy/int8.py: calibrated on good images plus simulated anomalies, the convolutions it hurts most kept in
+float): ONNX Runtime's QDQ quantization, or NNCF's for OpenVINO. bf16 is OpenVINO's inference precision on
+CPUs with bf16 instructions; the file holds fp32 weights.
 """
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from data_loader import DataError, list_images, load_images
-from deploy.onnx_graph import export, read_metadata, require, save_with_metadata
+from data_loader import DataError
+from deploy import int8
+from deploy.onnx_graph import ScoringGraph, export, read_metadata, require
 from deploy.openvino_model import DEPLOY_REQUIREMENTS, FORMAT as OPENVINO_FORMAT, save_ir
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint
 
 PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
 MAX_CALIBRATION_IMAGES = 300
 
 
-def calibration_folder(checkpoint: Path, given: Path | None) -> Path:
+@dataclass
+class Int8Options:
+    calibration: Path | None = None  # good images; default the checkpoint's train/good
+    count: int = MAX_CALIBRATION_IMAGES  # calibration images in all, good and simulated
+    anomaly_share: float = int8.ANOMALY_SHARE
+    anomaly_sources: Path | None = None  # default the checkpoint's recorded sources, else Perlin noise
+    float_layers: list[str] | None = None  # None: measured (deploy/int8.py) under float_budget
+    float_budget: float = int8.FLOAT_BUDGET
+    quantizer: dict = field(default_factory=dict)  # passed to quantize_static or nncf.quantize (benchmarks)
+
+
+def checkpoint_config(checkpoint: Path) -> dict:
+    return load_checkpoint(checkpoint).info.config if checkpoint.suffix != ".pckl" else {}
+
+
+def calibration_folder(config: dict, given: Path | None) -> Path:
     """--calibration_images, else the checkpoint's own train/good when it is reachable from here."""
     if given is not None:
         return given
-    config = load_checkpoint(checkpoint).info.config if checkpoint.suffix != ".pckl" else {}
     if config.get("data_path") and config.get("category"):
         folder = Path(config["data_path"]) / config["category"] / "train" / "good"
         if folder.is_dir():
@@ -35,65 +47,48 @@ def calibration_folder(checkpoint: Path, given: Path | None) -> Path:
                     "train/good is not reachable from here)")
 
 
-def calibration_images(folder: Path, size: tuple[int, int], bit_depth: int, count: int) -> np.ndarray:
-    """Up to count images of the folder, evenly spaced through its sorted files, as the graph takes them."""
-    paths = list_images(folder, recursive=True)
-    if not paths:
-        raise DataError(f"--calibration_images {folder} holds no images")
-    chosen = [paths[round(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
-    return (load_images(chosen, size, bit_depth=bit_depth).float() / 255).numpy()
+def anomaly_sources(config: dict, given: Path | None) -> Path | None:
+    """--anomaly_source_path, else the checkpoint's recorded one when it is reachable, else None (Perlin noise)."""
+    if given is not None:
+        if not given.is_dir():
+            raise DataError(f"--anomaly_source_path {given} is not a folder")
+        return given
+    recorded = config.get("anomaly_source_path")
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def final_convolution(nodes, op_of, inputs_of, producer):
-    """The convolution node (ONNX or OpenVINO) whose output the softmax reads, through adds or reshapes."""
-    [softmax] = [n for n in nodes if op_of(n) in ("Softmax", "SoftMax")]
-    node = softmax
-    while op_of(node) != "Convolution" and op_of(node) != "Conv":
-        node = producer(inputs_of(node)[0])
-    return node
-
-
-def quantize_onnx(source: Path, out: Path, images: np.ndarray) -> None:
-    """ONNX Runtime static QDQ int8 quantization of the convolutions, the discriminator's last one excepted."""
-    onnx = require("onnx")
-    quantization = require("onnxruntime.quantization")
-    proto = onnx.load(source)
-    producers = {output: node for node in proto.graph.node for output in node.output}
-    last = final_convolution(proto.graph.node, lambda n: n.op_type, lambda n: n.input, producers.get)
-
-    class Reader(quantization.CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(images[i:i + 1] for i in range(len(images)))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"images": batch}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        quantized = Path(tmp) / "int8.onnx"
-        quantization.quantize_static(str(source), str(quantized), Reader(), quant_format=quantization.QuantFormat.QDQ,
-                                     op_types_to_quantize=["Conv"], nodes_to_exclude=[last.name], per_channel=True,
-                                     activation_type=quantization.QuantType.QUInt8,
-                                     weight_type=quantization.QuantType.QInt8)
-        result = onnx.load(quantized)
-    save_with_metadata(result, read_metadata(proto) | {"precision": "int8", "calibration_images": str(len(images))},
-                       out)
-
-
-def quantize_openvino(model, images: np.ndarray):
-    """NNCF int8 quantization of an OpenVINO model, the discriminator's last convolution excepted."""
-    nncf = require("nncf", DEPLOY_REQUIREMENTS)
-    ops = model.get_ordered_ops()
-    last = final_convolution(ops, lambda n: n.get_type_name(), lambda n: list(n.inputs()),
-                             lambda port: port.get_source_output().get_node())
-    dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
-    return nncf.quantize(model, dataset, subset_size=len(images),
-                         ignored_scope=nncf.IgnoredScope(names=[last.get_friendly_name()]))
+def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options, say=print
+                 ) -> tuple[int8.CalibrationSet, list[str], dict[str, str]]:
+    """The calibration set, the layers kept in float and the metadata that records both."""
+    config = checkpoint_config(checkpoint)
+    size = tuple(int(s) for s in props["image_size"].split("x"))
+    sources = anomaly_sources(config, options.anomaly_sources)
+    calibration = int8.calibration_set(calibration_folder(config, options.calibration), size, int(props["bit_depth"]),
+                                       options.count, options.anomaly_share, props["recipe"], sources)
+    say(f"int8 calibration: {calibration.good} good images and {calibration.simulated} simulated anomalies "
+        f"({calibration.sources})")
+    model, info = model_from_checkpoint(checkpoint)
+    graph = ScoringGraph(model.eval(), info.channel_order == "RGB").eval()
+    macs = int8.multiply_adds(graph, calibration.images[0])
+    if options.float_layers is None:
+        layers = int8.measure_layers(graph, calibration)
+        kept = [layer.name for layer in int8.choose_float_layers(layers, options.float_budget)]
+        how = f"the most sensitive of {len(layers)} convolutions, budget {100 * options.float_budget:g} %"
+    else:
+        unknown = [name for name in options.float_layers if name not in macs]
+        if unknown:
+            raise DataError(f"--float_layers: no convolution named {unknown[0]} (names as an int8 file's metadata "
+                            f"lists them, e.g. {next(iter(macs))})")
+        kept, how = options.float_layers, "as asked"
+    share = 100 * sum(macs[name] for name in kept) / sum(macs.values())
+    say(f"kept in float ({how}): {', '.join(kept) or 'none'}; {share:.2f} % of the multiply-adds")
+    return calibration, kept, calibration.metadata() | {
+        "precision": "int8", "float_layers": ",".join(kept), "float_share_percent": f"{share:.2f}"}
 
 
 def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: str = "fp32",
-                 image_size: tuple[int, int] | None = None, calibration: Path | None = None,
-                 calibration_count: int = MAX_CALIBRATION_IMAGES) -> dict[str, str]:
+                 image_size: tuple[int, int] | None = None, options: Int8Options | None = None,
+                 say=print) -> dict[str, str]:
     """Write out in the format and precision asked for; return its metadata."""
     if precision not in PRECISIONS[format]:
         raise DataError(f"--precision {precision}: {format} supports {', '.join(PRECISIONS[format])}")
@@ -102,22 +97,19 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
     if format == "onnx" and precision == "fp32":
         return export(checkpoint, out, image_size)
     ov = require("openvino", DEPLOY_REQUIREMENTS) if format == "openvino" else None
+    options = options or Int8Options()
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         props = export(checkpoint, fp32, image_size)
-        images = None
         if precision == "int8":
-            folder = calibration_folder(checkpoint, calibration)
-            size = tuple(int(s) for s in props["image_size"].split("x"))
-            images = calibration_images(folder, size, int(props["bit_depth"]), calibration_count)
+            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options, say)
         if format == "onnx":
-            quantize_onnx(fp32, out, images)
+            int8.quantize_onnx(fp32, out, calibration, float_layers, recorded, **options.quantizer)
             return read_metadata(require("onnx").load(out))
         model = ov.convert_model(str(fp32))
-        if images is not None:
-            model = quantize_openvino(model, images)
-        props |= {"format": OPENVINO_FORMAT, "precision": precision,
-                  **({"calibration_images": str(len(images))} if images is not None else {})}
+        if precision == "int8":
+            model = int8.quantize_openvino(model, fp32, calibration, float_layers, **options.quantizer)
+            props |= recorded
+        props |= {"format": OPENVINO_FORMAT, "precision": precision}
         save_ir(model, out, props)
         return props
-

@@ -1,0 +1,104 @@
+"""export_draem.py --precision auto: export int8, bf16 (where the CPU has bf16) and fp32, gate each, keep the
+fastest that passes.
+
+Speed is measured here, on this CPU: batch-1 passes of every candidate and of PyTorch fp32, in interleaved
+rounds in this one process, the median per model. The CPU's instructions decide what is worth trying and are
+printed: int8 runs on any CPU with AVX2 and faster with VNNI (AVX512_VNNI, AVX_VNNI) or AMX; bf16 needs
+AVX512_BF16 or AMX.
+"""
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deploy.export import SUFFIX, Int8Options, export_model
+from deploy.model_files import load_model
+from scoring.accuracy_gate import gate_lines, judge, passes, reference
+from scoring.evaluate import predict
+from training.checkpoint import model_from_checkpoint
+
+INSTRUCTIONS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
+                "bf16": ("avx512_bf16", "amx_bf16"), "AMX": ("amx_int8", "amx_tile")}
+SPEED_ROUNDS = 7
+
+
+def cpu_instructions() -> dict[str, bool]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return {name: any(f in flags for f in found) for name, found in INSTRUCTIONS.items()}
+
+
+def describe_cpu(has: dict[str, bool]) -> str:
+    listed = ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in has.items())
+    int8 = ("int8 runs on AMX tiles" if has["AMX"] else "int8 uses VNNI" if has["VNNI"]
+            else "int8 without VNNI or AMX (AVX2 only: smaller gains)" if has["AVX2"] else "int8 has no fast path")
+    bf16 = "bf16 is native" if has["bf16"] else "no bf16: not tried"
+    return f"this CPU: {listed}; {int8}; {bf16}"
+
+
+def candidates(format: str, has: dict[str, bool]) -> list[str]:
+    return ["int8", *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
+
+
+def images_per_second(runs: dict[str, callable], rounds: int = SPEED_ROUNDS) -> dict[str, float]:
+    """Batch-1 images/s of each run, interleaved rounds, the median; one pass each first to warm up."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return {name: 1 / statistics.median(found) for name, found in times.items()}
+
+
+def scorer(model, image: torch.Tensor, channel_order: str):
+    return lambda: predict(model, image, torch.device("cpu"), channel_order, batch_size=1)
+
+
+def move(source: Path, out: Path) -> None:
+    for suffix in (".bin", out.suffix):  # .bin first: an .xml at out means a complete pair
+        if source.with_suffix(suffix).is_file():
+            shutil.move(source.with_suffix(suffix), out.with_suffix(suffix))
+
+
+def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.device, options: Int8Options,
+           obj_id: str | None = None, batch_size: int = 16, sources: Path | None = None, say=print) -> bool:
+    """Write out at the fastest precision that passes the gate (fp32 when none does); True when that is faster
+    than fp32."""
+    has = cpu_instructions()
+    say(describe_cpu(has))
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        rows = {}
+        ref = reference(checkpoint, data, device, obj_id, batch_size, sources=sources)
+        for precision in candidates(format, has):
+            path = Path(tmp) / f"{precision}{SUFFIX[format]}"
+            say(f"--- {precision}")
+            export_model(checkpoint, path, format, precision, options=options, say=say)
+            result = judge(ref, path, device, batch_size)
+            for line in gate_lines(result, path.name):
+                say(line)
+            rows[precision] = {"path": path, "passes": passes(result), "failures": result["failures"]}
+        pytorch, info = model_from_checkpoint(checkpoint)
+        image = torch.randint(0, 256, (1, 3, *info.image_size), dtype=torch.uint8)
+        runs = {"pytorch fp32": scorer(pytorch, image, info.channel_order)}
+        runs |= {p: scorer(load_model(r["path"], torch.device("cpu"))[0], image, "BGR") for p, r in rows.items()}
+        speed = images_per_second(runs)
+        passing = [p for p, r in rows.items() if r["passes"]]
+        chosen = max(passing, key=speed.get) if passing else "fp32"
+        say(f"{'precision':<14}{'images/s (batch 1)':>20}{'vs PyTorch fp32':>17}  gate")
+        say(f"{'pytorch fp32':<14}{speed['pytorch fp32']:>20.2f}{1:>16.2f}x  reference")
+        for p, r in rows.items():
+            gate = "passes" if r["passes"] else "fails: " + "; ".join(r["failures"])[:120]
+            say(f"{format + ' ' + p:<14}{speed[p]:>20.2f}{speed[p] / speed['pytorch fp32']:>16.2f}x  {gate}")
+        move(rows[chosen]["path"], out)
+    faster = chosen != "fp32" and speed[chosen] > speed["fp32"]
+    say(f"kept {chosen}: {out}" + ("" if faster else " (no faster precision passes the accuracy gate)"))
+    return faster
