@@ -5,7 +5,9 @@
 
 Runtimes: PyTorch fp32 (as test_draem.py runs it) and bf16 (--amp bf16), ONNX Runtime fp32 and int8,
 OpenVINO fp32, bf16 and int8; each computes anomaly maps of the same randomly initialised model (the
-speed of a forward pass does not depend on the weights; int8 is calibrated on 32 random images). Speed:
+speed of a forward pass does not depend on the weights; int8 is calibrated on 32 random images, half of them
+with simulated anomalies, and keeps --float_layers in float: pass the list an int8 export of a trained model
+of yours records, since sensitivities measured on random weights mean nothing). Speed:
 interleaved rounds in one process, the median per runtime. Memory: each runtime in a process of its own,
 the peak resident memory while loading the model and scoring one batch, minus the process's memory
 before loading it (Python, torch and the runtimes' libraries).
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import memory_mib, random_checkpoint, report, reset_peak_memory  # noqa: E402
-from deploy.export import export_model  # noqa: E402
+from deploy.export import Int8Options, export_model  # noqa: E402
 from deploy.model_files import load_model  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
 from training.cli import cpu_has_bf16  # noqa: E402
@@ -42,7 +44,7 @@ def model_file(folder: Path, runtime: str, precision: str) -> Path:
     return folder / FILES[runtime].format(precision)
 
 
-def prepare(folder: Path, widths: tuple[int, int], size: int) -> None:
+def prepare(folder: Path, widths: tuple[int, int], size: int, float_layers: list[str] | None) -> None:
     """The checkpoint and every export of it, int8 calibrated on random images."""
     ckpt = folder / "model.pt"
     random_checkpoint(ckpt, *widths, size)
@@ -53,7 +55,7 @@ def prepare(folder: Path, widths: tuple[int, int], size: int) -> None:
         cv2.imwrite(str(calibration / f"{i:02d}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
     for runtime, precision in RUNTIMES[2:]:
         export_model(ckpt, model_file(folder, runtime, precision), "onnx" if runtime == "onnxruntime" else runtime,
-                     precision, calibration=calibration)
+                     precision, options=Int8Options(calibration=calibration, float_layers=float_layers))
 
 
 def runner(folder: Path, runtime: str, precision: str, images: torch.Tensor):
@@ -91,6 +93,8 @@ def main() -> None:
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
+    p.add_argument("--float_layers", default="auto",
+                   help="int8's layers kept in float: auto (measured on the random model) or comma-separated names")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -102,7 +106,7 @@ def main() -> None:
     for widths in [tuple(map(int, w.split("/"))) for w in args.widths.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            prepare(folder, widths, args.image_size)
+            prepare(folder, widths, args.image_size, None if args.float_layers == "auto" else args.float_layers.split(","))
             for batch in args.batches:
                 images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8)
                 runs = {r: runner(folder, *r, images) for r in runtimes}
@@ -126,7 +130,7 @@ def main() -> None:
                            "max_map_difference": difference[(runtime, precision)]}
                     results.append(row)
                     print(json.dumps(row), flush=True)
-    report({"image_size": args.image_size, "rounds": args.rounds, **cpu_description(), **library_versions()},
+    report({"image_size": args.image_size, "rounds": args.rounds, "float_layers": args.float_layers, **cpu_description(), **library_versions()},
            results, args.json)
 
 

@@ -35,6 +35,7 @@ def variants(measured: list[str]) -> list[tuple[str, str, Int8Options]]:
     ort = require("onnxruntime.quantization")
     nncf = require("nncf")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     rows = []
     for fmt in ("onnx", "openvino"):
         rows += [(fmt, "naive: good images only, last conv float", Int8Options(anomaly_share=0, float_layers=[LAST])),
@@ -50,7 +51,12 @@ def variants(measured: list[str]) -> list[tuple[str, str, Int8Options]]:
              ("openvino", "default + full bias correction",
               Int8Options(float_layers=measured, quantizer={"fast_bias_correction": False})),
              ("openvino", "default + overflow fix off", Int8Options(float_layers=measured, quantizer={
-                 "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)}))]
+                 "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)})),
+             ("openvino", "default + min-max activation ranges", Int8Options(float_layers=measured, quantizer={
+                 "advanced_parameters": AdvancedQuantizationParameters(
+                     activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)})),
+             ("openvino", "default + no bias correction", Int8Options(float_layers=measured, quantizer={
+                 "advanced_parameters": AdvancedQuantizationParameters(disable_bias_correction=True)}))]
     return rows
 
 

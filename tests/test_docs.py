@@ -77,9 +77,9 @@ def test_every_relative_link_and_image_resolves():
 
 
 def test_deploy_page_shows_the_example_that_the_tests_run():
-    example = (ROOT / "examples" / "onnx_inference.py").read_text()
+    examples = [(ROOT / "examples" / name).read_text() for name in ("onnx_inference.py", "openvino_inference.py")]
     blocks = [body for language, body in FENCE.findall((ROOT / "docs" / "deploy.md").read_text()) if language == "python"]
-    assert blocks == [example]
+    assert blocks == examples
 
 
 def test_readme_is_one_screen_and_the_docs_tell_no_development_story():
