@@ -189,12 +189,19 @@ def quantize_onnx(source: Path, out: Path, calibration: CalibrationSet, float_la
 
     settings = {"per_channel": True, "activation_type": quantization.QuantType.QUInt8,
                 "weight_type": quantization.QuantType.QInt8} | options
-    with tempfile.TemporaryDirectory() as tmp:
-        quantized = Path(tmp) / "int8.onnx"
-        quantization.quantize_static(str(source), str(quantized), Reader(), quant_format=quantization.QuantFormat.QDQ,
-                                     op_types_to_quantize=["Conv"],
-                                     nodes_to_exclude=list(onnx_conv_names(proto, float_layers).values()), **settings)
-        result = onnx.load(quantized)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ONNX Runtime's advice to pre-process, printed on the root logger each time
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            quantized = Path(tmp) / "int8.onnx"
+            quantization.quantize_static(str(source), str(quantized), Reader(),
+                                         quant_format=quantization.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                                         nodes_to_exclude=list(onnx_conv_names(proto, float_layers).values()),
+                                         **settings)
+            result = onnx.load(quantized)
+    finally:
+        root.setLevel(level)
     save_with_metadata(result, read_metadata(proto) | metadata, out)
 
 
