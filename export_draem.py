@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)
         if args.precision == "auto":
             faster = choose(args.checkpoint, args.out, args.format, args.check, device, options, args.obj_id,
-                            args.batch_size, args.anomaly_source_path)
+                            args.batch_size, args.anomaly_source_path, args.image_size)
             sys.exit(0 if faster else 1)
         exported = args.compare
         if exported is None:

@@ -70,24 +70,25 @@ def move(source: Path, out: Path) -> None:
 
 
 def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.device, options: Int8Options,
-           obj_id: str | None = None, batch_size: int = 16, sources: Path | None = None, say=print) -> bool:
+           obj_id: str | None = None, batch_size: int = 16, sources: Path | None = None,
+           image_size: tuple[int, int] | None = None, say=print) -> bool:
     """Write out at the fastest precision that passes the gate (fp32 when none does); True when that is faster
     than fp32."""
     has = cpu_instructions()
     say(describe_cpu(has))
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows = {}
-        ref = reference(checkpoint, data, device, obj_id, batch_size, sources=sources)
+        ref = reference(checkpoint, data, device, obj_id, batch_size, sources=sources, size=image_size)
         for precision in candidates(format, has):
             path = Path(tmp) / f"{precision}{SUFFIX[format]}"
             say(f"--- {precision}")
-            export_model(checkpoint, path, format, precision, options=options, say=say)
+            export_model(checkpoint, path, format, precision, image_size, options=options, say=say)
             result = judge(ref, path, device, batch_size)
             for line in gate_lines(result, path.name):
                 say(line)
             rows[precision] = {"path": path, "passes": passes(result), "failures": result["failures"]}
         pytorch, info = model_from_checkpoint(checkpoint)
-        image = torch.randint(0, 256, (1, 3, *info.image_size), dtype=torch.uint8)
+        image = torch.randint(0, 256, (1, 3, *(image_size or info.image_size)), dtype=torch.uint8)
         runs = {"pytorch fp32": scorer(pytorch, image, info.channel_order)}
         runs |= {p: scorer(load_model(r["path"], torch.device("cpu"))[0], image, "BGR") for p, r in rows.items()}
         speed = images_per_second(runs)
