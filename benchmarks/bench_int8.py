@@ -43,7 +43,8 @@ def variants(measured: list[str]) -> list[tuple[str, str, Int8Options]]:
                  (fmt, "+ measured float layers (default)", Int8Options(float_layers=measured))]
     rows += [("onnx", "default + symmetric activations",
               Int8Options(float_layers=measured, quantizer={"extra_options": {"ActivationSymmetric": True}})),
-             ("onnx", "default + per-tensor weights", Int8Options(float_layers=measured, quantizer={"per_channel": False})),
+             ("onnx", "default + per-tensor weights",
+              Int8Options(float_layers=measured, quantizer={"per_channel": False})),
              ("onnx", "default + percentile ranges (99.999)",
               Int8Options(float_layers=measured, quantizer={"calibrate_method": ort.CalibrationMethod.Percentile})),
              ("openvino", "default + preset mixed (asymmetric activations)",
@@ -63,8 +64,8 @@ def variants(measured: list[str]) -> list[tuple[str, str, Int8Options]]:
 def numbers(result: dict) -> dict:
     checks = {c.name: c for c in result["checks"]}
     labelled = result["labelled"] or {}
-    return {"image_auroc": labelled.get("exported", {}).get("image_auroc"), "pixel_ap": labelled.get("exported", {}).get("pixel_ap"),
-            "aupro": labelled.get("exported", {}).get("aupro"),
+    exported = labelled.get("exported", {})
+    return {**{m: exported.get(m) for m in ("image_auroc", "pixel_ap", "aupro")},
             **{name: checks[name].value for name in checks},
             "passes": passes(result), "failures": result["failures"]}
 
@@ -79,7 +80,8 @@ def seed_spread(ref, other: Path) -> dict:
         if theirs is None:
             continue
         a, b = ref.info.threshold("image"), info.threshold("image")
-        changed = int(((ours["scores"] >= a) != (theirs["scores"] >= b)).sum()) if a is not None and b is not None else None
+        both = a is not None and b is not None
+        changed = int(((ours["scores"] >= a) != (theirs["scores"] >= b)).sum()) if both else None
         pa, pb = ref.info.threshold("pixel"), info.threshold("pixel")
         iou = mask_iou(ours["maps"] >= pa, theirs["maps"] >= pb) if pa is not None and pb is not None else None
         out[name] = {"images": len(ours["scores"]), "verdicts_changed": changed, "mask_iou": iou}

@@ -102,14 +102,15 @@ def fake_uint8(x: Tensor, low: float, high: float) -> Tensor:
     return torch.fake_quantize_per_tensor_affine(x, scale, int(round(-low / scale)), 0, 255)
 
 
-def input_ranges(graph: nn.Module, images: Tensor) -> dict[str, tuple[float, float]]:
+def input_ranges(graph: nn.Module, images: Tensor) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:
     """Each convolution's input range over the images, and its multiply-adds per image."""
     ranges, macs, hooks = {}, {}, []
     for name, conv in convolutions(graph).items():
         def seen(module, inputs, output, name=name):
             low, high = ranges.get(name, (np.inf, -np.inf))
             ranges[name] = (min(low, inputs[0].min().item()), max(high, inputs[0].max().item()))
-            macs[name] = output[0].numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            macs[name] = output[0].numel() * module.in_channels // module.groups * kernel
         hooks.append(conv.register_forward_hook(seen))
     with torch.no_grad():
         for batch in images.split(8):

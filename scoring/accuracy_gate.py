@@ -231,7 +231,8 @@ def gate_lines(result: dict, name: str) -> list[str]:
     if labelled:
         lines += [f"labelled test set of {result['category']} ({labelled['images']} images, metrics in percent):",
                   f"  {'model':<28}" + "".join(f"{m:>13}" for m in SHOWN) + f"{'map diff p99.9':>16}{'max':>10}",
-                  f"  {'PyTorch fp32 (reference)':<28}" + "".join(f"{100 * labelled['pytorch'][m]:>13.2f}" for m in SHOWN),
+                  f"  {'PyTorch fp32 (reference)':<28}"
+                  + "".join(f"{100 * labelled['pytorch'][m]:>13.2f}" for m in SHOWN),
                   f"  {name[:28]:<28}" + "".join(f"{100 * labelled['exported'][m]:>13.2f}" for m in SHOWN)
                   + f"{labelled['p999_map_difference']:>16.2e}{labelled['max_map_difference']:>10.2e}"]
     g = result["good_only"]
