@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.export import Int8Options, export_model  # noqa: E402
+from deploy.model_files import load_model  # noqa: E402
 from deploy.onnx_graph import require  # noqa: E402
 from scoring.accuracy_gate import judge, mask_iou, passes, reference, scored  # noqa: E402
 from scoring.evaluate import evaluate  # noqa: E402
@@ -125,7 +126,7 @@ def main() -> None:
                 row = {"format": fmt, "setting": name, "error": f"{type(exc).__name__}: {exc}"[:200]}
             else:
                 row = {"format": fmt, "setting": name, "float_layers": props["float_layers"],
-                       **numbers(judge(ref, out, CPU))}
+                       **numbers(judge(ref, load_model(out, CPU), CPU))}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
     if args.json:

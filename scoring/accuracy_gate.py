@@ -176,9 +176,9 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
     return ref
 
 
-def judge(ref: Reference, exported: Path, device: torch.device, batch_size: int = 16) -> dict:
-    """The export's numbers beside the reference's, and the checks."""
-    candidate, exported_info = load_model(exported, device)
+def judge(ref: Reference, exported: tuple, device: torch.device, batch_size: int = 16) -> dict:
+    """The export's numbers beside the reference's, and the checks; exported is load_model's (model, info)."""
+    candidate, exported_info = exported
     precision = exported_info.config.get("precision", "fp32")
     info = ref.info
     result = {"category": ref.category, "precision": precision, "labelled": None, "checks": []}
@@ -215,9 +215,9 @@ def judge(ref: Reference, exported: Path, device: torch.device, batch_size: int 
 def compare(checkpoint: Path, exported: Path, data_path: Path, device: torch.device, obj_id: str | None = None,
             batch_size: int = 16, workers: int | None = None, sources: Path | None = None) -> dict:
     """The gate in one call: the checkpoint's reference scores, then the export judged against them."""
-    size = load_model(exported, device)[1].image_size
-    return judge(reference(checkpoint, data_path, device, obj_id, batch_size, workers, sources, size), exported,
-                 device, batch_size)
+    loaded = load_model(exported, device)
+    return judge(reference(checkpoint, data_path, device, obj_id, batch_size, workers, sources, loaded[1].image_size),
+                 loaded, device, batch_size)
 
 
 def passes(result: dict) -> bool:

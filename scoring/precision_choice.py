@@ -83,7 +83,7 @@ def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.d
             path = Path(tmp) / f"{precision}{SUFFIX[format]}"
             say(f"--- {precision}")
             export_model(checkpoint, path, format, precision, image_size, options=options, say=say)
-            result = judge(ref, path, device, batch_size)
+            result = judge(ref, load_model(path, device), device, batch_size)
             for line in gate_lines(result, path.name):
                 say(line)
             rows[precision] = {"path": path, "passes": passes(result), "failures": result["failures"]}

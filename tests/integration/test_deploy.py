@@ -393,14 +393,16 @@ def test_precision_auto_keeps_fp32_when_int8_fails_the_gate(exported, tmp_path, 
 
 def test_int8_flags_give_one_line_errors(exported, tmp_path, capsys):
     work, data, ckpt, _ = exported
-    code, _ = gate(["--checkpoint", str(ckpt), "--precision", "int8", "--out", str(tmp_path / "x.onnx"),
-                    "--float_layers", "encoder.nowhere"], capsys)
+    import export_draem
+    with pytest.raises(SystemExit) as stopped:
+        export_draem.main(["--checkpoint", str(ckpt), "--precision", "int8", "--out", str(tmp_path / "x.onnx"),
+                           "--float_layers", "encoder.nowhere"])
     err = capsys.readouterr().err
-    assert code == 2 or code == 1
+    assert stopped.value.code == 2 and "--float_layers: no convolution named encoder.nowhere" in err
+    assert "Traceback" not in err and not (tmp_path / "x.onnx").exists()
     for args, message in ((["--calibration_anomalies", "1"], "--calibration_anomalies must be"),
                           (["--precision", "auto"], "--precision auto needs --check")):
         with pytest.raises(SystemExit):
-            import export_draem
             export_draem.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"), *args])
         assert message in capsys.readouterr().err
 
@@ -431,3 +433,15 @@ def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, tmp
                                       str(folder / name)], capture_output=True, text=True, check=True).stdout.split()
             assert printed[0] == "score" and abs(float(printed[1]) - float(row["score"])) <= 1e-5, (name, printed, row)
             assert printed[2] == (row["verdict"] or "no"), (name, printed, row)
+
+
+def test_a_check_that_cannot_be_computed_never_passes():
+    """An undefined AUROC (one class only) is a failure, not a drop of 'nan' points that is never too large; a
+    gate where no check could run does not pass."""
+    from scoring.accuracy_gate import Check, drop_check, gate_lines, passes
+    undefined = drop_check("image AUROC", float("nan"), 0.9, 0.005)
+    assert undefined.passed is False
+    result = {"category": "c", "labelled": None, "checks": [Check("image AUROC", "-", None, "no defect images")],
+              "failures": [], "ran": 0, "good_only": {"good": 0, "simulated": 0, "good_from": "-", "anomalies_from": "-",
+                                                     "map_difference_percentiles": {50: 0, 99: 0, 99.9: 0}}}
+    assert not passes(result) and not any("PASSES" in line for line in gate_lines(result, "x.onnx"))
