@@ -11,9 +11,12 @@ Checkpoints: this project's .pt files, the official pair X_<category>_.pckl + X_
 either), anomalib checkpoints, or files from export_draem.py: .onnx (run by ONNX Runtime) and .xml (OpenVINO). Protocol
 (official): image score = max of the 21x21 mean-filtered anomaly map; image AUROC / AP; pixel AUROC / AP
 over all test pixels pooled; AUPRO up to FPR 0.3. A folder of runs gets a mean per configuration and, for
-runs that differ only in --seed, a seed summary.
+runs that differ only in --seed, a seed summary. Of a folder of checkpoints, one that cannot be scored (its
+category has no test set under --data_path, a damaged file) is skipped with a line naming it, the others'
+results are written, and the exit status is 1.
 """
 import argparse
+import sys
 from pathlib import Path
 
 from data_loader import BIT_DEPTHS, parse_size
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, default=Path("results"), help="output folder (default ./results)")
     a("--threshold", type=threshold_value,
       help="image score at or above which an image is ANOMALY (verdicts; on a test set also the missed defects and "
-           "false alarms): auto = the one the model stores (its test set's max F1, else calibrated), calibrated, "
+           "false alarms): auto = the deployed one the model stores (calibrated on good images, else its test set's "
+           "max F1), calibrated, "
            "max_f1 (a test set's own: optimistic) or a number (default: auto; on a test set without a stored one, "
            "its own max F1)")
     a("--pixel_threshold", type=threshold_value,
@@ -104,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
             score_images(args.checkpoint[0], args.images, args.out, device, args.threshold, args.pixel_threshold,
                          scoring, args.save_images)
         else:
-            score_test_sets(args.checkpoint, args.data_path, args.out, device, args.obj_id, scoring,
-                            args.mask_protocol, args.save_images, args.threshold, args.pixel_threshold)
+            summary = score_test_sets(args.checkpoint, args.data_path, args.out, device, args.obj_id, scoring,
+                                      args.mask_protocol, args.save_images, args.threshold, args.pixel_threshold)
+            if summary["skipped"]:
+                sys.exit(1)  # the results of the others are written; the skipped ones are named above
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ The graph takes a batch of BGR images `images` (N, 3, H, W), float32 in [0, 1], 
 discriminator; the max of its 21x21 mean filter, zero padding counted), and `reconstruction`
 (N, 3, H, W, BGR) for pictures. The file's metadata holds the category, image size, channel order,
 bit depth, the training configuration and, when the checkpoint has them, the operating thresholds (of the
-labelled test set, and calibrated on good images). Larger images are scored in tiles of the exported size
+labelled test set, and calibrated on good images); image_threshold and pixel_threshold are the deployed ones
+(ModelInfo.threshold: calibrated first). Larger images are scored in tiles of the exported size
 (scoring/tiling.py) around the graph. Exporting and
 running need the packages in requirements-export.txt; training and scoring PyTorch checkpoints do not.
 """
 import importlib
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -82,14 +82,10 @@ def export(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = Non
 
 
 def with_calibration(props: dict[str, str], calibration: dict) -> dict[str, str]:
-    """Metadata with calibrated thresholds added; the plain thresholds readers see first become the
-    calibrated ones where the labelled test set gave none."""
-    props = props | {"calibration": json.dumps(calibration)}
-    for kind in ("image", "pixel"):
-        from_test_set = json.loads(props.get("operating_points", "{}")).get(kind, {}).get("threshold")
-        if from_test_set is None or math.isnan(from_test_set):
-            props[f"{kind}_threshold"] = str(calibration[kind]["threshold"])
-    return props
+    """Metadata with calibrated thresholds added; they become the plain thresholds readers see first, as
+    ModelInfo.threshold deploys a calibration over a test set's max F1."""
+    return props | {"calibration": json.dumps(calibration),
+                    **{f"{kind}_threshold": str(calibration[kind]["threshold"]) for kind in ("image", "pixel")}}
 
 
 def save_with_metadata(proto, props: dict[str, str], out: Path) -> None:

@@ -3,8 +3,8 @@ reported with what the number of images can show about the true false-alarm rate
 
 With n good images and a budget r, at most floor(r * n) of them may be flagged (score >= threshold). The
 threshold is set halfway between the highest score that must stay unflagged and the next higher distinct
-score (just above the highest score when none may be flagged), in float32 like the scores, so that exactly
-the allowed images, or fewer when scores tie, are flagged. The image threshold uses the image scores; the
+score (half the top gap above the highest score when none may be flagged), in float32 like the scores, so
+that exactly the allowed images, or fewer when scores tie, are flagged, and no score sits on the threshold. The image threshold uses the image scores; the
 pixel threshold uses each image's largest anomaly-map value (an image gets a defect region exactly when
 that value reaches the pixel threshold). What n images show about the true rate is the one-sided 95 %
 Clopper-Pearson upper bound of the observed count.
@@ -12,6 +12,9 @@ Clopper-Pearson upper bound of the observed count.
 import math
 
 import numpy as np
+import torch
+
+from scoring.metrics import separating_thresholds
 
 CONFIDENCE = 0.95
 
@@ -21,14 +24,13 @@ def allowed_false_alarms(n: int, rate: float) -> int:
 
 
 def budget_threshold(scores, rate: float) -> float:
-    """The threshold that flags as many of these good scores as the budget allows, and no more."""
+    """The threshold that flags as many of these good scores as the budget allows, and no more, halfway
+    between two neighbouring distinct scores (metrics.separating_thresholds)."""
+    distinct = np.unique(np.asarray(scores, np.float32))[::-1].copy()
     values = np.sort(np.asarray(scores, np.float32).ravel())[::-1]
     keep = values[allowed_false_alarms(len(values), rate)]  # the highest score that must not be flagged
-    above = values[values > keep]
-    threshold = (keep + above.min()) / np.float32(2) if above.size else keep
-    if threshold <= keep:  # no float32 between keep and the next score (or nothing above): the next float up
-        threshold = np.nextafter(keep, np.float32(np.inf))
-    return float(threshold)
+    flagged_groups = int((distinct > keep).sum())
+    return separating_thresholds(torch.from_numpy(distinct))[flagged_groups].item()
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:

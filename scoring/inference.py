@@ -144,7 +144,8 @@ def calibrate_on_folder(checkpoint: Path, folder: Path, rate: float, device: tor
     store_calibration(path, calibration)
     for line in describe(calibration):
         print(line)
-    print(f"stored in {path}; --threshold auto uses these where no labelled test set's thresholds are stored")
+    print(f"stored in {path}: the deployed thresholds from now on (--threshold auto, exports' metadata, the Python "
+          f"API); --threshold max_f1 still judges a test set at its own max F1")
     return calibration
 
 

@@ -41,10 +41,39 @@ def roc_pr_counts(ranking: Ranking, labels: Tensor) -> tuple[Tensor, Tensor]:
     return tps.double(), (ranking[1] + 1 - tps).double()
 
 
-def threshold_values(ranking: Ranking, scores: Tensor) -> Tensor:
-    """The distinct scores, highest first: the threshold of each row of roc_pr_counts."""
+def between(high: Tensor, low: Tensor) -> Tensor:
+    """A float32 threshold t with low < t <= high, elementwise: their midpoint, or high where no float32 lies
+    strictly between them. A score on a threshold flips its verdict under any rounding; a midpoint keeps
+    every score half a gap away."""
+    high, low = high.float(), low.float()
+    middle = high / 2 + low / 2
+    return torch.where((middle > low) & (middle <= high), middle, high)
+
+
+def separating_thresholds(distinct: Tensor) -> Tensor:
+    """For distinct scores in descending order, the n + 1 thresholds t[k] that flag (score >= t[k]) exactly
+    the k highest: each halfway between its two neighbours; beyond either end, half the nearest gap away (one
+    float away for a single distinct score)."""
+    d = distinct.float()
+    if d.numel() > 1:
+        top, bottom = d[:1] + (d[0] - d[1]), d[-1:] - (d[-2] - d[-1])
+    else:
+        up, down = torch.nextafter(d, d + 1), torch.nextafter(d, d - 1)  # two floats out: one float between
+        top, bottom = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+    padded = torch.cat([top, d, bottom])
+    return between(padded[:-1], padded[1:])
+
+
+def cuts(ranking: Ranking, scores: Tensor) -> Tensor:
+    """separating_thresholds of these scores: cut k + 1 is the threshold of row k of roc_pr_counts (it flags
+    that row's images and sits on none of them); cut 0 flags nothing."""
     order, group_end = ranking
-    return scores.flatten().float()[order[group_end]]
+    return separating_thresholds(scores.flatten().float()[order[group_end]])
+
+
+def threshold_values(ranking: Ranking, scores: Tensor) -> Tensor:
+    """The threshold of each row of roc_pr_counts."""
+    return cuts(ranking, scores)[1:]
 
 
 def best_f1(tps: Tensor, fps: Tensor, thresholds: Tensor) -> dict[str, float]:
@@ -76,7 +105,8 @@ def image_operating_points(scores: Tensor, labels: Tensor, ranking: Ranking | No
     """
     ranking = ranking or rank(scores)
     tps, fps = roc_pr_counts(ranking, labels)
-    thresholds = threshold_values(ranking, scores)
+    every_cut = cuts(ranking, scores)
+    thresholds = every_cut[1:]
     best = best_f1(tps, fps, thresholds)
     points = {"threshold": best["threshold"], "precision": best["precision"], "recall": best["recall"],
               "f1": best["f1"]}
@@ -90,8 +120,8 @@ def image_operating_points(scores: Tensor, labels: Tensor, ranking: Ranking | No
     if clean.numel():
         last_clean = clean[-1, 0]
         no_false_alarm, escape = thresholds[last_clean].item(), (1 - tps[last_clean] / positives).item()
-    else:  # the highest score is a good image's: only a threshold above every score flags no good image
-        no_false_alarm, escape = torch.nextafter(thresholds[0], torch.full_like(thresholds[0], float("inf"))).item(), 1.0
+    else:  # the highest score is a good image's: only the cut above every score flags no good image
+        no_false_alarm, escape = every_cut[0].item(), 1.0
     return points | {"threshold_no_escape": thresholds[first_full].item(),
                      "false_alarm_rate": (fps[first_full] / negatives).item(),
                      "threshold_no_false_alarm": no_false_alarm, "escape_rate": escape}

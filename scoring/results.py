@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -179,50 +180,83 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
     """Score every checkpoint (files or folders of them) on its category's test set; write the results folder.
     Verdicts, missed defects and false alarms are judged at the threshold chosen by thresholds.choose.
 
-    Returns what results.json holds: {"runs", "means", "seeds", "mask_protocol"}.
+    Of several checkpoints, one that cannot be scored (a damaged file, no test set for its category under
+    data_path) is skipped with one line naming it; whatever stops the loop, the runs scored so far are written.
+
+    Returns what results.json holds: {"runs", "means", "seeds", "mask_protocol", "skipped"}.
     """
     if data_path is None:
         raise DataError("--data_path is required to score a test set (or pass --images)")
+    files = checkpoint_files(checkpoints)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, details, writer = {}, {}, SummaryWriter(out_dir / "tensorboard")
-    for path in checkpoint_files(checkpoints):
-        model, info = scoring_model(path, device, scoring)
-        category = one_category(obj_id, data_path) if obj_id else info.category
-        if not category:
-            raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
-        for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")):
-            if given == "calibrated":  # decided by the file alone: fail before the evaluation, not after it
-                thresholds.choose(given, info, kind)
-        started = time.perf_counter()
-        test_set = load_test_set(data_path, category, scoring.size_for(info), scoring.workers,
-                                 scoring.depth_for(info))
-        if scoring.tile:
-            check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
-        out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), mask_protocol,
-                       keep_reconstructions=save_images, amp=scoring.amp)
-        run = unique_name(info.run, results)
-        image_t, pixel_t = (thresholds.choose(given, info, kind, out["operating_points"][kind]["threshold"])
-                            for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")))
-        cases = test_cases(test_set, out["scores"].tolist(), image_t.value, run, save_images)
-        results[run] = {"category": category, "checkpoint": str(path), "source": info.source, **out["metrics"],
-                        "thresholds": {"image": asdict(image_t), "pixel": asdict(pixel_t)},
-                        "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
-                        "mask_coverage": out["mask_coverage"], "config": info.config, "images": len(test_set.paths),
-                        "seconds": round(time.perf_counter() - started, 2)}
-        print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
-              + f" ({len(test_set.paths)} images, masks for {coverage_text(out['mask_coverage'])} defect images, "
-                f"{results[run]['seconds']} s)\n  " + thresholds.describe(image_t, info, "image") + "\n  "
-              + thresholds.describe(pixel_t, info, "pixel"))
-        write_scores_csv(out_dir / f"scores_{run}.csv", [
-            {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
-             "verdict": c["verdict"]} for c in cases])
-        log_to_tensorboard(writer, run, out, test_set.labels)
-        if save_images:
-            write_test_panels(out_dir, test_set, out, cases, image_t, pixel_t, scoring.depth_for(info))
-        details[run] = {"curves": out["curves"], "cases": cases}
-    writer.close()
+    results, details, skipped, writer = {}, {}, {}, SummaryWriter(out_dir / "tensorboard")
+    summary = None
+    try:
+        for path in files:
+            try:
+                run, results[run], details[run] = score_run(path, data_path, out_dir, device, obj_id, scoring,
+                                                            mask_protocol, save_images, threshold, pixel_threshold,
+                                                            writer, results)
+            except (DataError, CheckpointError) as exc:
+                if len(files) == 1:
+                    raise
+                skipped[str(path)] = str(exc)
+                print(f"skipped {path}: {exc}", file=sys.stderr)
+    finally:
+        writer.close()
+        if results:
+            summary = write_summary(out_dir, results, details, mask_protocol, skipped, save_images)
+    if summary is None:
+        raise DataError(f"none of the {len(files)} checkpoints could be scored: " + "; ".join(
+            f"{Path(p).name}: {why}" for p, why in skipped.items())[:600])
+    return summary
+
+
+def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, obj_id: str | None, scoring: Scoring,
+              mask_protocol: str, save_images: bool, threshold: str | float | None,
+              pixel_threshold: str | float | None, writer: SummaryWriter, taken: dict) -> tuple[str, dict, dict]:
+    """One checkpoint on its category's test set: its name in the results, its row, and its curves and cases;
+    its CSV, TensorBoard scalars and panels written."""
+    model, info = scoring_model(path, device, scoring)
+    category = one_category(obj_id, data_path) if obj_id else info.category
+    if not category:
+        raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
+    for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")):
+        if given == "calibrated":  # decided by the file alone: fail before the evaluation, not after it
+            thresholds.choose(given, info, kind)
+    started = time.perf_counter()
+    test_set = load_test_set(data_path, category, scoring.size_for(info), scoring.workers, scoring.depth_for(info))
+    if scoring.tile:
+        check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
+    out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), mask_protocol,
+                   keep_reconstructions=save_images, amp=scoring.amp)
+    run = unique_name(info.run, taken)
+    image_t, pixel_t = (thresholds.choose(given, info, kind, out["operating_points"][kind]["threshold"])
+                        for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")))
+    cases = test_cases(test_set, out["scores"].tolist(), image_t.value, run, save_images)
+    result = {"category": category, "checkpoint": str(path), "source": info.source, **out["metrics"],
+              "thresholds": {"image": asdict(image_t), "pixel": asdict(pixel_t)},
+              "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
+              "mask_coverage": out["mask_coverage"], "config": info.config, "images": len(test_set.paths),
+              "seconds": round(time.perf_counter() - started, 2)}
+    print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
+          + f" ({len(test_set.paths)} images, masks for {coverage_text(out['mask_coverage'])} defect images, "
+            f"{result['seconds']} s)\n  " + thresholds.describe(image_t, info, "image") + "\n  "
+          + thresholds.describe(pixel_t, info, "pixel"))
+    write_scores_csv(out_dir / f"scores_{run}.csv", [
+        {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
+         "verdict": c["verdict"]} for c in cases])
+    log_to_tensorboard(writer, run, out, test_set.labels)
+    if save_images:
+        write_test_panels(out_dir, test_set, out, cases, image_t, pixel_t, scoring.depth_for(info))
+    return run, result, {"curves": out["curves"], "cases": cases}
+
+
+def write_summary(out_dir: Path, results: dict, details: dict, mask_protocol: str, skipped: dict,
+                  save_images: bool) -> dict:
+    """results.json, results.md and report.html for the runs scored; the means and seed summaries printed."""
     summary = {"runs": results, "means": configuration_means(results), "seeds": seed_summaries(results),
-               "mask_protocol": mask_protocol}
+               "mask_protocol": mask_protocol, "skipped": skipped}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "results.md").write_text(results_markdown(results, summary["means"], summary["seeds"]))
     write_report(out_dir, results, details, summary["means"], summary["seeds"])
@@ -233,5 +267,6 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
         print(f"seeds {', '.join(map(str, row['seeds']))} of {row['configuration']}: "
               + " ".join(f"{m}={percent(row[m]['mean'])}±{percent(row[m]['std'])}" for m in METRICS))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'report.html'} and per-image "
-          f"scores_*.csv" + (f"; panels under {out_dir / 'images'}" if save_images else ""))
+          f"scores_*.csv" + (f"; panels under {out_dir / 'images'}" if save_images else "")
+          + (f"; {len(skipped)} checkpoint(s) skipped (above)" if skipped else ""))
     return summary

@@ -1,9 +1,10 @@
 """Which threshold a verdict (image score) or a defect mask (anomaly map) is judged at, and where it comes from.
 
-Verdicts need an image threshold and defect masks a pixel threshold. A model file stores them from the labelled
-test set scored at the end of training (max F1) or, without one, from good images alone for a false-alarm
-budget (calibration.py). --threshold / --pixel_threshold choose: auto (the stored one: test set first, else
-calibrated), calibrated, max_f1 (a test set's own, when scoring one), or a number.
+Verdicts need an image threshold and defect masks a pixel threshold. A model file stores them from good images
+alone for a false-alarm budget (calibration.py: at training with --calibration_split, or test_draem.py
+--calibrate) and from the labelled test set scored at the end of training (max F1). --threshold /
+--pixel_threshold choose: auto (the deployed one, ModelInfo.threshold: calibrated first, else the test set's
+max F1), calibrated, max_f1 (a test set's own: the one scored, else the one stored at training), or a number.
 """
 import argparse
 import math
@@ -38,20 +39,19 @@ def choose(given: str | float | None, info: ModelInfo, kind: str, own_max_f1: fl
     flag = FLAGS[kind]
     if isinstance(given, float):
         return Threshold(given, f"{flag} {given:g}")
-    calibrated = info.calibration.get(kind, {}).get("threshold")
+    calibrated = info.calibrated_threshold(kind)
     own = None if own_max_f1 is None or math.isnan(own_max_f1) else own_max_f1
-    if given == "calibrated":
-        if calibrated is None:
-            raise CheckpointError(f"{flag} calibrated: {info.run} holds no calibrated {kind} threshold: run "
-                                  f"test_draem.py --calibrate GOOD_DIR first")
+    if given == "calibrated" and calibrated is None:
+        raise CheckpointError(f"{flag} calibrated: {info.run} holds no calibrated {kind} threshold: run "
+                              f"test_draem.py --calibrate GOOD_DIR first")
+    if given in (None, "auto", "calibrated") and calibrated is not None:
         return Threshold(calibrated, info.calibration_source())
     if given == "max_f1" and own is not None:
         return Threshold(own, "max F1 on this test set", optimistic=True)
-    stored = info.test_set_threshold(kind) if given == "max_f1" else info.threshold(kind)
+    stored = info.test_set_threshold(kind)
     if stored is not None:
         # a test-set threshold stored at training judges the category's own test set: the images it was tuned on
-        return Threshold(stored, info.threshold_source(kind),
-                         optimistic=own is not None and info.test_set_threshold(kind) is not None)
+        return Threshold(stored, "max F1 on the labelled test set", optimistic=own is not None)
     if own is not None:
         return Threshold(own, "max F1 on this test set (the model stores none)", optimistic=True)
     if given is not None:
@@ -62,13 +62,15 @@ def choose(given: str | float | None, info: ModelInfo, kind: str, own_max_f1: fl
 
 
 def describe(threshold: Threshold, info: ModelInfo, kind: str) -> str:
-    """One line for the console: the value, its source, and the calibrated alternative when one is stored."""
+    """One line for the console: the value, its source, and the other stored threshold when there is one."""
     if threshold.value is None:
         return f"{kind} threshold: {threshold.source}"
     line = f"{kind} threshold: {threshold.value} ({threshold.source})"
     if threshold.optimistic:
         line += "; optimistic: tuned on these test images"
-    calibrated = info.calibration.get(kind, {}).get("threshold")
+    calibrated, tested = info.calibrated_threshold(kind), info.test_set_threshold(kind)
     if calibrated is not None and f"{calibrated:.6g}" != f"{threshold.value:.6g}":
-        line += f"; the calibrated one, {calibrated:.6g}, is also stored: {FLAGS[kind]} calibrated uses it"
+        line += f"; the calibrated one, {calibrated:.6g}, is the deployed one: {FLAGS[kind]} auto uses it"
+    elif calibrated is not None and tested is not None:
+        line += f"; the test set's max-F1 one, {tested:.6g}, is also stored: {FLAGS[kind]} max_f1 uses it"
     return line

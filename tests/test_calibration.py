@@ -70,13 +70,32 @@ def test_calibration_record_and_refused_rates():
             calibrate(scores, maxima, rate, "x")
 
 
-def test_stored_thresholds_prefer_the_labelled_test_set_and_say_where_they_come_from():
+def test_the_deployed_threshold_is_the_calibrated_one_and_says_so():
+    from scoring.thresholds import choose
     calibration = calibrate(np.arange(100, dtype=np.float32), np.arange(100, dtype=np.float32), 0.01, "folder g")
     only_calibrated = ModelInfo({}, "c", "run", "draem", calibration=calibration)
     assert only_calibrated.threshold("image") == calibration["image"]["threshold"] == pytest.approx(98.5)
-    assert only_calibrated.threshold_source("image").startswith("calibrated for 1 % false alarms on 100 good images")
+    assert choose(None, only_calibrated, "image").source.startswith("calibrated for 1 % false alarms on 100 good")
     tested = ModelInfo({}, "c", "run", "draem", {"operating_points": {"image": {"threshold": 0.7}}},
                        calibration=calibration)
-    assert tested.threshold("image") == 0.7 and tested.threshold_source("image") == "max F1 on the labelled test set"
-    assert tested.threshold("pixel") == calibration["pixel"]["threshold"]  # the test set stored no pixel threshold
+    # the engineer's false-alarm budget wins over the test set's max F1, which stays one flag away
+    assert tested.threshold("image") == calibration["image"]["threshold"]
+    for given in (None, "auto", "calibrated"):
+        assert choose(given, tested, "image").value == calibration["image"]["threshold"]
+    assert choose("max_f1", tested, "image").value == 0.7
+    assert choose("max_f1", tested, "image", own_max_f1=0.6).value == 0.6
+    test_set_only = ModelInfo({}, "c", "run", "draem", {"operating_points": {"image": {"threshold": 0.7}}})
+    assert test_set_only.threshold("image") == 0.7 and test_set_only.threshold("pixel") is None
+    assert choose(None, test_set_only, "image").source == "max F1 on the labelled test set"
     assert ModelInfo({}, "c", "run", "draem").threshold("image") is None
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_good_score_sits_on_a_calibrated_threshold(seed):
+    """A score on the threshold flips its verdict under any rounding (an export, another CPU)."""
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.random(300), 4).astype(np.float32)  # distinct values at least 1e-4 apart
+    for rate in (0.001, 0.01, 0.1):
+        threshold = np.float32(budget_threshold(scores, rate))
+        assert np.abs(scores - threshold).min() > 1e-5
+        for shift in (-1e-6, 1e-6):
+            assert flagged(scores + np.float32(shift), threshold) == flagged(scores, threshold)

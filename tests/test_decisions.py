@@ -18,21 +18,37 @@ def scores_with_ties(n: int, decimals: int, seed: int) -> tuple[np.ndarray, np.n
     return scores, labels
 
 
+def midpoints(scores: np.ndarray) -> np.ndarray:
+    """Every threshold that separates two neighbouring distinct float32 scores, computed here in float64 and
+    rounded once, plus one half a gap beyond each end: the candidates a threshold between scores may take."""
+    distinct = np.unique(scores.astype(np.float32)).astype(np.float64)
+    inner = (distinct[1:] + distinct[:-1]) / 2
+    ends = [distinct[0] - (distinct[1] - distinct[0]) / 2, distinct[-1] + (distinct[-1] - distinct[-2]) / 2]
+    return np.sort(np.concatenate([inner, ends]).astype(np.float32))
+
+
 @pytest.mark.parametrize("n,decimals,seed", [(9, 1, 0), (60, 1, 1), (500, 2, 2), (3000, 3, 3)])
-def test_max_f1_threshold_equals_scikit_learn(n, decimals, seed):
+def test_max_f1_threshold_equals_scikit_learn_and_sits_between_two_scores(n, decimals, seed):
     scores, labels = scores_with_ties(n, decimals, seed)
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-300)
     best = np.argmax(f1)  # thresholds ascend: the lowest threshold wins a tie, as in anomalib
     ours = f1_operating_point(torch.tensor(scores), torch.tensor(labels))
     assert ours["f1"] == pytest.approx(f1[best], abs=1e-12)
-    assert ours["threshold"] == pytest.approx(thresholds[best], abs=1e-7)
     assert (ours["precision"], ours["recall"]) == pytest.approx((precision[best], recall[best]), abs=1e-12)
+    # the same images flagged as at scikit-learn's threshold (a score), from a threshold halfway below it
+    as_float32 = scores.astype(np.float32)
+    assert np.array_equal(as_float32 >= np.float32(ours["threshold"]), as_float32 >= np.float32(thresholds[best]))
+    score, below = thresholds[best], as_float32[as_float32 < np.float32(thresholds[best])]
+    # the next lower distinct score; below the lowest one, a virtual one as far as the next higher score is above
+    lower = float(below.max()) if below.size else score - (float(as_float32[as_float32 > score].min()) - score)
+    assert ours["threshold"] == pytest.approx((lower + score) / 2, abs=1e-7)
+    assert not np.isin(np.float32(ours["threshold"]), as_float32)
 
 
 def brute_force_points(scores: np.ndarray, labels: np.ndarray) -> dict:
     good, bad = scores[~labels], scores[labels]
-    candidates = np.append(np.unique(scores), np.nextafter(np.float32(scores.max()), np.float32(np.inf)))
+    candidates = midpoints(scores)
     no_escape = max(t for t in candidates if (bad >= t).all())
     no_false_alarm = min(t for t in candidates if not (good >= t).any())
     return {"threshold_no_escape": no_escape, "false_alarm_rate": (good >= no_escape).mean(),
@@ -46,16 +62,38 @@ def test_no_escape_and_no_false_alarm_thresholds_equal_brute_force(n, decimals, 
     ours = image_operating_points(torch.tensor(scores), torch.tensor(labels))
     expected = brute_force_points(scores, labels)
     for key, value in expected.items():
-        assert ours[key] == pytest.approx(value, abs=1e-12), key
+        assert ours[key] == pytest.approx(value, abs=1e-7), key
 
 
 def test_operating_points_when_a_good_image_scores_highest():
     scores = torch.tensor([0.9, 0.5, 0.7, 0.2])
     labels = torch.tensor([False, True, True, False])
     points = image_operating_points(scores, labels)
-    assert points["threshold_no_escape"] == pytest.approx(0.5) and points["false_alarm_rate"] == 0.5
-    assert points["threshold_no_false_alarm"] > 0.9 and points["escape_rate"] == 1.0
-    assert points["f1"] == pytest.approx(2 * 2 / (3 + 2))  # threshold 0.5: TP 2, FP 1
+    assert points["threshold_no_escape"] == pytest.approx(0.35) and points["false_alarm_rate"] == 0.5
+    assert points["threshold_no_false_alarm"] == pytest.approx(1.0) and points["escape_rate"] == 1.0
+    assert points["threshold"] == pytest.approx(0.35)  # max F1 flags 0.5 and above
+    assert points["f1"] == pytest.approx(2 * 2 / (3 + 2))  # TP 2, FP 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_image_at_an_old_threshold_flips_under_a_one_in_a_million_perturbation(seed):
+    """The old thresholds were scores: the image on one flipped its verdict when its score moved by one ulp."""
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.random(200), 4).astype(np.float32)  # distinct values at least 1e-4 apart
+    labels = rng.random(200) < 0.3
+    points = image_operating_points(torch.tensor(scores), torch.tensor(labels))
+    for key in ("threshold", "threshold_no_escape", "threshold_no_false_alarm"):
+        t = np.float32(points[key])
+        verdicts = scores >= t
+        for shift in (-1e-6, 1e-6):
+            assert np.array_equal((scores + np.float32(shift)) >= t, verdicts), key
+        assert np.abs(scores - t).min() > 1e-5, key  # half a gap of at least 1e-4 away
+
+
+def test_one_distinct_score_gets_thresholds_one_float_either_side():
+    points = image_operating_points(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([True, False, True]))
+    assert points["threshold"] < 0.5 < points["threshold_no_false_alarm"]
+    assert points["threshold"] == np.nextafter(np.float32(0.5), np.float32(0))
 
 
 def test_defect_regions_match_connected_components_of_a_hand_made_map():

@@ -445,3 +445,25 @@ def test_a_check_that_cannot_be_computed_never_passes():
               "failures": [], "ran": 0, "good_only": {"good": 0, "simulated": 0, "good_from": "-", "anomalies_from": "-",
                                                      "map_difference_percentiles": {50: 0, 99: 0, 99.9: 0}}}
     assert not passes(result) and not any("PASSES" in line for line in gate_lines(result, "x.onnx"))
+
+
+def test_an_fp32_export_passes_the_gate_at_the_test_sets_own_thresholds(exported, tmp_path, capsys):
+    """Thresholds chosen on the test set sat on a test image's score, so rounding alone changed verdicts and an
+    fp32 export failed the verdict check; between two scores, the check measures the export."""
+    from scoring.evaluate import evaluate
+    work, data, ckpt, files = exported
+    model, _ = model_from_checkpoint(ckpt)
+    out = evaluate(model, load_test_set(data, "weave", SIZE), CPU)
+    tested = tmp_path / "weave.pt"
+    save_training(tested, model, TrainConfig(category="weave", data_path=str(data), image_size=SIZE, base_width=8,
+                                             seg_base_width=8, bit_depth=8), "weave",
+                  metrics={**out["metrics"], "operating_points": out["operating_points"]})
+    threshold = out["operating_points"]["image"]["threshold"]
+    fp32_file = files[("openvino", "fp32")]
+    exported_scores = predict(load_model(fp32_file, CPU)[0], load_test_set(data, "weave", SIZE).images, CPU)[0]
+    from model_unet import image_scores
+    gap = (image_scores(exported_scores) - out["scores"]).abs().max().item()
+    assert 0 < gap < (out["scores"] - threshold).abs().min().item()  # rounding moves scores less than the margin
+    code, printed = gate(["--checkpoint", str(tested), "--check", str(data), "--compare", str(fp32_file)], capsys)
+    assert code == 0 and "PASSES the accuracy gate" in printed, printed
+    assert f"verdicts changed" in printed and f"0 of {len(out['scores'])} at {threshold:.4g}" in printed

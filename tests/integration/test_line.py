@@ -1,5 +1,6 @@
 """Ready for the line: thresholds from good images, camera bit depths and tiled scoring, end to end."""
 import csv
+import json
 import shutil
 
 import cv2
@@ -25,11 +26,12 @@ def run(script: str, *args) -> None:
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    """A run on good images alone: no evaluation, a quarter of train/good held out to calibrate on."""
+    """A run on a labelled category that also holds out a quarter of train/good to calibrate on: the checkpoint
+    stores the test set's max-F1 thresholds and the calibrated ones."""
     work = tmp_path_factory.mktemp("line")
     data = tiny_dataset(work / "data")
     run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-               "--epochs", "2", "--eval_every", "-1", "--calibration_split", "0.25", "--false_alarm_rate", "0.4",
+               "--epochs", "2", "--calibration_split", "0.25", "--false_alarm_rate", "0.4",
                *TINY, cwd=work)
     return work, data, next((work / "checkpoints").glob("*.pt"))
 
@@ -53,7 +55,37 @@ def test_calibration_split_holds_out_seeded_images_and_the_run_ends_with_their_t
     for kind in ("image", "pixel"):
         assert info.calibration[kind]["threshold"] == expected[kind]["threshold"]
         assert info.calibration[kind]["flagged"] == expected[kind]["flagged"] <= 1  # floor(0.4 * 3)
-    assert info.metrics == {} and info.threshold("image") == expected["image"]["threshold"]
+    assert info.threshold("image") == expected["image"]["threshold"]
+
+
+def test_the_calibrated_threshold_is_the_deployed_one_over_the_test_sets_max_f1(calibrated, tmp_path, capsys):
+    """The engineer asked for a false-alarm budget: the default, auto, an export's metadata and the Python API
+    give its thresholds, not the test set's max F1 (stored too, one flag away)."""
+    from scoring.detector import load
+    work, data, ckpt = calibrated
+    info = load_checkpoint(ckpt).info
+    calibrated_t = {kind: info.calibration[kind]["threshold"] for kind in ("image", "pixel")}
+    tested = {kind: info.operating_points[kind]["threshold"] for kind in ("image", "pixel")}
+    assert all(calibrated_t[k] != tested[k] for k in calibrated_t)  # two different answers are stored
+    assert {k: info.threshold(k) for k in calibrated_t} == calibrated_t
+    detector = load(ckpt)
+    assert (detector.image_threshold.value, detector.pixel_threshold.value) == (calibrated_t["image"], calibrated_t["pixel"])
+    run("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", tmp_path / "t", "--device", "cpu",
+        "--no-save_images")
+    assert f"image threshold: {calibrated_t['image']} (calibrated for 40 % false alarms" in capsys.readouterr().out
+    run("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", tmp_path / "f", "--device", "cpu",
+        "--no-save_images", "--threshold", "max_f1")
+    assert "image threshold: " in capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "f" / f"scores_{ckpt.stem}.csv")))
+    own = json.loads((tmp_path / "f" / "results.json").read_text())["runs"][ckpt.stem]["thresholds"]["image"]
+    assert own["source"] == "max F1 on this test set" and own["optimistic"]
+    assert all((r["verdict"] == "ANOMALY") == (float(r["score"]) >= own["value"]) for r in rows)
+    pytest.importorskip("onnxruntime")
+    import onnx
+    run("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx")
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert float(meta["image_threshold"]) == calibrated_t["image"] and float(meta["pixel_threshold"]) == calibrated_t["pixel"]
+    assert load(tmp_path / "m.onnx").image_threshold.value == calibrated_t["image"]
 
 
 def test_the_own_part_commands_on_good_images_alone_end_with_verdicts_and_masks(tmp_path):

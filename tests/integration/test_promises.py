@@ -154,3 +154,44 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "results" / "demo" / "report.html").is_file()
     assert len(list((tmp_path / "results" / "demo" / "images").rglob("*.png"))) == 40
     assert "demo done" in proc.stdout
+
+
+def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_scored(trained, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """The demo's weave checkpoint beside MVTec ones: a category without a test set under --data_path, and a
+    damaged file, are skipped with one line each; the others' results are written; the exit status is 1."""
+    import test_draem
+    from scoring import results as results_module
+    from training.checkpoint import save_training
+    from training.config import TrainConfig
+    work, data, ckpt = trained
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "a_damaged.pt").write_bytes(ckpt.read_bytes()[:1000])
+    model, info = model_from_checkpoint(ckpt)
+    save_training(folder / "b_zebra.pt", model, TrainConfig.from_dict(info.config | {"category": "zebra"}), "b_zebra")
+    shutil.copy(ckpt, folder / "c_weave.pt")
+    shutil.copy(ckpt, folder / "d_weave.pt")
+    args = ["--checkpoint", str(folder), "--data_path", str(data), "--device", "cpu", "--no-save_images"]
+    with pytest.raises(SystemExit) as stopped:
+        test_draem.main(args + ["--out", str(tmp_path / "res")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1
+    skipped_lines = [line for line in err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped_lines) == 2 and "a_damaged.pt" in skipped_lines[0] and "truncated" in skipped_lines[0]
+    assert "b_zebra.pt" in skipped_lines[1] and "zebra does not exist" in skipped_lines[1] and "Traceback" not in err
+    written = read_json(tmp_path / "res" / "results.json")
+    assert list(written["runs"]) == ["c_weave", "d_weave"] and len(written["skipped"]) == 2
+    assert (tmp_path / "res" / "report.html").is_file() and "c_weave" in (tmp_path / "res" / "results.md").read_text()
+    # stopped half-way (Ctrl-C while the second weave run is evaluated): the first run's results are written
+    real_evaluate, calls = results_module.evaluate, []
+
+    def interrupted_on_the_second_call(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+    monkeypatch.setattr(results_module, "evaluate", interrupted_on_the_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        test_draem.main(args + ["--out", str(tmp_path / "stopped")])
+    assert len(calls) == 2 and list(read_json(tmp_path / "stopped" / "results.json")["runs"]) == ["c_weave"]
