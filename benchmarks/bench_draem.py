@@ -29,6 +29,7 @@ from training.cli import pick_device  # noqa: E402
 from training.step import train_step  # noqa: E402
 
 PRESETS = {
+    "tiny": {"image_size": 32, "base_width": 8, "seg_base_width": 8, "bs": 2, "amp": "off", "steps": 1},  # a smoke run
     "cpu": {"image_size": 128, "base_width": 32, "seg_base_width": 16, "bs": 8, "amp": "off", "steps": 8},
     "full": {"image_size": 256, "base_width": 128, "seg_base_width": 64, "bs": 8, "amp": "bf16", "steps": 30},
 }
