@@ -19,23 +19,14 @@ from deploy.model_files import load_model
 from scoring.accuracy_gate import gate_lines, judge, passes, reference
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
+from training.cli import cpu_capabilities
 
-INSTRUCTIONS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
-                "bf16": ("avx512_bf16", "amx_bf16"), "AMX": ("amx_int8", "amx_tile")}
 SPEED_ROUNDS = 7
 
 
-def cpu_instructions() -> dict[str, bool]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {name: any(f in flags for f in found) for name, found in INSTRUCTIONS.items()}
-
-
-def describe_cpu(has: dict[str, bool]) -> str:
-    listed = ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in has.items())
+def describe_cpu(has: dict[str, bool | None]) -> str:
+    listed = ", ".join(f"{name} {'unknown' if present is None else 'yes' if present else 'no'}"
+                       for name, present in has.items())
     int8 = ("int8 runs on AMX tiles" if has["AMX"] else "int8 uses VNNI" if has["VNNI"]
             else "int8 without VNNI or AMX (AVX2 only: smaller gains)" if has["AVX2"] else "int8 has no fast path")
     bf16 = "bf16 is native" if has["bf16"] else "no bf16: not tried"
@@ -74,7 +65,7 @@ def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.d
            image_size: tuple[int, int] | None = None, say=print) -> bool:
     """Write out at the fastest precision that passes the gate (fp32 when none does); True when that is faster
     than fp32."""
-    has = cpu_instructions()
+    has = cpu_capabilities()
     say(describe_cpu(has))
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows = {}

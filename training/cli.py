@@ -1,4 +1,5 @@
 """What the two scripts share on the command line: device choice and one-line errors."""
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,20 +30,42 @@ def pick_device(name: str = "auto", gpu_id: int | None = None) -> torch.device:
     return device
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as Linux reports them."""
+# The names Linux's /proc/cpuinfo gives what decides int8 and bf16 speed.
+CPUINFO_FLAGS = {"VNNI": ("avx512_vnni", "avx_vnni"), "bf16": ("avx512_bf16", "amx_bf16"), "AMX": ("amx_int8", "amx_tile")}
+
+
+@functools.cache
+def cpu_capabilities() -> dict[str, bool | None]:
+    """What this CPU computes natively, on any OS: AVX2 and AVX-512 from torch's CPU capability (the kernels ATen
+    dispatches to); VNNI, bf16 (AVX512_BF16 or AMX) and AMX from the kernel's flags where /proc/cpuinfo exists,
+    else bf16 from OpenVINO's OPTIMIZATION_CAPABILITIES where OpenVINO is installed. None: not known here."""
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512", "DEFAULT", ... on x86
+    found = {"AVX2": capability in ("AVX2", "AVX512"), "AVX-512": capability == "AVX512"}
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), []))
+    except OSError:  # Windows, macOS
+        flags = None
+    found |= {name: None if flags is None else any(f in flags for f in names) for name, names in CPUINFO_FLAGS.items()}
+    if flags is None:
+        try:
+            import openvino
+            found["bf16"] = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        except Exception:  # not installed, or no CPU plugin: unknown
+            pass
+    return found
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU is known to compute bf16 natively (AVX512_BF16 or AMX)."""
+    return cpu_capabilities()["bf16"] is True
 
 
 def check_amp(amp: str, device: torch.device) -> None:
     """--amp for scoring: bf16 where the device computes it natively, fp16 on GPUs only."""
     if device.type == "cpu" and amp == "fp16":
         raise DataError("--amp fp16 is for GPUs; on the CPU use --amp bf16 (where the CPU has it) or off")
-    if device.type == "cpu" and amp == "bf16" and not cpu_has_bf16():
+    if device.type == "cpu" and amp == "bf16" and cpu_capabilities()["bf16"] is False:
         raise DataError("--amp bf16: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16); bf16 would be "
                         "emulated, slower than fp32: use --amp off")
 

@@ -50,8 +50,9 @@ class TrainConfig:
     lr: float = setting(1e-4, "Adam learning rate", type=float)
     epochs: int = setting(700, "passes over the training images", type=int)
     seed: int = setting(0, "seed for initialisation, batch order and anomaly simulation", type=int)
-    amp: str = setting("auto", "mixed precision: auto = bf16 on a GPU that supports it, off on the CPU; the "
-                               "checkpoint records what auto chose", choices=AMP_CHOICES)
+    amp: str = setting("auto", "mixed precision: auto = bf16 on a GPU that supports it and on a CPU with bf16 "
+                               "instructions (AVX512_BF16 or AMX), else off; the checkpoint records what auto chose",
+                       choices=AMP_CHOICES)
     processes: int = setting(1, "processes training one model (--ddp under torchrun): global batch = bs x processes",
                              flag=False)
     sync_bn: bool = setting(False, "with --ddp on GPUs: synchronise BatchNorm statistics across ranks")
