@@ -433,6 +433,13 @@ def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, tmp
                                       str(folder / name)], capture_output=True, text=True, check=True).stdout.split()
             assert printed[0] == "score" and abs(float(printed[1]) - float(row["score"])) <= 1e-5, (name, printed, row)
             assert printed[2] == (row["verdict"] or "no"), (name, printed, row)
+    from test_export import assert_example_shows_what_test_draem_wrote
+    xml = tmp_path / "weave.xml"  # calibrated on these photos: thresholds that split them and draw defect pixels
+    test_draem.main(["--checkpoint", str(xml), "--calibrate", str(folder), "--false_alarm_rate", "0.5", "--device", "cpu"])
+    test_draem.main(["--checkpoint", str(xml), "--images", str(folder), "--out", str(tmp_path / "cal"), "--device", "cpu",
+                     "--no-save_images", "--batch_size", "1"])
+    assert_example_shows_what_test_draem_wrote("openvino_inference.py", xml, folder, tmp_path / "cal",
+                                               tmp_path / "example")
 
 
 def test_a_check_that_cannot_be_computed_never_passes():

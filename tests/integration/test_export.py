@@ -190,3 +190,31 @@ def test_the_standalone_onnx_example_scores_as_test_draem_does(trained, tmp_path
                               str(folder / name)], capture_output=True, text=True, check=True).stdout.split()
         assert out[0] == "score" and abs(float(out[1]) - float(row["score"])) <= 1e-5, (name, out, row["score"])
         assert row["verdict"] == "" and out[2:4] == ["no", "threshold"], name  # this file holds no thresholds
+    # calibrated, the file carries thresholds: the example's verdicts, defect masks and overlays (what an inspection
+    # screen shows) equal test_draem.py's on the same file, at each image's own size
+    run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--calibrate", folder, "--false_alarm_rate",
+               "0.5", "--device", "cpu", cwd=work)
+    run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", folder, "--out", tmp_path / "cal",
+               "--device", "cpu", "--no-save_images", cwd=work)
+    assert_example_shows_what_test_draem_wrote("onnx_inference.py", tmp_path / "weave.onnx", folder, tmp_path / "cal",
+                                               tmp_path / "example")
+
+
+def assert_example_shows_what_test_draem_wrote(example, model, folder, written, out):
+    """The example run on each image of folder, with an output folder: its verdict, its defect mask (bit for bit)
+    and an overlay at the image's size, against what test_draem.py --images wrote to written."""
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(written / "scores.csv"))}
+    assert {r["verdict"] for r in rows.values()} == {"OK", "ANOMALY"}  # the threshold splits these images
+    masks = 0
+    for name, row in rows.items():
+        printed = subprocess.run([sys.executable, str(ROOT / "examples" / example), str(model), str(folder / name),
+                                  str(out)], capture_output=True, text=True, check=True).stdout.split()
+        assert printed[2] == row["verdict"], (name, printed, row)
+        stem = Path(name).stem
+        size = cv2.imread(str(folder / name), cv2.IMREAD_UNCHANGED).shape[:2]
+        assert cv2.imread(str(out / f"{stem}_overlay.png")).shape[:2] == size
+        expected = cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(out / f"{stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == size and np.array_equal(mask, expected), name
+        masks += int(mask.any())
+    assert masks > 0  # some defect pixels: equal masks are not two empty ones
