@@ -77,7 +77,8 @@ def test_every_relative_link_and_image_resolves():
 
 
 def test_deploy_page_shows_the_example_that_the_tests_run():
-    examples = [(ROOT / "examples" / name).read_text() for name in ("onnx_inference.py", "openvino_inference.py")]
+    examples = [(ROOT / "examples" / name).read_text()
+                for name in ("onnx_inference.py", "openvino_inference.py", "inspection.py")]
     blocks = [body for language, body in FENCE.findall((ROOT / "docs" / "deploy.md").read_text()) if language == "python"]
     assert blocks == examples
 
@@ -98,3 +99,32 @@ def test_no_page_points_readers_at_a_folder_they_do_not_have():
     for page in PAGES:
         assert "../shared" not in page.read_text(), page.name
     assert "scripts/prepare_mtd.py" in (ROOT / "docs" / "data.md").read_text()
+
+
+def inline_commands(page: Path, script: str) -> list[list[str]]:
+    """The arguments of every `python SCRIPT ...` in inline code (which may wrap across lines) on a page."""
+    spans = re.findall(r"`python " + re.escape(script) + r"([^`]*)`", FENCE.sub("", page.read_text()))
+    return [shlex.split(" ".join(span.split())) for span in spans]
+
+
+def test_the_commands_a_reader_copies_do_what_the_text_around_them_says():
+    own_part_cpu = [args for page, script, args in documented_commands()
+                    if page == "own-part.md" and script == "train_draem.py" and "--device" in args]
+    assert own_part_cpu, "own-part.md's CPU command is gone"
+    for args in own_part_cpu:  # the text quotes the 128 px runs' times
+        assert train_draem.build_parser().parse_args(args).image_size == (128, 128), args
+    autos = [args for page in PAGES for args in inline_commands(page, "export_draem.py") if "auto" in args]
+    autos += [args for _, script, args in documented_commands() if script == "export_draem.py" and "auto" in args]
+    assert autos
+    for args in autos:  # with the default ONNX format bf16 is never tried
+        parsed = export_draem.build_parser().parse_args(args)
+        assert parsed.precision == "auto" and parsed.format == "openvino" and parsed.out and parsed.check, args
+    readme = (ROOT / "README.md").read_text()
+    assert "https://arxiv.org/abs/2108.07610" in readme and "https://github.com/VitjanZ/DRAEM" in readme
+    assert "--amp off" in (ROOT / "docs" / "reproducing-mvtec.md").read_text()
+
+
+def test_the_glossary_explains_every_term_it_is_linked_for():
+    glossary = (ROOT / "docs" / "faq.md").read_text().split("## Glossary", 1)[1]
+    for term in ("DTD", "AUPRO", "VNNI", "AMX", "QDQ", "NNCF", "Clopper-Pearson", "bf16"):
+        assert f"- **{term}" in glossary, term
