@@ -300,7 +300,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     if writes:
         print(f"[{category}] {len(images)} training images ({config.bit_depth}-bit) cached on {device}"
               + (f", {len(run.held_out)} held out to calibrate thresholds on" if run.held_out else "")
-              + f"; run {run.name}")
+              + f"; {'fp32' if config.amp == 'off' else config.amp + ' autocast'}"
+              + (" (--amp auto)" if args.amp == "auto" else "") + f"; run {run.name}")
     # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
     writer = SummaryWriter(args.log_path / run.name, purge_step=start + 1 if start else None) if writes else None
     progress = Progress(category, start, run.total_steps, steps_per_epoch, config.bs * launch.dp_size, shown=writes)
