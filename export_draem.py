@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--float_budget", type=float, default=FLOAT_BUDGET, metavar="SHARE",
       help=f"with --float_layers auto: at most this share of the multiply-adds stays in float (default "
            f"{FLOAT_BUDGET:g})")
+    a("--finetune", type=int, metavar="STEPS",
+      help="with --precision int8: write this project's own int8 graph (the simulated int8 that chooses the float "
+           "layers, as QDQ pairs both runtimes compute exactly) after STEPS steps of quantization-aware fine-tuning "
+           "against the fp32 model on the checkpoint's good images with fresh simulated anomalies; 0: as "
+           "calibrated (default: the runtime's own post-training quantizer, no fine-tuning). With --precision auto: "
+           "the steps of the fine-tuned candidate tried when post-training int8 fails (default 300)")
     a("--image_size", type=parse_size,
       help="N or HxW the graph takes, sides multiples of 32 (default: the checkpoint's; 256 for official and "
            "anomalib checkpoints)")
@@ -84,11 +90,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--calibration_anomalies must be at least 0 and below 1 (good images are needed too)")
     if not 0 <= args.float_budget <= 1:
         p.error("--float_budget must be between 0 and 1")
+    if args.finetune is not None and (args.finetune < 0 or args.precision not in ("int8", "auto")):
+        p.error("--finetune STEPS takes a count of 0 or more, with --precision int8 or auto")
     if args.precision == "auto" and args.check is None:
         p.error("--precision auto needs --check DATA: every candidate is gated")
     layers = {"auto": None, "none": []}.get(args.float_layers, [n for n in args.float_layers.split(",") if n])
     options = Int8Options(args.calibration_images, args.calibration_count, args.calibration_anomalies,
-                          args.anomaly_source_path, layers, args.float_budget)
+                          args.anomaly_source_path, layers, args.float_budget, finetune=args.finetune)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
         if args.precision == "auto":

@@ -9,9 +9,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_loader import DataError
-from deploy import int8
-from deploy.onnx_graph import ScoringGraph, export, read_metadata, require
+import torch
+
+from data_loader import DataError, list_images, load_images
+from deploy import int8, qat
+from deploy.onnx_graph import ScoringGraph, export, read_metadata, require, save_with_metadata
 from deploy.openvino_model import DEPLOY_REQUIREMENTS, FORMAT as OPENVINO_FORMAT, save_ir
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -29,6 +31,8 @@ class Int8Options:
     float_layers: list[str] | None = None  # None: measured (deploy/int8.py) under float_budget
     float_budget: float = int8.FLOAT_BUDGET
     quantizer: dict = field(default_factory=dict)  # passed to quantize_static or nncf.quantize (benchmarks)
+    finetune: int | None = None  # None: the runtime's post-training quantizer; N: this project's QDQ graph after
+    # N steps of quantization-aware fine-tuning (deploy/qat.py; 0: that graph as calibrated)
 
 
 def checkpoint_config(checkpoint: Path) -> dict:
@@ -86,6 +90,28 @@ def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options, 
         "precision": "int8", "float_layers": ",".join(kept), "float_share_percent": f"{share:.2f}"}
 
 
+def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.CalibrationSet, float_layers: list[str],
+                   options: Int8Options, out: Path, say=print) -> dict[str, str]:
+    """This project's QDQ int8 graph (deploy/qat.py) at the calibration's ranges, fine-tuned options.finetune
+    steps against the fp32 model on the checkpoint's good images with fresh simulated anomalies, written to out
+    (ONNX); returns what the metadata records of it."""
+    config = checkpoint_config(checkpoint)
+    size = tuple(int(s) for s in props["image_size"].split("x"))
+    model, info = model_from_checkpoint(checkpoint)
+    teacher = ScoringGraph(model.eval(), info.channel_order == "RGB").eval()
+    ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration.images))
+    student = qat.int8_graph(teacher, ranges, float_layers)
+    good = load_images(list_images(calibration_folder(config, options.calibration), recursive=True), size,
+                       bit_depth=int(props["bit_depth"]))
+    sources = anomaly_sources(config, options.anomaly_sources)
+    textures = load_images(list_images(sources, recursive=True), size) if sources is not None else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    record = qat.finetune(student, teacher, good, textures, props["recipe"], options.finetune, device, say=say)
+    qat.export_onnx(student, size, out)
+    return record | {"quantizer": "draem-qdq", "finetune_teacher": checkpoint.name,
+                     "finetune_images": f"{len(good)} good, sources: {sources or 'Perlin noise'}"}
+
+
 def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: str = "fp32",
                  image_size: tuple[int, int] | None = None, options: Int8Options | None = None,
                  say=print) -> dict[str, str]:
@@ -103,6 +129,15 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
         props = export(checkpoint, fp32, image_size)
         if precision == "int8":
             calibration, float_layers, recorded = prepare_int8(checkpoint, props, options, say)
+        if precision == "int8" and options.finetune is not None:
+            qdq = Path(tmp) / "int8.onnx"
+            recorded |= finetuned_int8(checkpoint, props, calibration, float_layers, options, qdq, say)
+            if format == "onnx":
+                save_with_metadata(require("onnx").load(qdq), props | recorded, out)
+                return props | recorded
+            props |= {"format": OPENVINO_FORMAT} | recorded
+            save_ir(ov.convert_model(str(qdq)), out, props)
+            return props
         if format == "onnx":
             int8.quantize_onnx(fp32, out, calibration, float_layers, recorded, **options.quantizer)
             return read_metadata(require("onnx").load(out))

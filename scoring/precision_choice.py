@@ -1,11 +1,12 @@
-"""export_draem.py --precision auto: export int8, bf16 (where the CPU has bf16) and fp32, gate each, keep the
-fastest that passes.
+"""export_draem.py --precision auto: export int8, fine-tuned int8 where that fails, bf16 (where the CPU has bf16)
+and fp32, gate each, keep the fastest that passes.
 
 Speed is measured here, on this CPU: batch-1 passes of every candidate and of PyTorch fp32, in interleaved
 rounds in this one process, the median per model. The CPU's instructions decide what is worth trying and are
 printed: int8 runs on any CPU with AVX2 and faster with VNNI (AVX512_VNNI, AVX_VNNI) or AMX; bf16 needs
 AVX512_BF16 or AMX.
 """
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -16,6 +17,7 @@ import torch
 
 from deploy.export import SUFFIX, Int8Options, export_model
 from deploy.model_files import load_model
+from deploy.qat import FINETUNE_STEPS
 from scoring.accuracy_gate import gate_lines, judge, passes, reference
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
@@ -33,8 +35,11 @@ def describe_cpu(has: dict[str, bool | None]) -> str:
     return f"this CPU: {listed}; {int8}; {bf16}"
 
 
+FINETUNED = "int8 fine-tuned"  # tried only when post-training int8 fails the gate
+
+
 def candidates(format: str, has: dict[str, bool]) -> list[str]:
-    return ["int8", *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
+    return ["int8", FINETUNED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
 
 
 def images_per_second(runs: dict[str, callable], rounds: int = SPEED_ROUNDS) -> dict[str, float]:
@@ -67,13 +72,19 @@ def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.d
     than fp32."""
     has = cpu_capabilities()
     say(describe_cpu(has))
+    steps = options.finetune if options.finetune is not None else FINETUNE_STEPS
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows = {}
         ref = reference(checkpoint, data, device, obj_id, batch_size, sources=sources, size=image_size)
         for precision in candidates(format, has):
-            path = Path(tmp) / f"{precision}{SUFFIX[format]}"
-            say(f"--- {precision}")
-            export_model(checkpoint, path, format, precision, image_size, options=options, say=say)
+            if precision == FINETUNED and rows["int8"]["passes"]:
+                continue
+            path = Path(tmp) / f"{precision.replace(' ', '_')}{SUFFIX[format]}"
+            say(f"--- {precision}" + (f": post-training int8 failed the gate; {steps} steps of quantization-aware "
+                                      f"fine-tuning (the time it takes is printed after its first steps)"
+                                      if precision == FINETUNED else ""))
+            chosen_options = dataclasses.replace(options, finetune=steps if precision == FINETUNED else None)
+            export_model(checkpoint, path, format, precision.split()[0], image_size, options=chosen_options, say=say)
             result = judge(ref, load_model(path, device), device, batch_size)
             for line in gate_lines(result, path.name):
                 say(line)

@@ -366,9 +366,11 @@ def test_the_good_only_gate_passes_an_honest_export_fails_a_damaged_one_and_name
     assert code == 1 and "FAILS the accuracy gate" in out and "PASSES" not in out
 
 
-def test_precision_auto_keeps_fp32_when_int8_fails_the_gate(exported, tmp_path, capsys, monkeypatch):
-    """int8 calibrated on black images (every range collapsed) fails the gate; auto then writes fp32 and exits 1,
-    although int8 is reported fastest. With the gate passing everything, the same speeds pick int8."""
+def test_precision_auto_tries_finetuned_int8_and_keeps_fp32_when_both_int8_fail(exported, tmp_path, capsys,
+                                                                               monkeypatch):
+    """int8 calibrated on black images (every range collapsed) fails the gate, and so does its fine-tuned graph;
+    auto then writes fp32 and exits 1, although int8 is reported fastest. A fine-tuned int8 that passes where
+    post-training int8 fails is kept; when post-training int8 passes, nothing is fine-tuned."""
     from deploy import int8
     from scoring import precision_choice
     work, data, ckpt, _ = exported
@@ -379,16 +381,24 @@ def test_precision_auto_keeps_fp32_when_int8_fails_the_gate(exported, tmp_path, 
         found.images[:] = 0
         return found
     monkeypatch.setattr(int8, "calibration_set", black)
-    speeds = {"pytorch fp32": 1.0, "fp32": 1.5, "int8": 9.0}
+    speeds = {"pytorch fp32": 1.0, "fp32": 1.5, "int8": 9.0, "int8 fine-tuned": 8.0}
     monkeypatch.setattr(precision_choice, "images_per_second", lambda runs: {k: speeds[k] for k in runs})
     out = tmp_path / "auto.onnx"
-    args = ["--checkpoint", str(ckpt), "--check", str(data), "--precision", "auto", "--out", str(out)]
-    code, printed = gate(args, capsys)
+    args = ["--checkpoint", str(ckpt), "--check", str(data), "--precision", "auto", "--out", str(out),
+            "--finetune", "2"]
+    code, printed = gate(args, capsys)  # both int8 files calibrated on black images: both fail
     assert code == 1 and info_metadata(out)["precision"] == "fp32"
-    assert "AVX2" in printed and "onnx int8" in printed and "fails:" in printed and "kept fp32" in printed
-    monkeypatch.setattr(precision_choice, "passes", lambda result: True)
+    assert "AVX2" in printed and "onnx int8 fine-tuned" in printed and "fails:" in printed and "kept fp32" in printed
+    assert "post-training int8 failed the gate; 2 steps of quantization-aware fine-tuning" in printed
+    judged = []  # post-training int8 (judged first) fails, the fine-tuned one and fp32 pass
+    monkeypatch.setattr(precision_choice, "passes", lambda result: bool(judged.append(result)) or len(judged) > 1)
     code, printed = gate(args, capsys)
-    assert code == 0 and info_metadata(out)["precision"] == "int8" and "kept int8" in printed
+    assert code == 0 and "kept int8 fine-tuned" in printed
+    assert info_metadata(out)["precision"] == "int8" and info_metadata(out)["finetune_steps"] == "2"
+    monkeypatch.setattr(precision_choice, "passes", lambda result: True)
+    code, printed = gate(args, capsys)  # post-training int8 passes: nothing is fine-tuned
+    assert code == 0 and info_metadata(out)["precision"] == "int8" and "kept int8:" in printed
+    assert "finetune_steps" not in info_metadata(out) and "--- int8 fine-tuned" not in printed
 
 
 def test_int8_flags_give_one_line_errors(exported, tmp_path, capsys):

@@ -1,0 +1,96 @@
+"""This project's own int8 graph (deploy/qat.py): ONNX Runtime and OpenVINO compute what its PyTorch simulation
+computes, quantization-aware fine-tuning shrinks the gap to the fp32 model on images it did not train on, and a
+fine-tuned file holds exactly the network that was fine-tuned."""
+import numpy as np
+import pytest
+import torch
+
+from data_loader import list_images, load_images, load_test_set
+from deploy import int8, qat
+from deploy.export import Int8Options, export_model
+from deploy.model_files import load_model
+from deploy.onnx_graph import ScoringGraph
+from helpers import tiny_dataset
+from scoring.evaluate import predict
+from training.checkpoint import save_training
+from training.config import TrainConfig
+
+pytest.importorskip("openvino")
+from test_deploy import SIZE, informative_model  # noqa: E402
+
+CPU = torch.device("cpu")
+FILE_TOLERANCE = 1e-3  # the runtimes' int8 kernels against the simulation: rounding at a level's edge at most
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    work = tmp_path_factory.mktemp("qat")
+    data = tiny_dataset(work / "data")
+    ckpt = work / "weave.pt"
+    save_training(ckpt, informative_model(), TrainConfig(category="weave", data_path=str(data), image_size=SIZE,
+                                                         base_width=8, seg_base_width=8, bit_depth=8), "weave")
+    teacher = ScoringGraph(informative_model().eval(), False).eval()
+    good = load_images(list_images(data / "weave" / "train" / "good"), SIZE)
+    held_out = load_test_set(data, "weave", SIZE).images.float() / 255  # never trained on
+    return work, data, ckpt, teacher, good, held_out
+
+
+def maps(model, images):
+    with torch.no_grad():
+        return model(images)[0]
+
+
+def test_both_runtimes_compute_what_the_simulation_computes(setting, tmp_path):
+    """ONNX Runtime's own quantizer moved a model's maps far beyond what the simulation predicted; this graph is
+    the simulation, written as QDQ pairs with int8 weights, so both runtimes must agree with it."""
+    work, data, ckpt, teacher, good, held_out = setting
+    ranges, _ = int8.input_ranges(teacher, good.float() / 255)
+    student = qat.int8_graph(teacher, ranges, ["discriminative_subnetwork.decoder_segment.fin_out.0"])
+    simulated = maps(student, held_out)
+    assert (simulated - maps(teacher, held_out)).abs().max() > 1e-3  # quantized: not the fp32 graph
+    path = tmp_path / "int8.onnx"
+    qat.export_onnx(student, SIZE, path)
+    import onnx
+    import onnxruntime as ort
+    import openvino as ov
+    proto = onnx.load(path)
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) == 50  # 51 convolutions, one kept in float
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    by_ort = torch.from_numpy(session.run(["anomaly_map"], {"images": held_out.numpy()})[0])
+    compiled = ov.Core().compile_model(ov.convert_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    by_openvino = torch.from_numpy(compiled(held_out.numpy())[compiled.output("anomaly_map")])
+    assert simulated.std() > 0.05  # maps that vary: agreement is not trivial
+    for runtime in (by_ort, by_openvino):
+        assert (runtime - simulated).abs().max() <= FILE_TOLERANCE
+
+
+def test_finetuning_shrinks_the_gap_to_fp32_on_images_it_did_not_train_on(setting):
+    work, data, ckpt, teacher, good, held_out = setting
+    ranges, _ = int8.input_ranges(teacher, good.float() / 255)
+    coarse = {name: (low, 0.4 * high) for name, (low, high) in ranges.items()}  # clipped ranges: a poor start
+    student = qat.int8_graph(teacher, coarse, [])
+    before = (maps(student, held_out) - maps(teacher, held_out)).abs().mean().item()
+    record = qat.finetune(student, teacher, good, None, "official", 60, CPU, lr=1e-3, say=lambda _: None)
+    after = (maps(student, held_out) - maps(teacher, held_out)).abs().mean().item()
+    assert record["finetune_steps"] == "60" and float(record["finetune_loss_after"]) < float(record["finetune_loss_before"])
+    assert after < 0.6 * before, (before, after)  # measured: 0.085 -> 0.035
+
+
+def test_a_finetuned_file_is_the_network_that_was_finetuned_and_says_so(setting, tmp_path, monkeypatch):
+    work, data, ckpt, teacher, good, held_out = setting
+    students = []
+    real_export = qat.export_onnx
+    monkeypatch.setattr(qat, "export_onnx", lambda student, *a: (students.append(student), real_export(student, *a)))
+    for out in (tmp_path / "weave_int8.onnx", tmp_path / "weave_int8.xml"):
+        props = export_model(ckpt, out, "openvino" if out.suffix == ".xml" else "onnx", "int8",
+                             options=Int8Options(count=12, finetune=3), say=lambda _: None)
+        assert props["finetune_steps"] == "3" and props["finetune_teacher"] == "weave.pt"
+        assert props["quantizer"] == "draem-qdq" and props["precision"] == "int8"
+        model, info = load_model(out, CPU)
+        assert info.config["precision"] == "int8"
+        by_file = predict(model, (held_out * 255).round().to(torch.uint8), CPU)[0]
+        trained = maps(students[-1], held_out)
+        assert not torch.equal(trained, maps(qat.int8_graph(teacher, int8.input_ranges(teacher, held_out)[0],
+                                                              []), held_out))  # it moved
+        assert (by_file - trained).abs().max() <= FILE_TOLERANCE
