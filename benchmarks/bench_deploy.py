@@ -4,7 +4,7 @@
     python benchmarks/bench_deploy.py --widths 32/16 --rounds 5
 
 Runtimes: PyTorch fp32 (as test_draem.py runs it) and bf16 (--amp bf16), ONNX Runtime fp32 and int8,
-OpenVINO fp32, bf16 and int8; each computes anomaly maps of the same randomly initialised model (the
+OpenVINO fp32, bf16 and int8, and both runtimes on this project's own int8 graph (int8-qdq: --finetune 0); each computes anomaly maps of the same randomly initialised model (the
 speed of a forward pass does not depend on the weights; int8 is calibrated on 32 random images, half of them
 with simulated anomalies, and keeps --float_layers in float: pass the list an int8 export of a trained model
 of yours records, since sensitivities measured on random weights mean nothing). Speed:
@@ -35,8 +35,10 @@ from deploy.model_files import load_model  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
 from training.cli import cpu_has_bf16  # noqa: E402
 
+# int8-qdq: this project's own int8 graph (deploy/qat.py, --finetune 0); int8: the runtime's own quantizer
 RUNTIMES = [("pytorch", "fp32"), ("pytorch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
-            ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+            ("onnxruntime", "int8-qdq"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
+            ("openvino", "int8-qdq")]
 FILES = {"pytorch": "model.pt", "onnxruntime": "model_{}.onnx", "openvino": "model_{}.xml"}
 
 
@@ -54,8 +56,10 @@ def prepare(folder: Path, widths: tuple[int, int], size: int, float_layers: list
     for i in range(32):
         cv2.imwrite(str(calibration / f"{i:02d}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
     for runtime, precision in RUNTIMES[2:]:
+        options = Int8Options(calibration=calibration, float_layers=float_layers,
+                              finetune=0 if precision == "int8-qdq" else None)
         export_model(ckpt, model_file(folder, runtime, precision), "onnx" if runtime == "onnxruntime" else runtime,
-                     precision, options=Int8Options(calibration=calibration, float_layers=float_layers))
+                     precision.split("-")[0], options=options)
 
 
 def runner(folder: Path, runtime: str, precision: str, images: torch.Tensor):

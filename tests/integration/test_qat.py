@@ -69,10 +69,16 @@ def test_finetuning_shrinks_the_gap_to_fp32_on_images_it_did_not_train_on(settin
     work, data, ckpt, teacher, good, held_out = setting
     ranges, _ = int8.input_ranges(teacher, good.float() / 255)
     coarse = {name: (low, 0.4 * high) for name, (low, high) in ranges.items()}  # clipped ranges: a poor start
-    student = qat.int8_graph(teacher, coarse, [])
+    kept = "discriminative_subnetwork.encoder_segment.block1.0"  # in float, its BatchNorm after it
+    student = qat.int8_graph(teacher, coarse, [kept])
+    batchnorm = student.model.discriminative_subnetwork.encoder_segment.block1[1]
+    statistics = [t.clone() for t in (batchnorm.running_mean, batchnorm.running_var, batchnorm.weight)]
     before = (maps(student, held_out) - maps(teacher, held_out)).abs().mean().item()
     record = qat.finetune(student, teacher, good, None, "official", 60, CPU, lr=1e-3, say=lambda _: None)
     after = (maps(student, held_out) - maps(teacher, held_out)).abs().mean().item()
+    assert isinstance(batchnorm, torch.nn.BatchNorm2d)  # frozen: batches of 8 must not rewrite its statistics
+    assert all(torch.equal(a, b) for a, b in zip(statistics, (batchnorm.running_mean, batchnorm.running_var,
+                                                              batchnorm.weight)))
     assert record["finetune_steps"] == "60" and float(record["finetune_loss_after"]) < float(record["finetune_loss_before"])
     assert after < 0.6 * before, (before, after)  # measured: 0.085 -> 0.035
 
