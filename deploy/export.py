@@ -104,7 +104,9 @@ def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.Ca
     good = load_images(list_images(calibration_folder(config, options.calibration), recursive=True), size,
                        bit_depth=int(props["bit_depth"]))
     sources = anomaly_sources(config, options.anomaly_sources)
-    textures = load_images(list_images(sources, recursive=True), size) if sources is not None else None
+    # at most FINETUNE_TEXTURES of them, evenly spaced: all of DTD at 256 px would hold a gigabyte
+    textures = load_images(int8.evenly_spaced(list_images(sources, recursive=True), qat.FINETUNE_TEXTURES), size) \
+        if sources is not None else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record = qat.finetune(student, teacher, good, textures, props["recipe"], options.finetune, device, say=say)
     qat.export_onnx(student, size, out)

@@ -30,6 +30,7 @@ MAP_WEIGHT = 10.0  # the anomaly map is what decides verdicts and masks; the rec
 LEARNING_RATE = 1e-6  # measured: 1e-5 raised the distillation loss on a trained model, 1e-6 lowered it
 BATCH = 8
 FINETUNE_STEPS = 300  # what --precision auto fine-tunes for when post-training int8 fails
+FINETUNE_TEXTURES = 256  # anomaly-source images loaded for fine-tuning, evenly spaced through the folder
 PROBE_IMAGES = 16  # a fixed batch, not trained on, the distillation loss is reported on before and after
 
 

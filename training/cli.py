@@ -1,4 +1,4 @@
-"""What the two scripts share on the command line: device choice and one-line errors."""
+"""What the scripts share: device choice, what the CPU computes natively, and one-line errors."""
 import functools
 import sys
 from collections.abc import Iterator
