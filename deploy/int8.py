@@ -90,16 +90,26 @@ def convolutions(graph: nn.Module) -> dict[str, nn.Conv2d]:
     return {name.removeprefix("model."): m for name, m in graph.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-def fake_int8_weight(weight: Tensor) -> Tensor:
-    scale = (weight.abs().flatten(1).amax(1) / 127).clamp_min(1e-12)
-    zero = torch.zeros(len(scale), dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -128, 127)
+def weight_scales(weight: Tensor) -> Tensor:
+    """Per output channel, the symmetric int8 scale of a convolution's weight."""
+    return (weight.detach().abs().flatten(1).amax(1) / 127).clamp_min(1e-12)
+
+
+def uint8_parameters(low: float, high: float) -> tuple[float, int]:
+    """Scale and zero point of an asymmetric uint8 range that holds low..high and 0 exactly."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max((high - low) / 255, 1e-12)
+    return scale, int(min(255, max(0, round(-low / scale))))
+
+
+def fake_int8_weight(weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    scale = weight_scales(weight) if scale is None else scale
+    return torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
+                                                  -128, 127)
 
 
 def fake_uint8(x: Tensor, low: float, high: float) -> Tensor:
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = max((high - low) / 255, 1e-12)
-    return torch.fake_quantize_per_tensor_affine(x, scale, int(round(-low / scale)), 0, 255)
+    return torch.fake_quantize_per_tensor_affine(x, *uint8_parameters(low, high), 0, 255)
 
 
 def input_ranges(graph: nn.Module, images: Tensor) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from deploy.int8 import fake_int8_weight, uint8_parameters, weight_scales
 from deploy.onnx_graph import OUTPUTS, require
 from perlin import simulate_anomalies
 
@@ -44,13 +45,6 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor]:
     return weight * factor[:, None, None, None], (bias - bn.running_mean) * factor + bn.bias.detach()
 
 
-def uint8_parameters(low: float, high: float) -> tuple[float, int]:
-    """Scale and zero point of an asymmetric uint8 range that holds low..high and 0 exactly."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = max((high - low) / 255, 1e-12)
-    return scale, int(min(255, max(0, round(-low / scale))))
-
-
 class Int8Conv(nn.Module):
     """A convolution in simulated int8: input per tensor as uint8, weight per output channel as int8."""
 
@@ -62,16 +56,13 @@ class Int8Conv(nn.Module):
         scale, zero = uint8_parameters(low, high)
         self.input_scale = nn.Parameter(torch.tensor([scale]))
         self.register_buffer("input_zero", torch.tensor([zero], dtype=torch.int32))
-        self.register_buffer("weight_scale", self.per_channel_scale())
+        self.register_buffer("weight_scale", weight_scales(self.weight))
         self.fixed = (scale, zero)  # the file's constants, taken from the parameters whenever eval() is called
-
-    def per_channel_scale(self) -> Tensor:
-        return (self.weight.detach().abs().flatten(1).amax(1) / 127).clamp_min(1e-12)
 
     def train(self, mode: bool = True) -> "Int8Conv":
         if not mode:
             self.fixed = (float(self.input_scale.detach().clamp_min(1e-12)), int(self.input_zero))
-            self.weight_scale.copy_(self.per_channel_scale())
+            self.weight_scale.copy_(weight_scales(self.weight))
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,9 +72,8 @@ class Int8Conv(nn.Module):
                                                                  255, grad)
         else:
             x = torch.fake_quantize_per_tensor_affine(x, *self.fixed, 0, 255)
-        scale = self.per_channel_scale() if self.training else self.weight_scale
-        weight = torch.fake_quantize_per_channel_affine(self.weight, scale, torch.zeros_like(scale, dtype=torch.int32),
-                                                        0, -128, 127)
+        scale = weight_scales(self.weight) if self.training else self.weight_scale
+        weight = fake_int8_weight(self.weight, scale)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
