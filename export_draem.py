@@ -16,14 +16,17 @@ export fails the accuracy gate. --precision auto keeps the fastest precision tha
 ONNX needs requirements-export.txt; OpenVINO and int8 for it requirements-deploy.txt.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from data_loader import parse_size
 from deploy.export import MAX_CALIBRATION_IMAGES, PRECISIONS, Int8Options, export_model
 from deploy.int8 import ANOMALY_SHARE, FLOAT_BUDGET
+from deploy.model_files import load_model
 from deploy.onnx_graph import OUTPUTS
-from scoring.accuracy_gate import compare, gate_lines, passes
+from scoring.accuracy_control import float_layers_until_pass
+from scoring.accuracy_gate import compare, gate_lines, judge, passes, precision_of, reference
 from scoring.precision_choice import choose
 from training.cli import one_line_errors, pick_device
 
@@ -52,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
            "recorded ones when reachable, else Perlin noise)")
     a("--float_layers", default="auto",
       help="with --precision int8: auto (the convolutions int8 hurts most, measured, under --float_budget), none, "
-           "or comma-separated convolution names as an int8 file's metadata lists them (default auto)")
+           "until_pass (with --check: auto's, then one more at a time, the most sensitive first, until this "
+           "project's int8 graph passes the accuracy gate; writes that graph), or comma-separated convolution names "
+           "as an int8 file's metadata lists them (default auto)")
     a("--float_budget", type=float, default=FLOAT_BUDGET, metavar="SHARE",
       help=f"with --float_layers auto: at most this share of the multiply-adds stays in float (default "
            f"{FLOAT_BUDGET:g})")
@@ -94,7 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--finetune STEPS takes a count of 0 or more, with --precision int8 or auto")
     if args.precision == "auto" and args.check is None:
         p.error("--precision auto needs --check DATA: every candidate is gated")
-    layers = {"auto": None, "none": []}.get(args.float_layers, [n for n in args.float_layers.split(",") if n])
+    until_pass = args.float_layers == "until_pass"
+    if until_pass and (args.precision != "int8" or args.check is None or args.compare is not None):
+        p.error("--float_layers until_pass needs --precision int8 and --check DATA (the gate decides)")
+    layers = {"auto": None, "none": [], "until_pass": None}.get(args.float_layers,
+                                                               [n for n in args.float_layers.split(",") if n])
     options = Int8Options(args.calibration_images, args.calibration_count, args.calibration_anomalies,
                           args.anomaly_source_path, layers, args.float_budget, finetune=args.finetune)
     with one_line_errors(args.debug):
@@ -103,6 +112,13 @@ def main(argv: list[str] | None = None) -> None:
             faster = choose(args.checkpoint, args.out, args.format, args.check, device, options, args.obj_id,
                             args.batch_size, args.anomaly_source_path, args.image_size)
             sys.exit(0 if faster else 1)
+        ref = None
+        if until_pass:
+            ref = reference(args.checkpoint, args.check, device, args.obj_id, args.batch_size,
+                            sources=args.anomaly_source_path, size=args.image_size)
+            found, how = float_layers_until_pass(args.checkpoint, ref, options, device, args.batch_size)
+            options = dataclasses.replace(options, float_layers=found, float_layers_by=how,
+                                          finetune=options.finetune or 0)
         exported = args.compare
         if exported is None:
             props = export_model(args.checkpoint, args.out, args.format, args.precision, args.image_size, options)
@@ -113,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"{props['category'] or '-'}; thresholds: image {props.get('image_threshold', 'none')}, pixel "
                   f"{props.get('pixel_threshold', 'none')}")
         if args.check is not None:
-            result = compare(args.checkpoint, exported, args.check, device, args.obj_id, args.batch_size,
-                             sources=args.anomaly_source_path)
+            if ref is None:
+                result = compare(args.checkpoint, exported, args.check, device, args.obj_id, args.batch_size,
+                                 sources=args.anomaly_source_path)
+            else:
+                model, info = load_model(exported, device)
+                result = judge(ref, model, precision_of(info), device, args.batch_size)
             for line in gate_lines(result, exported.name):
                 print(line)
             if not passes(result):

@@ -126,7 +126,7 @@ def main() -> None:
                 row = {"format": fmt, "setting": name, "error": f"{type(exc).__name__}: {exc}"[:200]}
             else:
                 row = {"format": fmt, "setting": name, "float_layers": props["float_layers"],
-                       **numbers(judge(ref, load_model(out, CPU), CPU))}
+                       **numbers(judge(ref, load_model(out, CPU)[0], "int8", CPU))}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
     if args.json:

@@ -33,6 +33,7 @@ class Int8Options:
     quantizer: dict = field(default_factory=dict)  # passed to quantize_static or nncf.quantize (benchmarks)
     finetune: int | None = None  # None: the runtime's post-training quantizer; N: this project's QDQ graph after
     # N steps of quantization-aware fine-tuning (deploy/qat.py; 0: that graph as calibrated)
+    float_layers_by: str = "as asked"  # who chose float_layers when they are given, for the console and metadata
 
 
 def checkpoint_config(checkpoint: Path) -> dict:
@@ -61,18 +62,34 @@ def anomaly_sources(config: dict, given: Path | None) -> Path | None:
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
+def int8_calibration(checkpoint: Path, size: tuple[int, int], bit_depth: int, recipe: str, options: Int8Options,
+                     say=print) -> int8.CalibrationSet:
+    config = checkpoint_config(checkpoint)
+    sources = anomaly_sources(config, options.anomaly_sources)
+    calibration = int8.calibration_set(calibration_folder(config, options.calibration), size, bit_depth,
+                                       options.count, options.anomaly_share, recipe, sources)
+    say(f"int8 calibration: {calibration.good} good images and {calibration.simulated} simulated anomalies "
+        f"({calibration.sources})")
+    return calibration
+
+
+def scoring_graph(checkpoint: Path) -> ScoringGraph:
+    """The checkpoint's fp32 networks as the exported graph computes them (BGR in)."""
+    model, info = model_from_checkpoint(checkpoint)
+    return ScoringGraph(model.eval(), info.channel_order == "RGB").eval()
+
+
+def float_share(macs: dict[str, int], layers: list[str]) -> float:
+    """Percent of the multiply-adds in these convolutions."""
+    return 100 * sum(macs[name] for name in layers) / sum(macs.values())
+
+
 def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options, say=print
                  ) -> tuple[int8.CalibrationSet, list[str], dict[str, str]]:
     """The calibration set, the layers kept in float and the metadata that records both."""
-    config = checkpoint_config(checkpoint)
     size = tuple(int(s) for s in props["image_size"].split("x"))
-    sources = anomaly_sources(config, options.anomaly_sources)
-    calibration = int8.calibration_set(calibration_folder(config, options.calibration), size, int(props["bit_depth"]),
-                                       options.count, options.anomaly_share, props["recipe"], sources)
-    say(f"int8 calibration: {calibration.good} good images and {calibration.simulated} simulated anomalies "
-        f"({calibration.sources})")
-    model, info = model_from_checkpoint(checkpoint)
-    graph = ScoringGraph(model.eval(), info.channel_order == "RGB").eval()
+    calibration = int8_calibration(checkpoint, size, int(props["bit_depth"]), props["recipe"], options, say)
+    graph = scoring_graph(checkpoint)
     macs = int8.multiply_adds(graph, calibration.images[0])
     if options.float_layers is None:
         layers = int8.measure_layers(graph, calibration)
@@ -83,11 +100,12 @@ def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options, 
         if unknown:
             raise DataError(f"--float_layers: no convolution named {unknown[0]} (names as an int8 file's metadata "
                             f"lists them, e.g. {next(iter(macs))})")
-        kept, how = options.float_layers, "as asked"
-    share = 100 * sum(macs[name] for name in kept) / sum(macs.values())
+        kept, how = options.float_layers, options.float_layers_by
+    share = float_share(macs, kept)
     say(f"kept in float ({how}): {', '.join(kept) or 'none'}; {share:.2f} % of the multiply-adds")
     return calibration, kept, calibration.metadata() | {
-        "precision": "int8", "float_layers": ",".join(kept), "float_share_percent": f"{share:.2f}"}
+        "precision": "int8", "float_layers": ",".join(kept), "float_share_percent": f"{share:.2f}",
+        "float_layers_by": how}
 
 
 def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.CalibrationSet, float_layers: list[str],
@@ -97,8 +115,7 @@ def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.Ca
     (ONNX); returns what the metadata records of it."""
     config = checkpoint_config(checkpoint)
     size = tuple(int(s) for s in props["image_size"].split("x"))
-    model, info = model_from_checkpoint(checkpoint)
-    teacher = ScoringGraph(model.eval(), info.channel_order == "RGB").eval()
+    teacher = scoring_graph(checkpoint)
     ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration.images))
     student = qat.int8_graph(teacher, ranges, float_layers)
     good = load_images(list_images(calibration_folder(config, options.calibration), recursive=True), size,

@@ -176,14 +176,14 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
     return ref
 
 
-def judge(ref: Reference, exported: tuple, device: torch.device, batch_size: int = 16) -> dict:
-    """The export's numbers beside the reference's, and the checks; exported is load_model's (model, info)."""
-    candidate, exported_info = exported
-    precision = exported_info.config.get("precision", "fp32")
+def judge(ref: Reference, candidate, precision: str, device: torch.device, batch_size: int = 16,
+          channel_order: str = "BGR") -> dict:
+    """The candidate's numbers beside the reference's, and the checks; candidate is a model as load_model gives
+    it (an export takes BGR) or a network in PyTorch taking channel_order."""
     info = ref.info
     result = {"category": ref.category, "precision": precision, "labelled": None, "checks": []}
     if ref.test_set is not None:
-        ours, theirs = ref.labelled, evaluate(candidate, ref.test_set, device, "BGR", batch_size)
+        ours, theirs = ref.labelled, evaluate(candidate, ref.test_set, device, channel_order, batch_size)
         result["labelled"] = {"images": len(ref.test_set.paths), "pytorch": ours["metrics"],
                               "exported": theirs["metrics"],
                               "p999_map_difference": quantile_difference(ours["maps"], theirs["maps"]),
@@ -197,7 +197,7 @@ def judge(ref: Reference, exported: tuple, device: torch.device, batch_size: int
     else:
         result["checks"] += [Check("image AUROC", "-", None, ref.why_unlabelled),
                              Check("pixel AP", "-", None, ref.why_unlabelled)]
-    ours, theirs = ref.simulated, scored(candidate, ref.images, device, "BGR", batch_size)
+    ours, theirs = ref.simulated, scored(candidate, ref.images, device, channel_order, batch_size)
     good = ref.good
     good_maps = (ours["maps"][:good] - theirs["maps"][:good]).abs().flatten().cpu().numpy()
     result["good_only"] = {"good": good, "simulated": len(ref.images) - good, "good_from": ref.good_from,
@@ -215,9 +215,13 @@ def judge(ref: Reference, exported: tuple, device: torch.device, batch_size: int
 def compare(checkpoint: Path, exported: Path, data_path: Path, device: torch.device, obj_id: str | None = None,
             batch_size: int = 16, workers: int | None = None, sources: Path | None = None) -> dict:
     """The gate in one call: the checkpoint's reference scores, then the export judged against them."""
-    loaded = load_model(exported, device)
-    return judge(reference(checkpoint, data_path, device, obj_id, batch_size, workers, sources, loaded[1].image_size),
-                 loaded, device, batch_size)
+    model, info = load_model(exported, device)
+    return judge(reference(checkpoint, data_path, device, obj_id, batch_size, workers, sources, info.image_size),
+                 model, precision_of(info), device, batch_size)
+
+
+def precision_of(info) -> str:
+    return info.config.get("precision", "fp32")
 
 
 def passes(result: dict) -> bool:

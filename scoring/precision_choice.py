@@ -1,5 +1,5 @@
-"""export_draem.py --precision auto: export int8, fine-tuned int8 where that fails, bf16 (where the CPU has bf16)
-and fp32, gate each, keep the fastest that passes.
+"""export_draem.py --precision auto: export int8, fine-tuned int8 where that fails, int8 with more convolutions in
+float where that fails too, bf16 (where the CPU has bf16) and fp32; gate each, keep the fastest that passes.
 
 Speed is measured here, on this CPU: batch-1 passes of every candidate and of PyTorch fp32, in interleaved
 rounds in this one process, the median per model. The CPU's instructions decide what is worth trying and are
@@ -18,7 +18,8 @@ import torch
 from deploy.export import SUFFIX, Int8Options, export_model
 from deploy.model_files import load_model
 from deploy.qat import FINETUNE_STEPS
-from scoring.accuracy_gate import gate_lines, judge, passes, reference
+from scoring.accuracy_control import float_layers_until_pass
+from scoring.accuracy_gate import gate_lines, judge, passes, precision_of, reference
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
 from training.cli import cpu_capabilities
@@ -36,10 +37,22 @@ def describe_cpu(has: dict[str, bool | None]) -> str:
 
 
 FINETUNED = "int8 fine-tuned"  # tried only when post-training int8 fails the gate
+CONTROLLED = "int8 more float"  # accuracy control (scoring/accuracy_control.py), when fine-tuned int8 fails too
 
 
 def candidates(format: str, has: dict[str, bool]) -> list[str]:
-    return ["int8", FINETUNED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
+    return ["int8", FINETUNED, CONTROLLED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
+
+
+def int8_options(precision: str, options: Int8Options, steps: int, ref, device: torch.device, batch_size: int,
+                 checkpoint: Path, say) -> Int8Options:
+    """The options each int8 candidate exports with."""
+    if precision == FINETUNED:
+        return dataclasses.replace(options, finetune=steps)
+    if precision == CONTROLLED:
+        found, how = float_layers_until_pass(checkpoint, ref, options, device, batch_size, say)
+        return dataclasses.replace(options, float_layers=found, float_layers_by=how, finetune=0)
+    return dataclasses.replace(options, finetune=None)
 
 
 def images_per_second(runs: dict[str, callable], rounds: int = SPEED_ROUNDS) -> dict[str, float]:
@@ -77,15 +90,18 @@ def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.d
         rows = {}
         ref = reference(checkpoint, data, device, obj_id, batch_size, sources=sources, size=image_size)
         for precision in candidates(format, has):
-            if precision == FINETUNED and rows["int8"]["passes"]:
-                continue
+            if precision in (FINETUNED, CONTROLLED) and any(r["passes"] for r in rows.values()):
+                continue  # an int8 file passes already
             path = Path(tmp) / f"{precision.replace(' ', '_')}{SUFFIX[format]}"
-            say(f"--- {precision}" + (f": post-training int8 failed the gate; {steps} steps of quantization-aware "
-                                      f"fine-tuning (the time it takes is printed after its first steps)"
-                                      if precision == FINETUNED else ""))
-            chosen_options = dataclasses.replace(options, finetune=steps if precision == FINETUNED else None)
-            export_model(checkpoint, path, format, precision.split()[0], image_size, options=chosen_options, say=say)
-            result = judge(ref, load_model(path, device), device, batch_size)
+            say(f"--- {precision}" + {
+                FINETUNED: f": post-training int8 failed the gate; {steps} steps of quantization-aware fine-tuning "
+                           f"(the time it takes is printed after its first steps)",
+                CONTROLLED: ": fine-tuned int8 failed too; convolutions back to float until the gate passes"
+            }.get(precision, ""))
+            int8_settings = int8_options(precision, options, steps, ref, device, batch_size, checkpoint, say)
+            export_model(checkpoint, path, format, precision.split()[0], image_size, options=int8_settings, say=say)
+            model, info = load_model(path, device)
+            result = judge(ref, model, precision_of(info), device, batch_size)
             for line in gate_lines(result, path.name):
                 say(line)
             rows[precision] = {"path": path, "passes": passes(result), "failures": result["failures"]}
