@@ -46,8 +46,9 @@ def model_file(folder: Path, runtime: str, precision: str) -> Path:
     return folder / FILES[runtime].format(precision)
 
 
-def prepare(folder: Path, widths: tuple[int, int], size: int, float_layers: list[str] | None) -> None:
-    """The checkpoint and every export of it, int8 calibrated on random images."""
+def prepare(folder: Path, widths: tuple[int, int], size: int, float_layers: list[str] | None,
+            runtimes: list[tuple[str, str]]) -> None:
+    """The checkpoint and its exports for these runtimes, int8 calibrated on random images."""
     ckpt = folder / "model.pt"
     random_checkpoint(ckpt, *widths, size)
     calibration = folder / "calibration"
@@ -55,7 +56,7 @@ def prepare(folder: Path, widths: tuple[int, int], size: int, float_layers: list
     rng = np.random.default_rng(0)
     for i in range(32):
         cv2.imwrite(str(calibration / f"{i:02d}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-    for runtime, precision in RUNTIMES[2:]:
+    for runtime, precision in [r for r in runtimes if r[0] != "pytorch"]:
         options = Int8Options(calibration=calibration, float_layers=float_layers,
                               finetune=0 if precision == "int8-qdq" else None)
         export_model(ckpt, model_file(folder, runtime, precision), "onnx" if runtime == "onnxruntime" else runtime,
@@ -99,6 +100,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--float_layers", default="auto",
                    help="int8's layers kept in float: auto (measured on the random model) or comma-separated names")
+    p.add_argument("--runtimes", help="only these, comma-separated runtime:precision pairs, e.g. "
+                                      "pytorch:fp32,openvino:int8-qdq (default all; PyTorch fp32 always runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -106,11 +109,19 @@ def main() -> None:
         print(json.dumps(child(Path(folder), runtime, precision, int(batch), args.image_size)))
         return
     runtimes = [r for r in RUNTIMES if r[1] != "bf16" or cpu_has_bf16()]
+    if args.runtimes:
+        asked = {tuple(pair.split(":")) for pair in args.runtimes.split(",")} | {("pytorch", "fp32")}
+        unknown = asked - set(RUNTIMES)
+        if unknown:
+            p.error(f"--runtimes: no runtime:precision {':'.join(sorted(unknown)[0])}; choose from "
+                    + ", ".join(f"{r}:{q}" for r, q in RUNTIMES))
+        runtimes = [r for r in runtimes if r in asked]
     results = []
     for widths in [tuple(map(int, w.split("/"))) for w in args.widths.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            prepare(folder, widths, args.image_size, None if args.float_layers == "auto" else args.float_layers.split(","))
+            prepare(folder, widths, args.image_size, None if args.float_layers == "auto" else args.float_layers.split(","),
+                    runtimes)
             for batch in args.batches:
                 images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8)
                 runs = {r: runner(folder, *r, images) for r in runtimes}
