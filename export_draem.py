@@ -16,17 +16,15 @@ export fails the accuracy gate. --precision auto keeps the fastest precision tha
 ONNX needs requirements-export.txt; OpenVINO and int8 for it requirements-deploy.txt.
 """
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from data_loader import parse_size
 from deploy.export import MAX_CALIBRATION_IMAGES, PRECISIONS, Int8Options, export_model
 from deploy.int8 import ANOMALY_SHARE, FLOAT_BUDGET
-from deploy.model_files import load_model
 from deploy.onnx_graph import OUTPUTS
-from scoring.accuracy_control import float_layers_until_pass
-from scoring.accuracy_gate import compare, gate_lines, judge, passes, precision_of, reference
+from scoring.accuracy_control import until_pass as until_pass_file
+from scoring.accuracy_gate import compare, gate_lines, passes, reference
 from scoring.precision_choice import choose
 from training.cli import one_line_errors, pick_device
 
@@ -112,16 +110,15 @@ def main(argv: list[str] | None = None) -> None:
             faster = choose(args.checkpoint, args.out, args.format, args.check, device, options, args.obj_id,
                             args.batch_size, args.anomaly_source_path, args.image_size)
             sys.exit(0 if faster else 1)
-        ref = None
+        exported, result = args.compare, None
         if until_pass:
             ref = reference(args.checkpoint, args.check, device, args.obj_id, args.batch_size,
                             sources=args.anomaly_source_path, size=args.image_size)
-            found, how = float_layers_until_pass(args.checkpoint, ref, options, device, args.batch_size)
-            options = dataclasses.replace(options, float_layers=found, float_layers_by=how,
-                                          finetune=options.finetune or 0)
-        exported = args.compare
-        if exported is None:
+            props, result = until_pass_file(args.checkpoint, args.out, args.format, ref, options, device,
+                                            args.image_size, args.batch_size)
+        elif exported is None:
             props = export_model(args.checkpoint, args.out, args.format, args.precision, args.image_size, options)
+        if exported is None:
             exported = args.out
             size_mib = sum(f.stat().st_size for f in (args.out, args.out.with_suffix(".bin")) if f.is_file()) / 2 ** 20
             print(f"wrote {args.out} ({size_mib:.1f} MiB, {args.format} {args.precision}): images (N, 3, "
@@ -129,12 +126,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{props['category'] or '-'}; thresholds: image {props.get('image_threshold', 'none')}, pixel "
                   f"{props.get('pixel_threshold', 'none')}")
         if args.check is not None:
-            if ref is None:
+            if result is None:
                 result = compare(args.checkpoint, exported, args.check, device, args.obj_id, args.batch_size,
                                  sources=args.anomaly_source_path)
-            else:
-                model, info = load_model(exported, device)
-                result = judge(ref, model, precision_of(info), device, args.batch_size)
             for line in gate_lines(result, exported.name):
                 print(line)
             if not passes(result):

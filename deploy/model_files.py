@@ -1,5 +1,6 @@
 """Which file holds which kind of model: PyTorch checkpoints (training/checkpoint.py), ONNX exports (onnx_graph.py) or
 OpenVINO IR (openvino_model.py)."""
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,3 +53,10 @@ def checkpoint_files(paths: list[Path]) -> list[Path]:
         else:
             files.append(path)
     return files
+
+
+def move_model_file(source: Path, out: Path) -> None:
+    """Move a model file to out, an IR's .bin first: an .xml at out means a complete pair."""
+    for suffix in (".bin", out.suffix):
+        if source.with_suffix(suffix).is_file():
+            shutil.move(source.with_suffix(suffix), out.with_suffix(suffix))

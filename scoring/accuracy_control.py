@@ -1,43 +1,63 @@
-"""int8 with accuracy control: convolutions go back to float, the most sensitive first, until the gate passes.
+"""int8 with accuracy control: convolutions go back to float, the most sensitive first, until the file passes.
 
-The fallback that needs no fine-tuning. Each round judges this project's own int8 graph (deploy/qat.py) in
-PyTorch with the accuracy gate's own checks: the file computes what that graph computes (both runtimes within
-1e-3, tests/integration/test_qat.py), so a round needs no export. It starts from the convolutions the float
-budget keeps (deploy/int8.py) and returns one more a round, the most sensitive of the rest, until the gate
-passes or the next one would put more than MAX_FLOAT_SHARE of the multiply-adds in float.
+The fallback that needs no fine-tuning. Each round writes this project's own int8 graph (deploy/qat.py) in
+the format asked for and judges that file, in its runtime, with the accuracy gate's own checks: the runtimes
+compute the graph's arithmetic but not bit for bit (an activation rounded to the neighbouring level now and
+then moves everything after it), so a verdict on the PyTorch simulation does not carry over to a file
+(docs/int8.md). It starts from the convolutions the float budget keeps (deploy/int8.py) and returns one more a
+round, the most sensitive of the rest, until the gate passes or the next one would put more than
+MAX_FLOAT_SHARE of the multiply-adds in float.
 """
+import dataclasses
+import tempfile
 from itertools import count
 from pathlib import Path
 
 import torch
 
-from deploy import int8, qat
-from deploy.export import Int8Options, float_share, int8_calibration, scoring_graph
+from deploy import int8
+from deploy.export import Int8Options, export_model, float_share, int8_calibration, scoring_graph
+from deploy.model_files import load_model, move_model_file
 from scoring.accuracy_gate import Reference, judge, passes
 
 MAX_FLOAT_SHARE = 50.0  # percent of the multiply-adds: beyond it int8 would buy little over bf16 or fp32
 
 
-def float_layers_until_pass(checkpoint: Path, ref: Reference, options: Int8Options, device: torch.device,
-                            batch_size: int = 16, say=print) -> tuple[list[str], str]:
-    """The convolutions to keep in float, and in words how they were found (for the console and metadata)."""
+def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options, say=print
+                  ) -> tuple[list[str], list[str], dict[str, int]]:
+    """The convolutions to start with in float, the rest from the most sensitive down, and each one's
+    multiply-adds."""
     info = ref.info
     calibration = int8_calibration(checkpoint, tuple(ref.images.shape[-2:]), info.bit_depth,
                                    info.config.get("recipe", "official"), options, say)
-    teacher = scoring_graph(checkpoint)
-    ranges, macs = int8.input_ranges(teacher, torch.from_numpy(calibration.images))
-    ranked = sorted(int8.measure_layers(teacher, calibration), key=lambda layer: -layer.sensitivity)
-    kept = [layer.name for layer in int8.choose_float_layers(ranked, options.float_budget)] \
+    graph = scoring_graph(checkpoint)
+    layers = sorted(int8.measure_layers(graph, calibration), key=lambda layer: -layer.sensitivity)
+    start = [layer.name for layer in int8.choose_float_layers(layers, options.float_budget)] \
         if options.float_layers is None else list(options.float_layers)
-    rest = [layer.name for layer in ranked if layer.name not in kept]
-    for round in count(1):
-        student = qat.int8_graph(teacher, ranges, kept)
-        result = judge(ref, student.model, "int8", device, batch_size, info.channel_order)
-        passed = passes(result)
-        say(f"accuracy control, round {round}: {len(kept)} convolutions in float ({float_share(macs, kept):.2f} % of "
-            f"the multiply-adds): " + ("passes" if passed else "fails: " + "; ".join(result["failures"])))
-        if passed or not rest or float_share(macs, kept + rest[:1]) > MAX_FLOAT_SHARE:
-            break
-        kept.append(rest.pop(0))
-    outcome = "passed" if passed else f"still failed (at most {MAX_FLOAT_SHARE:g} % in float)"
-    return kept, f"accuracy control: the gate {outcome} in PyTorch after {round} round(s)"
+    return start, [layer.name for layer in layers if layer.name not in start], {layer.name: layer.macs for layer in layers}
+
+
+def until_pass(checkpoint: Path, out: Path, format: str, ref: Reference, options: Int8Options, device: torch.device,
+               image_size: tuple[int, int] | None = None, batch_size: int = 16, say=print) -> tuple[dict, dict]:
+    """Write out (this project's int8 graph, options.finetune steps of fine-tuning each round, 0 by default) with
+    convolutions returned to float until it passes the gate; return its metadata and its gate result."""
+    kept, rest, macs = ranked_layers(checkpoint, ref, options, say)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        for round in count(1):
+            path = Path(tmp) / f"round{round}{out.suffix}"
+            settings = dataclasses.replace(options, float_layers=list(kept), finetune=options.finetune or 0,
+                                           float_layers_by=f"accuracy control, round {round}")
+            props = export_model(checkpoint, path, format, "int8", image_size, settings, say=lambda line: None)
+            model, info = load_model(path, device)
+            result = judge(ref, model, "int8", device, batch_size)
+            passed = passes(result)
+            say(f"accuracy control, round {round}: {len(kept)} convolutions in float ({float_share(macs, kept):.2f} "
+                f"% of the multiply-adds): " + ("passes" if passed else "fails: " + "; ".join(result["failures"])))
+            if passed or not rest or float_share(macs, kept + rest[:1]) > MAX_FLOAT_SHARE:
+                break
+            kept.append(rest.pop(0))
+        move_model_file(path, out)
+    if not passed:
+        say(f"accuracy control: still failing with {float_share(macs, kept):.2f} % in float (at most "
+            f"{MAX_FLOAT_SHARE:g} %)")
+    return props, result

@@ -7,7 +7,6 @@ printed: int8 runs on any CPU with AVX2 and faster with VNNI (AVX512_VNNI, AVX_V
 AVX512_BF16 or AMX.
 """
 import dataclasses
-import shutil
 import statistics
 import tempfile
 import time
@@ -16,9 +15,9 @@ from pathlib import Path
 import torch
 
 from deploy.export import SUFFIX, Int8Options, export_model
-from deploy.model_files import load_model
+from deploy.model_files import load_model, move_model_file
 from deploy.qat import FINETUNE_STEPS
-from scoring.accuracy_control import float_layers_until_pass
+from scoring.accuracy_control import until_pass
 from scoring.accuracy_gate import gate_lines, judge, passes, precision_of, reference
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
@@ -44,15 +43,6 @@ def candidates(format: str, has: dict[str, bool]) -> list[str]:
     return ["int8", FINETUNED, CONTROLLED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
 
 
-def int8_options(precision: str, options: Int8Options, steps: int, ref, device: torch.device, batch_size: int,
-                 checkpoint: Path, say) -> Int8Options:
-    """The options each int8 candidate exports with."""
-    if precision == FINETUNED:
-        return dataclasses.replace(options, finetune=steps)
-    if precision == CONTROLLED:
-        found, how = float_layers_until_pass(checkpoint, ref, options, device, batch_size, say)
-        return dataclasses.replace(options, float_layers=found, float_layers_by=how, finetune=0)
-    return dataclasses.replace(options, finetune=None)
 
 
 def images_per_second(runs: dict[str, callable], rounds: int = SPEED_ROUNDS) -> dict[str, float]:
@@ -70,12 +60,6 @@ def images_per_second(runs: dict[str, callable], rounds: int = SPEED_ROUNDS) -> 
 
 def scorer(model, image: torch.Tensor, channel_order: str):
     return lambda: predict(model, image, torch.device("cpu"), channel_order, batch_size=1)
-
-
-def move(source: Path, out: Path) -> None:
-    for suffix in (".bin", out.suffix):  # .bin first: an .xml at out means a complete pair
-        if source.with_suffix(suffix).is_file():
-            shutil.move(source.with_suffix(suffix), out.with_suffix(suffix))
 
 
 def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.device, options: Int8Options,
@@ -98,10 +82,15 @@ def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.d
                            f"(the time it takes is printed after its first steps)",
                 CONTROLLED: ": fine-tuned int8 failed too; convolutions back to float until the gate passes"
             }.get(precision, ""))
-            int8_settings = int8_options(precision, options, steps, ref, device, batch_size, checkpoint, say)
-            export_model(checkpoint, path, format, precision.split()[0], image_size, options=int8_settings, say=say)
-            model, info = load_model(path, device)
-            result = judge(ref, model, precision_of(info), device, batch_size)
+            if precision == CONTROLLED:
+                result = until_pass(checkpoint, path, format, ref, dataclasses.replace(options, finetune=0), device,
+                                    image_size, batch_size, say)[1]
+            else:
+                finetune = steps if precision == FINETUNED else None
+                export_model(checkpoint, path, format, precision.split()[0], image_size,
+                             options=dataclasses.replace(options, finetune=finetune), say=say)
+                model, info = load_model(path, device)
+                result = judge(ref, model, precision_of(info), device, batch_size)
             for line in gate_lines(result, path.name):
                 say(line)
             rows[precision] = {"path": path, "passes": passes(result), "failures": result["failures"]}
@@ -117,7 +106,7 @@ def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.d
         for p, r in rows.items():
             gate = "passes" if r["passes"] else "fails: " + "; ".join(r["failures"])[:120]
             say(f"{format + ' ' + p:<14}{speed[p]:>20.2f}{speed[p] / speed['pytorch fp32']:>16.2f}x  {gate}")
-        move(rows[chosen]["path"], out)
+        move_model_file(rows[chosen]["path"], out)
     faster = chosen != "fp32" and speed[chosen] > speed["fp32"]
     say(f"kept {chosen}: {out}" + ("" if faster else " (no faster precision passes the accuracy gate)"))
     return faster

@@ -102,45 +102,52 @@ def test_a_finetuned_file_is_the_network_that_was_finetuned_and_says_so(setting,
         assert (by_file - trained).abs().max() <= FILE_TOLERANCE
 
 
-def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until_the_cap(setting, monkeypatch):
-    """A gate no int8 graph can pass (image AUROC must rise by 100 points): the loop returns convolutions to float
-    one a round, the most sensitive of the rest first, and stops before the next one would put more than
-    MAX_FLOAT_SHARE of the multiply-adds in float, saying that the gate still failed."""
+def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until_the_cap(setting, tmp_path,
+                                                                                          monkeypatch):
+    """A gate no int8 file can pass (image AUROC must rise by 100 points): each round writes and judges a file
+    with one more convolution in float, the most sensitive of the rest first, and the loop stops before the next
+    one would put more than MAX_FLOAT_SHARE of the multiply-adds in float, saying that the gate still fails."""
     from scoring import accuracy_control, accuracy_gate
     work, data, ckpt, teacher, good, held_out = setting
     ref = accuracy_gate.reference(ckpt, data, CPU)
     monkeypatch.setattr(accuracy_gate, "IMAGE_AUROC_DROP", -1.0)
-    said = []
+    monkeypatch.setattr(accuracy_control, "MAX_FLOAT_SHARE", 10.0)
+    said, out = [], tmp_path / "weave_int8.onnx"
     options = Int8Options(count=12, float_budget=0.0)
-    kept, how = accuracy_control.float_layers_until_pass(ckpt, ref, options, CPU, say=said.append)
+    props, result = accuracy_control.until_pass(ckpt, out, "onnx", ref, options, CPU, say=said.append)
+    kept = [name for name in props["float_layers"].split(",") if name]
     rounds = [line for line in said if line.startswith("accuracy control, round")]
     assert len(rounds) == len(kept) + 1 and all("fails: image AUROC" in line for line in rounds)
-    assert "still failed" in how and f"after {len(rounds)} round(s)" in how
+    assert result["failures"] and "still failing" in said[-1]
+    assert info_metadata(out)["float_layers"] == props["float_layers"]  # the last round's file is the one written
+    assert props["float_layers_by"] == f"accuracy control, round {len(rounds)}" and props["quantizer"] == "draem-qdq"
     calibration = accuracy_control.int8_calibration(ckpt, SIZE, 8, "official", options, say=lambda _: None)
     ranked = sorted(int8.measure_layers(teacher, calibration), key=lambda layer: -layer.sensitivity)
     assert kept == [layer.name for layer in ranked[:len(kept)]]  # budget 0: all of them added, in this order
     macs = {layer.name: layer.macs for layer in ranked}
     share = accuracy_control.float_share
-    assert share(macs, kept) <= accuracy_control.MAX_FLOAT_SHARE < share(macs, kept + [ranked[len(kept)].name])
+    assert share(macs, kept) <= 10.0 < share(macs, kept + [ranked[len(kept)].name])
 
 
-def test_float_layers_until_pass_writes_the_graph_the_loop_judged(setting, tmp_path, capsys):
-    """export_draem.py --float_layers until_pass: the file's own gate agrees with the loop's last round in
-    PyTorch, and the metadata says who chose the float layers."""
+def test_float_layers_until_pass_writes_the_file_it_judged_last(setting, tmp_path, capsys):
+    """export_draem.py --float_layers until_pass: the exit status is the last round's verdict, and the file's
+    float layers and metadata are that round's."""
     import export_draem
     work, data, ckpt, teacher, good, held_out = setting
-    out = tmp_path / "weave_int8.onnx"
+    out = tmp_path / "weave_int8.xml"
     try:
         export_draem.main(["--checkpoint", str(ckpt), "--check", str(data), "--precision", "int8", "--out", str(out),
-                           "--float_layers", "until_pass", "--float_budget", "0", "--calibration_count", "12"])
+                           "--format", "openvino", "--float_layers", "until_pass", "--float_budget", "0",
+                           "--calibration_count", "12"])
         code = 0
     except SystemExit as stopped:
         code = stopped.code
     printed = capsys.readouterr().out
     rounds = [line for line in printed.splitlines() if line.startswith("accuracy control, round")]
     assert rounds and code == (0 if rounds[-1].endswith("passes") else 1)
+    assert ("PASSES the accuracy gate" in printed) == (code == 0)
     props = info_metadata(out)
-    assert props["quantizer"] == "draem-qdq" and props["float_layers_by"].startswith("accuracy control: the gate")
+    assert props["quantizer"] == "draem-qdq" and props["float_layers_by"] == f"accuracy control, round {len(rounds)}"
     assert len([n for n in props["float_layers"].split(",") if n]) == len(rounds) - 1
     with pytest.raises(SystemExit):
         export_draem.main(["--checkpoint", str(ckpt), "--precision", "int8", "--out", str(out),
