@@ -53,15 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
            "recorded ones when reachable, else Perlin noise)")
     a("--float_layers", default="auto",
       help="with --precision int8: auto (the convolutions int8 hurts most, measured, under --float_budget), none, "
-           "until_pass (with --check: auto's, then one more at a time, the most sensitive first, until this "
-           "project's int8 graph passes the accuracy gate; writes that graph), or comma-separated convolution names "
+           "until_pass (with --check: auto's, then one more at a time, the most sensitive first, until the file of "
+           "this project's int8 graph passes the accuracy gate), or comma-separated convolution names "
            "as an int8 file's metadata lists them (default auto)")
     a("--float_budget", type=float, default=FLOAT_BUDGET, metavar="SHARE",
       help=f"with --float_layers auto: at most this share of the multiply-adds stays in float (default "
            f"{FLOAT_BUDGET:g})")
     a("--finetune", type=int, metavar="STEPS",
       help="with --precision int8: write this project's own int8 graph (the simulated int8 that chooses the float "
-           "layers, as QDQ pairs both runtimes compute exactly) after STEPS steps of quantization-aware fine-tuning "
+           "layers, as QDQ pairs both runtimes read) after STEPS steps of quantization-aware fine-tuning "
            "against the fp32 model on the checkpoint's good images with fresh simulated anomalies; 0: as "
            "calibrated (default: the runtime's own post-training quantizer, no fine-tuning). With --precision auto: "
            "the steps of the fine-tuned candidate tried when post-training int8 fails (default 300)")

@@ -1,8 +1,9 @@
 """int8 as a graph of this project's own, and quantization-aware fine-tuning of it.
 
 The graph is the simulated int8 that deploy/int8.py measures each convolution's sensitivity with, written into
-the file as QuantizeLinear / DequantizeLinear pairs: ONNX Runtime and OpenVINO then compute what the simulation
-computes, and a fine-tuned graph's file holds exactly the quantizers that were trained. Each quantized
+the file as QuantizeLinear / DequantizeLinear pairs: ONNX Runtime and OpenVINO then compute the simulation's
+arithmetic (not bit for bit: on deep, wide models an activation now and then rounds to the neighbouring level,
+docs/int8.md), and a fine-tuned graph's file holds exactly the quantizers that were trained. Each quantized
 convolution has its BatchNorm folded in (so BatchNorm is frozen while fine-tuning), its input quantized per
 tensor to uint8 at a calibrated range (the scale learnable while fine-tuning, as in LSQ) and its weight per
 output channel to int8, symmetric. The convolutions deploy/int8.py keeps in float stay as they are.

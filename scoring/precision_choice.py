@@ -43,8 +43,6 @@ def candidates(format: str, has: dict[str, bool]) -> list[str]:
     return ["int8", FINETUNED, CONTROLLED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
 
 
-
-
 def images_per_second(runs: dict[str, callable], rounds: int = SPEED_ROUNDS) -> dict[str, float]:
     """Batch-1 images/s of each run, interleaved rounds, the median; one pass each first to warm up."""
     for run in runs.values():
