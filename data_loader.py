@@ -1,11 +1,13 @@
 """Reading datasets in the MVTec AD layout and anomaly-source folders into in-memory uint8 tensors.
 
 Layout: <data_path>/<category>/train/good/*, <data_path>/<category>/test/<good|defect>/*,
-<data_path>/<category>/ground_truth/<defect>/<stem>_mask.png. Every image file is decoded once per run
+<data_path>/<category>/ground_truth/<defect>/<stem>_mask.png, optionally <category>/validation/good/* (good
+images to calibrate thresholds on); or <data_path>/<category>.json naming folders anywhere (Layout). Every image file is decoded once per run
 (in parallel threads: OpenCV releases the GIL), resized and kept as a (N, 3, H, W) uint8 BGR tensor,
 the channel order of the official code and its checkpoints.
 """
 import argparse
+import json
 import os
 import sys
 from functools import partial
@@ -208,24 +210,93 @@ def to_tensor(images: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def category_dir(data_path: Path, category: str) -> Path:
-    folder = Path(data_path) / category
-    if not Path(data_path).is_dir():
+# ---- where a category's images are -----------------------------------------------------------------
+
+# The keys of a category described by <data_path>/<category>.json (folders, relative to the file or absolute).
+DESCRIPTION_KEYS = {"train": "good training images (required)", "test_good": "good test images",
+                    "test_defect": "defect test images: a folder, or a list of folders (each a defect type)",
+                    "masks": "masks of the defect images, matched by file stem (<stem>_mask.* or <stem>.*)",
+                    "validation": "good images the thresholds are calibrated on"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one category's images are, in either form a category takes: a folder in the MVTec AD layout
+    (<data_path>/<category>/), or a JSON file naming folders anywhere (<data_path>/<category>.json)."""
+    category: str
+    train: Path
+    test: dict[str, Path]  # a folder per test type; "good" holds the defect-free ones
+    masks: dict[str, Path]  # per defect type, the folder of its masks
+    validation: Path | None  # good images shipped for calibrating thresholds (MVTec AD 2, MVTec LOCO)
+    origin: str  # what the paths came from, for messages
+
+
+def mvtec_layout(root: Path) -> Layout:
+    test = root / "test"
+    types = {d.name: d for d in sorted(test.iterdir()) if d.is_dir()} if test.is_dir() else {}
+    validation = root / "validation" / "good"
+    return Layout(root.name, root / "train" / "good", types,
+                  {t: root / "ground_truth" / t for t in types if t != "good"},
+                  validation if list_images(validation) else None, str(root))
+
+
+def described_layout(path: Path) -> Layout:
+    """A category of folders: {"train": DIR, "test_good": DIR, "test_defect": DIR or [DIR, ...], "masks": DIR,
+    "validation": DIR}, only "train" required; a defect folder's name is its defect type."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable JSON file ({str(exc).splitlines()[0]})")
+    if not isinstance(spec, dict) or "train" not in spec:
+        raise DataError(f'{path}: expected an object such as {{"train": "good/", "test_good": ..., "test_defect": ..., '
+                        f'"masks": ...}} ("train" is required)')
+    if unknown := sorted(set(spec) - set(DESCRIPTION_KEYS)):
+        raise DataError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(DESCRIPTION_KEYS)})")
+
+    def folder(value: object, key: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{path}: {key} must be a folder name (a string), not {value!r}")
+        found = path.parent / Path(value).expanduser()
+        if not found.is_dir():
+            raise DataError(f"{path}: {key} {found} is not a folder")
+        return found
+
+    defects = spec.get("test_defect", [])
+    test = {"good": folder(spec["test_good"], "test_good")} if "test_good" in spec else {}
+    for value in [defects] if isinstance(defects, str) else defects:
+        found = folder(value, "test_defect")
+        if found.name in test:
+            raise DataError(f"{path}: test_defect {found}: a defect folder's name is its defect type, and "
+                            f"{found.name!r} is " + ("taken by another" if found.name != "good" else "the good images'"))
+        test[found.name] = found
+    masks = folder(spec["masks"], "masks") if "masks" in spec else None
+    return Layout(path.stem, folder(spec["train"], "train"), test,
+                  {t: masks for t in test if t != "good"} if masks else {},
+                  folder(spec["validation"], "validation") if "validation" in spec else None, str(path))
+
+
+def category_layout(data_path: Path, category: str) -> Layout:
+    """The category's folder <data_path>/<category>/ (MVTec AD layout), else its description <category>.json."""
+    data_path = Path(data_path)
+    if not data_path.is_dir():
         raise DataError(f"--data_path {data_path} is not a folder")
-    if not folder.is_dir():
-        raise DataError(f"category folder {folder} does not exist (expected <data_path>/<category>/train/good/*)")
-    return folder
+    folder, described = data_path / category, data_path / f"{category}.json"
+    if folder.is_dir():
+        return mvtec_layout(folder)
+    if described.is_file():
+        return described_layout(described)
+    raise DataError(f"category folder {folder} does not exist (expected <data_path>/<category>/train/good/*, or "
+                    f"a file {described.name} naming its folders: docs/data.md)")
 
 
 def has_defect_images(data_path: Path, category: str) -> bool:
-    """Whether the category has a labelled test set: images under test/<defect type>/ besides test/good/."""
-    test = Path(data_path) / category / "test"
-    return test.is_dir() and any(d.is_dir() and d.name != "good" and list_images(d, recursive=True)
-                                 for d in test.iterdir())
+    """Whether the category has a labelled test set: defect images besides the good ones."""
+    return any(list_images(d, recursive=True) for t, d in category_layout(data_path, category).test.items()
+               if t != "good")
 
 
 def train_image_paths(data_path: Path, category: str) -> list[Path]:
-    folder = category_dir(data_path, category) / "train" / "good"
+    folder = category_layout(data_path, category).train
     paths = list_images(folder) if folder.is_dir() else []
     if not paths:
         raise DataError(f"no training images in {folder} (expected <data_path>/<category>/train/good/*.png|jpg|...)")
@@ -273,32 +344,33 @@ def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
 def load_test_set(data_path: Path, category: str, size: Size | None, workers: int | None = None,
                   bit_depth: int = FULL_RANGE) -> TestSet:
     """The labelled test set at size (None: the images' own size, which must then be one size)."""
-    root = category_dir(data_path, category)
-    test_dir = root / "test"
-    if not test_dir.is_dir():
-        raise DataError(f"no test folder {test_dir} (expected <data_path>/<category>/test/<good|defect>/*)")
+    layout = category_layout(data_path, category)
+    if not layout.test:
+        raise DataError(f"no test folder in {layout.origin} (expected <data_path>/<category>/test/<good|defect>/*, "
+                        f"or test_good / test_defect in a description)")
     paths, defect_types, mask_paths, missing = [], [], [], []
-    for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
-        for path in list_images(defect_dir):
+    for kind, folder in sorted(layout.test.items()):
+        for path in list_images(folder):
             mask_path = None
-            if defect_dir.name != "good":
-                mask_path = mask_path_for(root / "ground_truth" / defect_dir.name, path)
+            if kind != "good":
+                mask_path = mask_path_for(layout.masks[kind], path) if kind in layout.masks else None
                 if mask_path is None:
                     missing.append(str(path))
             paths.append(path)
-            defect_types.append(defect_dir.name)
+            defect_types.append(kind)
             mask_paths.append(mask_path)
     if not paths:
-        raise DataError(f"no test images below {test_dir}")
+        raise DataError(f"no test images in the test folders of {layout.origin}")
     if missing:  # image metrics still use them; pixel metrics cannot
-        warn(f"{len(missing)} defect image(s) without a mask in {root / 'ground_truth'}: pixel metrics cover the "
+        where = ", ".join(sorted({str(d) for d in layout.masks.values()})) or "no mask folder"
+        warn(f"{len(missing)} defect image(s) without a mask in {where}: pixel metrics cover the "
              f"other {sum(t != 'good' for t in defect_types) - len(missing)} defect images ({'; '.join(missing[:3])}"
              + (" ..." if len(missing) > 3 else "") + ")")
     read = parallel_read(partial(read_test_pair, bit_depth=bit_depth), list(zip(paths, mask_paths)), size,
                          workers or default_workers())
     sizes = sorted({image.shape[:2] for image, _, _ in read})
     if len(sizes) > 1:
-        raise DataError(f"the test images under {test_dir} are of {len(sizes)} sizes ({sizes[0][0]}x{sizes[0][1]}, "
+        raise DataError(f"the test images of {layout.origin} are of {len(sizes)} sizes ({sizes[0][0]}x{sizes[0][1]}, "
                         f"{sizes[-1][0]}x{sizes[-1][1]} ...): give --image_size HxW to score them at one size")
     images = to_tensor([image for image, _, _ in read])
     empty = np.zeros(sizes[0], np.uint8)
@@ -314,8 +386,10 @@ def load_test_set(data_path: Path, category: str, size: Size | None, workers: in
 
 
 def available_categories(data_path: Path) -> list[str]:
-    """Categories present under data_path: MVTec names in the official order, then any others sorted."""
+    """Categories under data_path (folders with train/good/, and descriptions <name>.json): MVTec names in the
+    official order, then any others sorted."""
     present = {d.name for d in Path(data_path).iterdir() if (d / "train" / "good").is_dir()}
+    present |= {f.stem for f in Path(data_path).glob("*.json") if f.is_file()}
     return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES))
 
 
@@ -328,7 +402,7 @@ def resolve_categories(obj_id: str, data_path: Path) -> list[str]:
                 raise DataError(f"--data_path {data_path} is not a folder")
             found = available_categories(data_path)
             if not found:
-                raise DataError(f"no category with train/good/ under --data_path {data_path}")
+                raise DataError(f"no category (a folder with train/good/, or a <name>.json) under --data_path {data_path}")
             return found
         if not 0 <= index < len(CATEGORIES):
             raise DataError(f"--obj_id {obj_id}: expected -1, 0..{len(CATEGORIES) - 1} or a category name")

@@ -2,6 +2,7 @@
 
     python test_draem.py --checkpoint checkpoints/DRAEM_bottle_....pt --data_path ./datasets/mvtec
     python test_draem.py --checkpoint checkpoints/ --data_path ./datasets/mvtec      # every checkpoint in a folder
+    python test_draem.py --checkpoint checkpoints/      # each on the data set it was trained on; results by data set
     python test_draem.py --checkpoint ckpt.pt --images my_photos/ --out heatmaps/ --threshold 0.5
     python test_draem.py --checkpoint ckpt.pt --data_path ./datasets/mvtec --threshold calibrated   # the line's threshold
     python test_draem.py --checkpoint ckpt.pt --calibrate good_parts/ --false_alarm_rate 0.01   # thresholds
@@ -12,7 +13,7 @@ either), anomalib checkpoints, or files from export_draem.py: .onnx (run by ONNX
 (official): image score = max of the 21x21 mean-filtered anomaly map; image AUROC / AP; pixel AUROC / AP
 over all test pixels pooled; AUPRO up to FPR 0.3. A folder of runs gets a mean per configuration and, for
 runs that differ only in --seed, a seed summary. Of a folder of checkpoints, one that cannot be scored (its
-category has no test set under --data_path, a damaged file) is skipped with a line naming it, the others'
+category has no test set, a damaged file) is skipped with a line naming it, the others'
 results are written, and the exit status is 1.
 """
 import argparse
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", type=Path, nargs="+", required=True, help="checkpoint file(s) or folder(s) of them")
-    a("--data_path", type=Path, help="folder holding <category>/test/ and <category>/ground_truth/")
+    a("--data_path", type=Path, help="folder holding <category>/test/ and <category>/ground_truth/, or <category>.json "
+                                     "(default: the data set each checkpoint was trained on, as it records it)")
     a("--obj_id", help="category to score: 0..14 or a folder name (default: the checkpoint's own)")
     a("--image_size", type=parse_size, help="N or HxW the images are resized to (default: the checkpoint's; 256 for official "
                                      "and anomalib checkpoints)")

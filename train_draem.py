@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
-from data_loader import (TestSet, detect_bit_depth, has_defect_images, load_anomaly_sources, load_images,
-                         load_test_set, resolve_categories, train_image_paths)
+from data_loader import (Layout, TestSet, category_layout, detect_bit_depth, has_defect_images, list_images,
+                         load_anomaly_sources, load_images, load_test_set, resolve_categories, train_image_paths)
 from loss import FocalLoss
 from model_unet import DraemModel, image_scores
 from recipe import RECIPES
@@ -130,11 +130,20 @@ def run_config(args: argparse.Namespace, category: str, launch: Launch, device: 
                                  calibration_split=calibration_split)
 
 
-def default_calibration_split(args: argparse.Namespace, category: str, images: int) -> float:
-    """--calibration_split as given; without it, DEFAULT_CALIBRATION_SPLIT for a category with no labelled test
-    set (said on the console), so that an own part with good images alone still ends with thresholds."""
+def default_calibration_split(args: argparse.Namespace, layout: Layout, images: int) -> float:
+    """--calibration_split as given; without it, 0 for a category that ships validation images (thresholds are
+    calibrated on them) or has a labelled test set, else DEFAULT_CALIBRATION_SPLIT (said on the console), so that
+    an own part with good images alone still ends with thresholds."""
+    category = layout.category
     if args.calibration_split is not None:
+        if args.calibration_split > 0 and layout.validation:
+            print(f"[{category}] --calibration_split {args.calibration_split:g}: thresholds from held-out train "
+                  f"images, not from {layout.validation}")
         return args.calibration_split
+    if layout.validation:
+        print(f"[{category}] thresholds for {100 * args.false_alarm_rate:g} % false alarms (--false_alarm_rate) will "
+              f"be calibrated on {layout.validation}")
+        return 0.0
     if has_defect_images(args.data_path, category):
         return 0.0
     held = round(DEFAULT_CALIBRATION_SPLIT * images)
@@ -168,8 +177,9 @@ def load_scoring_set(args: argparse.Namespace, category: str, bit_depth: int) ->
     one fails in seconds and not after hours of training; None when there is none or --eval_every -1."""
     if args.eval_every < 0:
         return None
-    if not (args.data_path / category / "test").is_dir():
-        print(f"[{category}] no test set under {args.data_path / category}: training without evaluation")
+    layout = category_layout(args.data_path, category)
+    if not layout.test:
+        print(f"[{category}] no test set in {layout.origin}: training without evaluation")
         return None
     return load_test_set(args.data_path, category, args.image_size, args.workers or None, bit_depth)
 
@@ -180,15 +190,17 @@ def evaluate_category(model: DraemModel, test_set: TestSet, device: torch.device
     return {**out["metrics"], "operating_points": out["operating_points"], "mask_coverage": out["mask_coverage"]}
 
 
-def calibrate_held_out(model: DraemModel, held_out: torch.Tensor, names: list[str], config: TrainConfig,
-                       rate: float, device: torch.device) -> dict:
-    """Thresholds for the false-alarm budget from the good images --calibration_split kept out of training."""
-    maps, _ = predict(model, held_out, device, config.channel_order, config.bs)
-    source = f"{len(names)} of train/good held out by --calibration_split {config.calibration_split:g}"
+def calibrate_at_end(model: DraemModel, images: torch.Tensor, run: "Run", rate: float, device: torch.device) -> dict:
+    """Thresholds for the false-alarm budget from good images never trained on: those --calibration_split kept
+    out of training, else the category's validation images."""
+    config = run.config
+    maps, _ = predict(model, images, device, config.channel_order, config.bs)
+    source = (f"{len(run.held_out)} of train/good held out by --calibration_split {config.calibration_split:g}"
+              if run.held_out else f"the {len(run.validation)} validation images in {run.validation[0].parent}")
     calibration = calibrate(image_scores(maps).cpu().numpy(), maps.flatten(1).amax(1).cpu().numpy(), rate, source)
     for line in describe(calibration):
         print(f"[{config.category}] {line}")
-    return calibration | {"held_out": names}
+    return calibration | ({"held_out": [p.name for p in run.held_out]} if run.held_out else {})
 
 
 def write_preview(args: argparse.Namespace, images: torch.Tensor, sources: torch.Tensor | None, config: TrainConfig,
@@ -223,6 +235,7 @@ class Run:
     checkpoint: Path
     images: torch.Tensor  # the training images, uint8 on the device
     held_out: list[Path]  # train/good files kept out of training by --calibration_split
+    validation: list[Path]  # the category's validation images, calibrated on when nothing is held out
     steps_per_epoch: int
     metrics: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
@@ -234,16 +247,19 @@ class Run:
 
 def plan_run(args: argparse.Namespace, category: str, device: torch.device, launch: Launch, several: bool) -> Run:
     """The run's settings and name, and its training images cached on the device."""
+    layout = category_layout(args.data_path, category)
     paths = train_image_paths(args.data_path, category)
     bit_depth = detect_bit_depth(paths, args.workers) if args.bit_depth == "auto" else args.bit_depth
-    split = default_calibration_split(args, category, len(paths))
+    split = default_calibration_split(args, layout, len(paths))
     config = run_config(args, category, launch, device, bit_depth, split)
     name = run_name(args, config, several)
     kept, held = calibration_holdout(len(paths), config.calibration_split, config.seed)
     images = load_images([paths[i] for i in kept], config.image_size, args.workers, bit_depth).to(device)
     # Under --ddp the global batch is bs x dp_size: every rank draws the same order and trains its slice.
     steps_per_epoch = math.ceil(len(images) / (config.bs * launch.dp_size))
-    return Run(config, name, args.checkpoint_path / f"{name}.pt", images, [paths[i] for i in held], steps_per_epoch)
+    validation = list_images(layout.validation) if layout.validation else []
+    return Run(config, name, args.checkpoint_path / f"{name}.pt", images, [paths[i] for i in held], validation,
+               steps_per_epoch)
 
 
 def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> int:
@@ -266,8 +282,8 @@ def save(run: Run, training: Training, done: int) -> None:
 
 def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: int, test_set: TestSet | None,
                  held_out: torch.Tensor | None, writer: SummaryWriter, device: torch.device) -> None:
-    """Save when due, then score the test set and calibrate on the held-out images when due, and save again
-    (saving first: a failure in scoring never costs the weights)."""
+    """Save when due, then score the test set and calibrate on the held-out (or validation) images when due, and
+    save again (saving first: a failure in scoring never costs the weights)."""
     done, last = (epoch + 1) * run.steps_per_epoch, epoch + 1 == run.config.epochs
     evaluate_now = test_set is not None and (last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0))
     calibrate_now = held_out is not None and last
@@ -278,8 +294,7 @@ def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: 
         for key in METRICS:
             writer.add_scalar(f"test/{key}", run.metrics[key], done)
     if calibrate_now:
-        run.calibration = calibrate_held_out(training.model, held_out, [p.name for p in run.held_out], run.config,
-                                             args.false_alarm_rate, device)
+        run.calibration = calibrate_at_end(training.model, held_out, run, args.false_alarm_rate, device)
     if evaluate_now or calibrate_now:
         save(run, training, done)
         training.model.train()
@@ -291,7 +306,9 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     config, recipe, images, steps_per_epoch = run.config, RECIPES[run.config.recipe], run.images, run.steps_per_epoch
     if args.preview:
         return write_preview(args, images, sources, config, run.name, steps_per_epoch)
-    held_out = load_images(run.held_out, config.image_size, args.workers, config.bit_depth) if run.held_out else None
+    calibration_paths = run.held_out or run.validation
+    held_out = load_images(calibration_paths, config.image_size, args.workers, config.bit_depth) \
+        if calibration_paths else None
     test_set = load_scoring_set(args, category, config.bit_depth)
     training = build_training(config, device)
     start = resume_if_asked(args, run, training)
@@ -299,7 +316,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     writes = launch.writes_outputs
     if writes:
         print(f"[{category}] {len(images)} training images ({config.bit_depth}-bit) cached on {device}"
-              + (f", {len(run.held_out)} held out to calibrate thresholds on" if run.held_out else "")
+              + (f", {len(run.held_out)} held out to calibrate thresholds on" if run.held_out else
+                 f", {len(run.validation)} validation images to calibrate thresholds on" if run.validation else "")
               + f"; {'fp32' if config.amp == 'off' else config.amp + ' autocast'}"
               + (" (--amp auto)" if args.amp == "auto" else "") + f"; run {run.name}")
     # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from data_loader import DataError, list_images, load_images
+from data_loader import DataError, category_layout, list_images, load_images
 from deploy import int8, qat
 from deploy.onnx_graph import ScoringGraph, export, read_metadata, require, save_with_metadata
 from deploy.openvino_model import DEPLOY_REQUIREMENTS, FORMAT as OPENVINO_FORMAT, save_ir
@@ -45,8 +45,11 @@ def calibration_folder(config: dict, given: Path | None) -> Path:
     if given is not None:
         return given
     if config.get("data_path") and config.get("category"):
-        folder = Path(config["data_path"]) / config["category"] / "train" / "good"
-        if folder.is_dir():
+        try:
+            folder = category_layout(config["data_path"], config["category"]).train
+        except DataError:  # the data set is not here
+            folder = None
+        if folder is not None and folder.is_dir():
             return folder
     raise DataError("int8 needs good images to calibrate on: give --calibration_images DIR (the checkpoint's "
                     "train/good is not reachable from here)")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_loader import DataError, category_dir, list_images, load_images, load_test_set, one_category
+from data_loader import DataError, category_layout, list_images, load_images, load_test_set, one_category
 from deploy.export import anomaly_sources, checkpoint_config
 from deploy.int8 import simulated_anomalies
 from deploy.model_files import load_model
@@ -101,14 +101,15 @@ def good_images(data_path: Path, category: str, info, size, bit_depth: int) -> t
     """The good images the good-only checks use, and where they come from in words."""
     if data_path.is_dir() and list_images(data_path):
         return load_images(list_images(data_path), size, bit_depth=bit_depth), f"{data_path}"
-    root = category_dir(data_path, category)
-    if (root / "test" / "good").is_dir() and list_images(root / "test" / "good"):
-        return load_images(list_images(root / "test" / "good"), size, bit_depth=bit_depth), "test/good"
-    held_out = [root / "train" / "good" / name for name in info.calibration.get("held_out", [])]
+    layout = category_layout(data_path, category)
+    for folder in (layout.test.get("good"), layout.validation):
+        if folder is not None and list_images(folder):
+            return load_images(list_images(folder), size, bit_depth=bit_depth), f"{folder}"
+    held_out = [layout.train / name for name in info.calibration.get("held_out", [])]
     if held_out and all(p.is_file() for p in held_out):
         return load_images(held_out, size, bit_depth=bit_depth), "the held-out calibration images"
-    raise DataError(f"--check {data_path}: no good images to check on (no {root / 'test' / 'good'}, no held-out "
-                    f"calibration images, and {data_path} holds no images itself)")
+    raise DataError(f"--check {data_path}: no good images to check on (no good test or validation images in "
+                    f"{layout.origin}, no held-out calibration images, and {data_path} holds no images itself)")
 
 
 def scored(model, images: torch.Tensor, device, channel_order: str, batch_size: int = 16) -> dict:
@@ -158,11 +159,9 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
     model, info = model_from_checkpoint(checkpoint)
     size, order = size or info.image_size, info.channel_order
     category = one_category(obj_id, data_path) if obj_id else info.category
-    root = data_path / category if category else None
-    test_dir = root / "test" if root is not None and root.is_dir() else None
-    test_set = load_test_set(data_path, category, size, workers, info.bit_depth) \
-        if test_dir is not None and test_dir.is_dir() and not list_images(data_path) else None
-    why = f"no defect images under {test_dir}" if test_set is not None else "no labelled test set"
+    layout = category_layout(data_path, category) if category and not list_images(data_path) else None
+    test_set = load_test_set(data_path, category, size, workers, info.bit_depth) if layout and layout.test else None
+    why = f"no defect images in {layout.origin}" if test_set is not None else "no labelled test set"
     if test_set is not None and not test_set.labels.any():
         test_set = None
     good, where = good_images(data_path, category, info, size, info.bit_depth)

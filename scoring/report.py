@@ -137,12 +137,13 @@ def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dic
     files = out_dir / "report_files"
     files.mkdir(parents=True, exist_ok=True)
     names = list(METRICS.values())
-    summary = table(["run", "category", *names, "defect images with masks"],
-                    [[run, r["category"], *(percent(r[m]) for m in METRICS),
+    summary = table(["data set", "run", "category", *names, "defect images with masks"],
+                    [[r["data_set"], run, r["category"], *(percent(r[m]) for m in METRICS),
                       coverage_text(r["mask_coverage"])]
                      for run, r in results.items()])
-    mean_table = table(["configuration", "runs", *names],
-                       [[row["configuration"], len(row["runs"]), *(percent(row[m]) for m in METRICS)] for row in means])
+    mean_table = table(["data set", "configuration", "runs", *names],
+                       [[row["data_set"], row["configuration"], len(row["runs"]), *(percent(row[m]) for m in METRICS)]
+                        for row in means])
     seed_table = table(["category", "configuration", "seeds", *names],
                        [[row["category"], row["configuration"], ", ".join(map(str, row["seeds"])),
                          *(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRICS)]

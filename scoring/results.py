@@ -53,26 +53,33 @@ def mean_std(values: list[float]) -> dict[str, float]:
             "std": statistics.stdev(values) if len(values) > 1 else float("nan")}
 
 
+def data_set_name(data_path: Path) -> str:
+    """A data set is named by its folder: datasets/visa is "visa"."""
+    return Path(data_path).resolve().name
+
+
 def configuration_means(results: dict[str, dict]) -> list[dict]:
-    """Per configuration: the mean of each metric over its runs (its categories; every seed counts as a run)."""
-    groups: dict[str, list[str]] = {}
+    """Per data set and configuration: the mean of each metric over its runs (its categories; every seed counts
+    as a run)."""
+    groups: dict[tuple[str, str], list[str]] = {}
     for run, result in results.items():
-        groups.setdefault(configuration(result, ("category",)), []).append(run)
-    return [{"configuration": label, "runs": runs, "categories": sorted({results[r]["category"] for r in runs}),
+        groups.setdefault((result.get("data_set", ""), configuration(result, ("category",))), []).append(run)
+    return [{"data_set": data_set, "configuration": label, "runs": runs,
+             "categories": sorted({results[r]["category"] for r in runs}),
              **{m: mean_std([results[r][m] for r in runs])["mean"] for m in METRICS}}
-            for label, runs in groups.items()]
+            for (data_set, label), runs in groups.items()]
 
 
 def seed_summaries(results: dict[str, dict]) -> list[dict]:
     """Mean and sample standard deviation of each metric over runs that differ only in --seed (2 or more)."""
-    groups: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str], list[str]] = {}
     for run, result in results.items():
         if "seed" in result["config"]:
-            groups.setdefault(configuration(result, ("seed",)), []).append(run)
+            groups.setdefault((result.get("data_set", ""), configuration(result, ("seed",))), []).append(run)
     return [{"category": results[runs[0]]["category"], "configuration": label, "runs": runs,
              "seeds": [results[r]["config"]["seed"] for r in runs],
              **{m: mean_std([results[r][m] for r in runs]) for m in METRICS}}
-            for label, runs in groups.items() if len(runs) > 1]
+            for (_, label), runs in groups.items() if len(runs) > 1]
 
 
 # ---- scoring test sets ----------------------------------------------------------------------------------
@@ -87,14 +94,18 @@ def write_scores_csv(path: Path, rows: list[dict]) -> None:
 
 def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[dict]) -> str:
     names = list(METRICS.values())
-    lines = ["| run | category | " + " | ".join(names) + " | defect images with masks |",
-             "|---|---|" + "---|" * (len(names) + 1)]
-    lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS)
-              + f" | {coverage_text(r['mask_coverage'])} |" for run, r in results.items()]
-    lines += ["", "Mean per configuration (runs whose settings differ only in the category).", "",
-              "| configuration | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    lines += [f"| {row['configuration']} | {len(row['runs'])} | " + " | ".join(percent(row[m]) for m in METRICS) + " |"
-              for row in means]
+    lines = []
+    for data_set in dict.fromkeys(r["data_set"] for r in results.values()):  # in the order first scored
+        lines += [f"## DRAEM on {data_set}", "", "| run | category | " + " | ".join(names) + " | defect images with masks |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
+        lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS)
+                  + f" | {coverage_text(r['mask_coverage'])} |" for run, r in results.items() if r["data_set"] == data_set]
+        lines += ["", f"Mean per configuration on {data_set} (runs whose settings differ only in the category).", "",
+                  "| configuration | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        lines += [f"| {row['configuration']} | {len(row['runs'])} | " + " | ".join(percent(row[m]) for m in METRICS)
+                  + " |" for row in means if row["data_set"] == data_set]
+        lines.append("")
+    lines.append("## Every run")
     if seeds:
         lines += ["", "Runs that differ only in --seed: mean ± sample standard deviation.", "",
                   "| category | configuration | seeds | " + " | ".join(names) + " |",
@@ -180,13 +191,12 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
     """Score every checkpoint (files or folders of them) on its category's test set; write the results folder.
     Verdicts, missed defects and false alarms are judged at the threshold chosen by thresholds.choose.
 
-    Of several checkpoints, one that cannot be scored (a damaged file, no test set for its category under
-    data_path) is skipped with one line naming it; whatever stops the loop, the runs scored so far are written.
+    Without data_path, each checkpoint is scored on the data set its training recorded. Of several checkpoints,
+    one that cannot be scored (a damaged file, no test set for its category) is skipped with one line naming it;
+    whatever stops the loop, the runs scored so far are written. results.md groups the runs by data set.
 
     Returns what results.json holds: {"runs", "means", "seeds", "mask_protocol", "skipped"}.
     """
-    if data_path is None:
-        raise DataError("--data_path is required to score a test set (or pass --images)")
     files = checkpoint_files(checkpoints)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, details, skipped, writer = {}, {}, {}, SummaryWriter(out_dir / "tensorboard")
@@ -218,6 +228,9 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
     """One checkpoint on its category's test set: its name in the results, its row, and its curves and cases;
     its CSV, TensorBoard scalars and panels written."""
     model, info = scoring_model(path, device, scoring)
+    data_path = data_path or info.config.get("data_path")
+    if not data_path:
+        raise DataError(f"{path} records no data set: pass --data_path (the folder holding <category>/test/)")
     category = one_category(obj_id, data_path) if obj_id else info.category
     if not category:
         raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
@@ -234,7 +247,8 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
     image_t, pixel_t = (thresholds.choose(given, info, kind, out["operating_points"][kind]["threshold"])
                         for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")))
     cases = test_cases(test_set, out["scores"].tolist(), image_t.value, run, save_images)
-    result = {"category": category, "checkpoint": str(path), "source": info.source, **out["metrics"],
+    result = {"data_set": data_set_name(data_path), "category": category, "checkpoint": str(path),
+              "source": info.source, **out["metrics"],
               "thresholds": {"image": asdict(image_t), "pixel": asdict(pixel_t)},
               "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
               "mask_coverage": out["mask_coverage"], "config": info.config, "images": len(test_set.paths),

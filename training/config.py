@@ -32,7 +32,8 @@ def setting(default, help: str, flag: bool = True, **argparse_kwargs):
 @dataclass(frozen=True)
 class TrainConfig:
     category: str = setting("", "the category trained (from --obj_id)", flag=False)
-    data_path: str = setting(None, "folder holding <category>/train/good/ (MVTec AD layout)", type=Path)
+    data_path: str = setting(None, "folder holding <category>/train/good/ (MVTec AD layout) or <category>.json "
+                                   "(folders anywhere: docs/data.md)", type=Path)
     anomaly_source_path: str | None = setting(
         None, "folder of anomaly-source images, searched recursively (DTD's images/); without it the Perlin noise "
               "itself is the source", type=Path)
@@ -63,8 +64,9 @@ class TrainConfig:
                 "checkpoint records the depth, and scoring reads images the same way", type=parse_bit_depth)
     calibration_split: float = setting(
         0.0, "share of train/good held out from training (chosen by --seed) to set thresholds on at the end "
-             "(see --false_alarm_rate); 0 = train on all (default: 0.1 when the category has no labelled test set, "
-             "so that the run still ends with thresholds; else 0)", type=float)
+             "(see --false_alarm_rate); 0 = train on all (default: 0.1 when the category has neither validation "
+             "images, which thresholds are then calibrated on, nor a labelled test set, so that the run still ends "
+             "with thresholds; else 0)", type=float)
 
     # ---- reading and writing --------------------------------------------------------------------------
 
