@@ -215,7 +215,8 @@ def to_tensor(images: list[np.ndarray]) -> Tensor:
 # The keys of a category described by <data_path>/<category>.json (folders, relative to the file or absolute).
 DESCRIPTION_KEYS = {"train": "good training images (required)", "test_good": "good test images",
                     "test_defect": "defect test images: a folder, or a list of folders (each a defect type)",
-                    "masks": "masks of the defect images, matched by file stem (<stem>_mask.* or <stem>.*)",
+                    "masks": "masks of the defect images, matched by file stem (<stem>_mask.* or <stem>.*): a "
+                             "folder, or a list of folders, one per test_defect folder",
                     "validation": "good images the thresholds are calibrated on"}
 
 
@@ -241,8 +242,8 @@ def mvtec_layout(root: Path) -> Layout:
 
 
 def described_layout(path: Path) -> Layout:
-    """A category of folders: {"train": DIR, "test_good": DIR, "test_defect": DIR or [DIR, ...], "masks": DIR,
-    "validation": DIR}, only "train" required; a defect folder's name is its defect type."""
+    """A category of folders: {"train": DIR, "test_good": DIR, "test_defect": DIR or [DIR, ...], "masks": DIR or
+    [DIR, ...], "validation": DIR}, only "train" required; a defect folder's name is its defect type."""
     try:
         spec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -256,22 +257,31 @@ def described_layout(path: Path) -> Layout:
     def folder(value: object, key: str) -> Path:
         if not isinstance(value, str) or not value:
             raise DataError(f"{path}: {key} must be a folder name (a string), not {value!r}")
-        found = path.parent / Path(value).expanduser()
+        found = Path(os.path.normpath(path.parent / Path(value).expanduser()))  # without ../ in messages
         if not found.is_dir():
             raise DataError(f"{path}: {key} {found} is not a folder")
         return found
 
-    defects = spec.get("test_defect", [])
+    def folders(key: str) -> list[Path]:
+        value = spec.get(key, [])
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{path}: {key} must be a folder name or a list of them, not {value!r}")
+        return [folder(v, key) for v in ([value] if isinstance(value, str) else value)]
+
     test = {"good": folder(spec["test_good"], "test_good")} if "test_good" in spec else {}
-    for value in [defects] if isinstance(defects, str) else defects:
-        found = folder(value, "test_defect")
-        if found.name in test:
-            raise DataError(f"{path}: test_defect {found}: a defect folder's name is its defect type, and "
-                            f"{found.name!r} is " + ("taken by another" if found.name != "good" else "the good images'"))
+    defects, masks = folders("test_defect"), folders("masks")
+    if len(masks) not in (0, 1, len(defects)):
+        raise DataError(f"{path}: {len(masks)} masks folders for {len(defects)} test_defect folders: give one for "
+                        f"all, or one per test_defect folder in its order")
+    for found in defects:
+        if found.name == "good" or found.name in test:
+            raise DataError(f"{path}: test_defect {found}: a defect folder's name is its defect type, and " +
+                            ("'good' means defect-free" if found.name == "good" else
+                             f"another test_defect folder is named {found.name!r} too"))
         test[found.name] = found
-    masks = folder(spec["masks"], "masks") if "masks" in spec else None
+    types = [t for t in test if t != "good"]
     return Layout(path.stem, folder(spec["train"], "train"), test,
-                  {t: masks for t in test if t != "good"} if masks else {},
+                  dict(zip(types, masks * len(types) if len(masks) == 1 else masks)),
                   folder(spec["validation"], "validation") if "validation" in spec else None, str(path))
 
 

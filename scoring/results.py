@@ -275,7 +275,7 @@ def write_summary(out_dir: Path, results: dict, details: dict, mask_protocol: st
     (out_dir / "results.md").write_text(results_markdown(results, summary["means"], summary["seeds"]))
     write_report(out_dir, results, details, summary["means"], summary["seeds"])
     for row in summary["means"]:
-        print(f"mean of {row['configuration']} ({len(row['runs'])} run(s)) "
+        print(f"mean of {row['configuration']} on {row['data_set']} ({len(row['runs'])} run(s)) "
               + " ".join(f"{m}={percent(row[m])}" for m in METRICS))
     for row in summary["seeds"]:
         print(f"seeds {', '.join(map(str, row['seeds']))} of {row['configuration']}: "

@@ -1,12 +1,14 @@
 import argparse
+import json
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from data_loader import (CATEGORIES, DataError, decode, detect_bit_depth, file_bit_depth, load_anomaly_sources,
-                         load_test_set, load_train_images, parse_bit_depth, resolve_categories)
+from data_loader import (CATEGORIES, DataError, category_layout, decode, detect_bit_depth, file_bit_depth,
+                         load_anomaly_sources, load_test_set, load_train_images, parse_bit_depth, resolve_categories,
+                         train_image_paths)
 
 
 def write_mixed_folder(folder):
@@ -172,3 +174,51 @@ def test_bit_depth_flag_values():
     for bad in ("9", "0", "32", "twelve"):
         with pytest.raises(argparse.ArgumentTypeError, match="auto or one of 8, 10, 12, 14, 16"):
             parse_bit_depth(bad)
+
+
+def describe(data_path, name, **folders):
+    data_path.mkdir(parents=True, exist_ok=True)
+    (data_path / f"{name}.json").write_text(json.dumps(folders))
+
+
+def test_a_json_description_reads_folders_anywhere_as_a_category(tmp_path):
+    """Folders named in <data_path>/<name>.json, relative to it: the same images as in the MVTec layout, the
+    defect folders' names as defect types, masks by stem from one folder or one per defect folder."""
+    import archives
+    mpdd = archives.mpdd(tmp_path)  # an MVTec-layout category: train/good, test/good, test/hole, ground_truth/hole
+    cat = mpdd / "bracket_black"
+    archives.image(tmp_path / "camera" / "scratch" / "000.png", 1)  # a second defect type, without masks
+    describe(tmp_path / "parts", "line3", train="../MPDD/bracket_black/train/good", test_good=str(cat / "test" / "good"),
+             test_defect=["../MPDD/bracket_black/test/hole", "../camera/scratch"],
+             masks=["../MPDD/bracket_black/ground_truth/hole", "../camera"], validation="../MPDD/bracket_black/test/good")
+    assert resolve_categories("-1", tmp_path / "parts") == ["line3"]
+    assert train_image_paths(tmp_path / "parts", "line3") == train_image_paths(mpdd, "bracket_black")
+    layout = category_layout(tmp_path / "parts", "line3")
+    assert layout.validation == cat / "test" / "good" and sorted(layout.test) == ["good", "hole", "scratch"]
+    described, published = load_test_set(tmp_path / "parts", "line3", 32), load_test_set(mpdd, "bracket_black", 32)
+    assert described.defect_types == published.defect_types + ["scratch"]
+    n = len(published.paths)
+    assert torch.equal(described.images[:n], published.images) and torch.equal(described.masks[:n], published.masks)
+    assert described.has_mask.tolist() == [True] * n + [False]  # a defect image without a mask: image metrics only
+    assert category_layout(mpdd, "bracket_black").validation is None  # the MVTec layout: validation/good when present
+
+
+@pytest.mark.parametrize("folders, message", [
+    ({"test_good": "."}, '"train" is required'),
+    ({"train": ".", "test_defects": "."}, "unknown key(s) test_defects"),
+    ({"train": "missing"}, "train"),
+    ({"train": ".", "test_defect": 3}, "test_defect must be a folder name or a list"),
+    ({"train": ".", "test_defect": ["a", "b/a"]}, "another test_defect folder is named 'a'"),
+    ({"train": ".", "test_defect": ["good"]}, "'good' means defect-free"),
+    ({"train": ".", "test_defect": ["a", "b/a"], "masks": ["a", "a", "a"]}, "3 masks folders for 2 test_defect"),
+])
+def test_a_wrong_description_is_one_line_naming_the_file(tmp_path, folders, message):
+    for sub in ("a", "b/a", "good"):
+        (tmp_path / "parts" / sub).mkdir(parents=True, exist_ok=True)
+    describe(tmp_path / "parts", "p", **folders)
+    with pytest.raises(DataError) as error:
+        category_layout(tmp_path / "parts", "p")
+    assert message in str(error.value) and "p.json" in str(error.value) and "\n" not in str(error.value)
+    (tmp_path / "parts" / "p.json").write_text("{not json")
+    with pytest.raises(DataError, match="p.json: not a readable JSON file"):
+        train_image_paths(tmp_path / "parts", "p")
