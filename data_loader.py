@@ -404,8 +404,10 @@ def available_categories(data_path: Path) -> list[str]:
 
 
 def resolve_categories(obj_id: str, data_path: Path) -> list[str]:
-    """--obj_id: an index 0..14 (official order), -1 for every category present, or a category name."""
-    if obj_id.lstrip("-").isdigit():
+    """--obj_id: an index 0..14 (official order), -1 for every category present, or a category name; a name
+    present under data_path wins over an index (BTAD's categories are 01, 02, 03)."""
+    named = Path(data_path).is_dir() and obj_id in available_categories(data_path)
+    if obj_id.lstrip("-").isdigit() and not named:
         index = int(obj_id)
         if index == -1:
             if not Path(data_path).is_dir():

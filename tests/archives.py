@@ -18,6 +18,12 @@ def image(path: Path, seed: int, gray: bool = False) -> Path:
     return path
 
 
+def images(folder: Path, count: int, seed: int, name: str = "{:03d}.png") -> None:
+    """count images named name.format(0), name.format(1) ... in folder."""
+    for i in range(count):
+        image(folder / name.format(i), seed + i)
+
+
 def mask(path: Path, box: tuple[int, int, int, int], value: int = 255) -> Path:
     """A mask that is value inside box (y0, y1, x0, x1) and 0 elsewhere."""
     pixels = np.zeros(SIZE, np.uint8)
@@ -52,14 +58,11 @@ def mvtec_ad2(root: Path) -> Path:
     """mvtec_ad_2/<object>/{train/good, validation/good, test_public/{good,bad,ground_truth/bad}, test_private}."""
     source = root / "mvtec_ad_2"
     obj = source / "can"
-    for i in range(4):
-        image(obj / "train" / "good" / f"{i:03d}_regular.png", 300 + i)
+    for seed, (folder, count) in enumerate((("train/good", 4), ("validation/good", 2), ("test_public/good", 2),
+                                            ("test_public/bad", 2), ("test_private", 1))):
+        images(obj / folder, count, 300 + 10 * seed, "{:03d}_regular.png")
     for i in range(2):
-        image(obj / "validation" / "good" / f"{i:03d}_regular.png", 310 + i)
-        image(obj / "test_public" / "good" / f"{i:03d}_regular.png", 320 + i)
-        image(obj / "test_public" / "bad" / f"{i:03d}_regular.png", 330 + i)
         mask(obj / "test_public" / "ground_truth" / "bad" / f"{i:03d}_regular_mask.png", (4, 12, 5, 20))
-    image(obj / "test_private" / "000_regular.png", 340)
     return source
 
 
@@ -68,13 +71,9 @@ def loco(root: Path) -> Path:
     structural_anomalies}, ground_truth/<type>/<stem>/000.png, 001.png ... (several masks per image)."""
     source = root / "mvtec_loco_anomaly_detection"
     cat = source / "breakfast_box"
-    for i in range(4):
-        image(cat / "train" / "good" / f"{i:03d}.png", 400 + i)
-    for i in range(2):
-        image(cat / "validation" / "good" / f"{i:03d}.png", 410 + i)
-        image(cat / "test" / "good" / f"{i:03d}.png", 420 + i)
-        image(cat / "test" / "logical_anomalies" / f"{i:03d}.png", 430 + i)
-    image(cat / "test" / "structural_anomalies" / "000.png", 440)
+    for seed, (folder, count) in enumerate((("train/good", 4), ("validation/good", 2), ("test/good", 2),
+                                            ("test/logical_anomalies", 2), ("test/structural_anomalies", 1))):
+        images(cat / folder, count, 400 + 10 * seed)
     mask(cat / "ground_truth" / "logical_anomalies" / "000" / "000.png", (1, 5, 1, 6))  # two defects: two masks
     mask(cat / "ground_truth" / "logical_anomalies" / "000" / "001.png", (10, 20, 25, 35))
     mask(cat / "ground_truth" / "logical_anomalies" / "001" / "000.png", (3, 8, 3, 8))
@@ -111,11 +110,9 @@ def mpdd(root: Path) -> Path:
     MVTec AD layout, as published."""
     source = root / "MPDD"
     cat = source / "bracket_black"
-    for i in range(4):
-        image(cat / "train" / "good" / f"{i:03d}.png", 600 + i)
-    image(cat / "test" / "good" / "000.png", 610)
+    for seed, (folder, count) in enumerate((("train/good", 4), ("test/good", 1), ("test/hole", 2))):
+        images(cat / folder, count, 600 + 10 * seed)
     for i in range(2):
-        image(cat / "test" / "hole" / f"{i:03d}.png", 620 + i)
         mask(cat / "ground_truth" / "hole" / f"{i:03d}_mask.png", (2, 10, 2, 10))
     return source
 

@@ -95,6 +95,8 @@ def test_btad_reads_ok_and_ko_with_png_and_bmp_masks(tmp_path, out):
         same_bytes(root / "test" / "good", list_images(published / "test" / "ok"))
         same_bytes(root / "test" / "ko", list_images(published / "test" / "ko"))
         assert_mask(root / "ground_truth" / "ko" / "0001_mask.png", published / "ground_truth" / "ko" / f"0001{suffix}")
+    assert resolve_categories("01", out / "btad") == ["01"]  # the folder's name, not MVTec's index 1 (bottle)
+    assert resolve_categories("1", out / "btad") == ["bottle"]
 
 
 def test_ksdd2_is_good_where_the_mask_is_empty(tmp_path, out):
