@@ -140,10 +140,10 @@ def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dic
     summary = table(["data set", "run", "category", *names, "defect images with masks"],
                     [[r["data_set"], run, r["category"], *(percent(r[m]) for m in METRICS),
                       coverage_text(r["mask_coverage"])]
-                     for run, r in results.items()])
+                     for run, r in sorted(results.items(), key=lambda item: item[1]["data_set"])])
     mean_table = table(["data set", "configuration", "runs", *names],
                        [[row["data_set"], row["configuration"], len(row["runs"]), *(percent(row[m]) for m in METRICS)]
-                        for row in means])
+                        for row in sorted(means, key=lambda row: row["data_set"])])
     seed_table = table(["category", "configuration", "seeds", *names],
                        [[row["category"], row["configuration"], ", ".join(map(str, row["seeds"])),
                          *(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRICS)]

@@ -95,7 +95,7 @@ def write_scores_csv(path: Path, rows: list[dict]) -> None:
 def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[dict]) -> str:
     names = list(METRICS.values())
     lines = []
-    for data_set in dict.fromkeys(r["data_set"] for r in results.values()):  # in the order first scored
+    for data_set in sorted({r["data_set"] for r in results.values()}):
         lines += [f"## DRAEM on {data_set}", "", "| run | category | " + " | ".join(names) + " | defect images with masks |",
                   "|---|---|" + "---|" * (len(names) + 1)]
         lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS)

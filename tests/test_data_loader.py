@@ -84,7 +84,7 @@ def test_category_resolution(tmp_path):
     assert len(CATEGORIES) == 15
 
 
-def test_real_mtd_dataset(shared_data):
+def test_real_mtd_dataset(shared_data, tmp_path):
     train = load_train_images(shared_data, "mtd", 64)
     assert train.shape == (779, 3, 64, 64)
     test = load_test_set(shared_data, "mtd", 64)
@@ -93,6 +93,14 @@ def test_real_mtd_dataset(shared_data):
     assert (test.masks[test.labels == 1].flatten(1).amax(1) > 127).float().mean() > 0.95
     sources = load_anomaly_sources(shared_data / "dtd" / "images", 32)
     assert sources.shape == (1200, 3, 32, 32)
+    # The same real folders named by a JSON description (the data is read-only: the description lives elsewhere)
+    mtd = shared_data / "mtd"
+    defects = sorted(d for d in (mtd / "test").iterdir() if d.name != "good")
+    describe(tmp_path, "tiles", train=str(mtd / "train" / "good"), test_good=str(mtd / "test" / "good"),
+             test_defect=[str(d) for d in defects], masks=[str(mtd / "ground_truth" / d.name) for d in defects])
+    described = load_test_set(tmp_path, "tiles", 64)
+    assert described.paths == test.paths and described.defect_types == test.defect_types
+    assert torch.equal(described.images, test.images) and torch.equal(described.masks, test.masks)
 
 
 def test_masks_of_another_size_or_not_binary_are_fixed_with_a_warning(tmp_path, capsys):
