@@ -190,10 +190,6 @@ class DraemModel(nn.Module):
         logits = self.discriminative_subnetwork(torch.cat((reconstruction, image), dim=1))
         return DraemOutput(reconstruction, logits, block5_input, bottleneck)
 
-    def anomaly_map(self, image: Tensor) -> Tensor:
-        """(B, H, W) probability of the anomalous class."""
-        return torch.softmax(self(image).logits.float(), dim=1)[:, 1]
-
 
 def image_scores(anomaly_maps: Tensor, kernel: int = 21) -> Tensor:
     """The paper's image-level score: max of the kernel x kernel mean-filtered anomaly map (stride 1, zero

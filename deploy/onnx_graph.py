@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from data_loader import DataError, parse_size
 from model_unet import DraemModel, image_scores
 from training.checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
+from training.files import first_line, write_atomically
 
 FORMAT = "draem-onnx-v1"
 OUTPUTS = ["anomaly_map", "image_score", "reconstruction"]
@@ -93,14 +94,10 @@ def save_with_metadata(proto, props: dict[str, str], out: Path) -> None:
     onnx = require("onnx")
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        onnx.save(proto, tmp)
-        tmp.replace(out)
+        write_atomically(out, lambda tmp: onnx.save(proto, tmp))
     except OSError as exc:
         raise CheckpointError(f"{out} cannot be written ({exc.strerror or exc})")
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_metadata(proto) -> dict[str, str]:
@@ -145,8 +142,7 @@ def load_onnx(path: Path, device: torch.device = torch.device("cpu")) -> tuple[O
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as exc:  # ONNX Runtime raises its own kinds for damaged or foreign files
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable ONNX file ({first})")
+        raise CheckpointError(f"{path} is not a readable ONNX file ({first_line(exc)})")
     meta = session.get_modelmeta().custom_metadata_map
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an export of this project (no '{FORMAT}' metadata): "

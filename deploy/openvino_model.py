@@ -13,6 +13,7 @@ import torch
 
 from deploy.onnx_graph import ExportedOutput, info_from_metadata, require, with_calibration
 from training.checkpoint import CheckpointError, ModelInfo
+from training.files import first_line, write_atomically
 
 FORMAT = "draem-openvino-v1"
 METADATA_KEY = "draem_metadata"
@@ -24,15 +25,7 @@ def save_ir(model, out: Path, metadata: dict) -> None:
     """Write out (.xml) and its .bin beside it, each via a temporary name, with the metadata inside."""
     ov = require("openvino", DEPLOY_REQUIREMENTS)
     model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
-    tmp = out.with_name(f".{out.stem}.tmp.xml")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        ov.save_model(model, tmp, compress_to_fp16=False)
-        tmp.with_suffix(".bin").replace(out.with_suffix(".bin"))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    write_atomically(out, lambda tmp: ov.save_model(model, tmp, compress_to_fp16=False), companions=(".bin",))
 
 
 def read_ir(path: Path):
@@ -44,8 +37,7 @@ def read_ir(path: Path):
     try:
         model = ov.Core().read_model(str(path))
     except Exception as exc:  # OpenVINO raises its own kinds for damaged or foreign files
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable OpenVINO model ({first})")
+        raise CheckpointError(f"{path} is not a readable OpenVINO model ({first_line(exc)})")
     if not model.has_rt_info([METADATA_KEY]):
         raise CheckpointError(f"{path} is not an export of this project (no {METADATA_KEY}): make one with "
                               f"export_draem.py --format openvino")

@@ -14,8 +14,8 @@ from model_unet import DraemModel, image_scores
 from scoring.metrics import (METRICS, auroc, auroc_from_counts, average_precision, average_precision_from_counts,
                              best_f1, curve_points, image_operating_points, pixel_metrics, rank, roc_pr_counts,
                              threshold_values)
+from training.step import AMP_DTYPES
 
-SCORING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 MASK_PROTOCOLS = {
     "standard": lambda m: m >= 128,  # bilinearly resized mask > 0.5
@@ -59,7 +59,7 @@ def predict_batches(model: DraemModel, images: torch.Tensor, device: torch.devic
                     batch_size: int, keep_reconstructions: bool, amp: str = "off"
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     model.eval().to(device)  # fp32 unless amp is asked for: the metrics must not depend on the training precision
-    autocast = torch.autocast(device.type, dtype=SCORING_DTYPES[amp]) if amp != "off" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "off" else nullcontext()
     maps, recs = [], []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device, non_blocking=True).float() / 255

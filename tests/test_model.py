@@ -75,7 +75,7 @@ def test_small_forward_backward_on_cpu():
     (out.reconstruction.mean() + out.logits.mean()).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    amap = model.anomaly_map(x)
+    amap = model(x).anomaly_map
     assert amap.shape == (2, 64, 64) and ((amap >= 0) & (amap <= 1)).all()
 
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from data_loader import CATEGORIES, CHANNEL_ORDER, FULL_RANGE, height_width
 from model_unet import DraemModel
 from training.config import TrainConfig
+from training.files import first_line, write_atomically
 
 FORMAT = "draem-checkpoint-v1"
 ANOMALIB_PREFIX = "model."
@@ -107,36 +109,17 @@ class Checkpoint:
 
 # ---- writing ------------------------------------------------------------------------------------------
 
-def write_atomically(state: dict, path: Path) -> None:
-    """Write to a temporary file beside path, fsync, then rename: a crash never leaves a half-written path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_training(path: Path, model: DraemModel, config: TrainConfig, run: str, step: int = 0, epoch: int = 0,
                   metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                   scaler: torch.amp.GradScaler | None = None, calibration: dict | None = None) -> None:
     """A training run's checkpoint: weights, configuration, progress, optimiser state, the latest metrics and
     thresholds calibrated on good images."""
-    write_atomically({
+    write_atomically(path, partial(torch.save, {
         "format": FORMAT, "config": config.to_dict(), "category": config.category, "run": run,
         "reconstructive": model.reconstructive_subnetwork.state_dict(),
         "discriminative": model.discriminative_subnetwork.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,
-        "epoch": epoch, "step": step, "metrics": metrics or {}, "calibration": calibration or {}}, path)
+        "epoch": epoch, "step": step, "metrics": metrics or {}, "calibration": calibration or {}}))
 
 
 def store_calibration(path: Path, calibration: dict) -> None:
@@ -148,7 +131,7 @@ def store_calibration(path: Path, calibration: dict) -> None:
                               f"calibrate the export")
     if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
         raise CheckpointError(f"{path} cannot be written: the calibrated thresholds were not stored")
-    write_atomically(state | {"calibration": calibration}, path)
+    write_atomically(path, partial(torch.save, state | {"calibration": calibration}))
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -160,8 +143,8 @@ def read(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe or corrupt pickle"
-        raise CheckpointError(f"checkpoint {path} was refused: it is not a plain tensor checkpoint ({first[:200]})")
+        raise CheckpointError(f"checkpoint {path} was refused: it is not a plain tensor checkpoint "
+                              f"({first_line(exc, 'unsafe or corrupt pickle')})")
     except Exception as exc:  # torch.load raises many kinds on damaged files (EOFError, KeyError, RuntimeError ...)
         raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({type(exc).__name__})")
     if not isinstance(obj, dict):

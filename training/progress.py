@@ -60,6 +60,6 @@ def to_rgb_grid(images: torch.Tensor) -> torch.Tensor:
 
 
 def log_image_grid(writer: SummaryWriter, batch: SyntheticBatch, out: DraemOutput, step: int) -> None:
-    predicted = torch.softmax(out.logits.float(), 1)[:, 1:]
+    predicted = out.anomaly_map[:, None]
     grid = torch.cat([to_rgb_grid(t) for t in (batch.augmented, out.reconstruction, batch.mask, predicted)])
     writer.add_images("train/augmented_reconstruction_target_predicted", grid, step)
