@@ -1,3 +1,6 @@
+import contextlib
+import importlib
+import io
 import json
 import subprocess
 import sys
@@ -14,6 +17,21 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: int =
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def call_script(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """A script's main(args) in this process, its exit status and printed output as a subprocess of it would give
+    them (a subprocess spends seconds importing torch). For what a fresh process alone shows (signals, import
+    side effects, a missing package) use run_script; an uncaught exception here fails the test as a traceback
+    would."""
+    module = importlib.import_module(Path(script).stem)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def tiny_dataset(root: Path) -> Path:

@@ -13,7 +13,7 @@ from data_loader import list_images, load_images, load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint, save_training
 from training.config import TrainConfig
-from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
+from helpers import ROOT, TINY, call_script, read_json, run_script, tiny_dataset
 from model_unet import DraemModel, image_scores, init_weights
 from scoring.metrics import METRICS
 
@@ -119,7 +119,7 @@ def test_bad_inputs_get_one_line(trained, tmp_path):
     work, data, ckpt = trained
 
     def fails(script, *args, expect):
-        proc = run_script(script, *args, cwd=work, check=False)
+        proc = call_script(script, *args, cwd=work)
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
     (tmp_path / "junk.pt").write_bytes(b"junk")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, TINY, run_script, tiny_dataset
+from helpers import ROOT, TINY, call_script, run_script, tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
 
 def fails(script, *args, cwd, expect):
-    proc = run_script(script, *args, cwd=cwd, check=False)
+    proc = call_script(script, *args, cwd=cwd)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert expect in proc.stderr, proc.stderr
