@@ -19,7 +19,7 @@ def run_script(script: str, *args, cwd: Path, check: bool = True, timeout: int =
     return proc
 
 
-def call_script(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+def call_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """A script's main(args) in this process, its exit status and printed output as a subprocess of it would give
     them (a subprocess spends seconds importing torch). For what a fresh process alone shows (signals, import
     side effects, a missing package) use run_script; an uncaught exception here fails the test as a traceback
@@ -31,6 +31,8 @@ def call_script(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
             module.main([str(a) for a in args])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    if check and code != 0:
+        raise AssertionError(f"{script} exited {code}\nstdout:\n{out.getvalue()[-3000:]}\nstderr:\n{err.getvalue()[-3000:]}")
     return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from helpers import TINY, read_json, run_script, tiny_dataset
+from helpers import TINY, call_script, read_json, tiny_dataset
 from scoring.metrics import METRICS
 
 
 def train(work: Path, data: Path, *extra) -> Path:
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
                "--epochs", "2", *TINY, *extra, cwd=work)
     return max((work / "checkpoints").rglob("*.pt"), key=lambda p: p.stat().st_mtime)
 
@@ -31,7 +31,7 @@ def scored(tmp_path_factory):
     data = tiny_dataset(work / "data")
     runs = [train(work, data, "--seed", "0"), train(work, data, "--seed", "1")]
     assert runs[0] != runs[1] and "seed0" in runs[0].name and "seed1" in runs[1].name
-    run_script("test_draem.py", "--checkpoint", work / "checkpoints", "--data_path", data, "--out", work / "res",
+    call_script("test_draem.py", "--checkpoint", work / "checkpoints", "--data_path", data, "--out", work / "res",
                "--device", "cpu", cwd=work)
     return work, data, runs
 
@@ -135,7 +135,7 @@ def test_streaming_inference_with_a_corrupt_file_writes_masks_and_regions(scored
     sizes = [(50, 70), (97, 33), (128, 128), (64, 96), (40, 40)]
     make_images(tmp_path / "mine", data, sizes)
     (tmp_path / "mine" / "broken.png").write_bytes(b"not an image")
-    proc = run_script("test_draem.py", "--checkpoint", runs[0], "--images", tmp_path / "mine", "--out",
+    proc = call_script("test_draem.py", "--checkpoint", runs[0], "--images", tmp_path / "mine", "--out",
                       tmp_path / "out", "--batch_size", "2", "--threshold", "auto", "--pixel_threshold", "0.3",
                       "--device", "cpu", cwd=work)
     assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr
@@ -160,22 +160,22 @@ def test_unreadable_folder_and_threshold_auto_without_stored_thresholds(scored, 
     work, data, runs = scored
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.png").write_text("x")
-    proc = run_script("test_draem.py", "--checkpoint", runs[0], "--images", tmp_path / "junk", "--out",
+    proc = call_script("test_draem.py", "--checkpoint", runs[0], "--images", tmp_path / "junk", "--out",
                       tmp_path / "o1", "--device", "cpu", cwd=work, check=False)
     assert proc.returncode == 2 and "none of the 1 image(s) could be read" in proc.stderr
     assert "Traceback" not in proc.stderr
     bare = train(tmp_path, data, "--eval_every", "-1")  # no test-set scoring: no thresholds stored
     make_images(tmp_path / "mine", data, [(64, 64)])
     for flag in ("--threshold", "--pixel_threshold"):
-        proc = run_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o2",
+        proc = call_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o2",
                           flag, "auto", "--device", "cpu", cwd=tmp_path, check=False)
         assert proc.returncode == 2 and f"{flag} auto" in proc.stderr and "give a number" in proc.stderr
         assert proc.stderr.count("\n") == 1
-    run_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o3",
+    call_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o3",
                "--threshold", "0.43", "--device", "cpu", cwd=tmp_path)
     row = next(csv.DictReader(open(tmp_path / "o3" / "scores.csv")))
     assert row["verdict"] == ("ANOMALY" if np.float32(row["score"]) >= 0.43 else "OK") and row["mask"] == ""
-    proc = run_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o4",
+    proc = call_script("test_draem.py", "--checkpoint", bare, "--images", tmp_path / "mine", "--out", tmp_path / "o4",
                       "--threshold", "abc", "--device", "cpu", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--threshold" in proc.stderr
 
@@ -192,7 +192,7 @@ def test_a_test_set_is_judged_at_the_threshold_asked_for_and_says_where_it_came_
     for value, expected in (("0", {"false alarm": goods, "missed defect": 0}),
                             ("1.5", {"false alarm": 0, "missed defect": defects})):
         out = tmp_path / value
-        run_script("test_draem.py", "--checkpoint", runs[0], "--data_path", data, "--out", out, "--threshold", value,
+        call_script("test_draem.py", "--checkpoint", runs[0], "--data_path", data, "--out", out, "--threshold", value,
                    "--pixel_threshold", "0.5", "--device", "cpu", "--no-save_images", cwd=work)
         used = read_json(out / "results.json")["runs"][runs[0].stem]["thresholds"]
         assert used["image"] == {"value": float(value), "source": f"--threshold {float(value):g}", "optimistic": False}
@@ -204,7 +204,7 @@ def test_a_test_set_is_judged_at_the_threshold_asked_for_and_says_where_it_came_
         assert "Optimistic:" not in (out / "report.html").read_text()
         verdicts = {r["verdict"] for r in csv.DictReader(open(out / f"scores_{runs[0].stem}.csv"))}
         assert verdicts == {"ANOMALY" if value == "0" else "OK"}
-    proc = run_script("test_draem.py", "--checkpoint", runs[0], "--data_path", data, "--out", tmp_path / "c",
+    proc = call_script("test_draem.py", "--checkpoint", runs[0], "--data_path", data, "--out", tmp_path / "c",
                       "--threshold", "calibrated", "--device", "cpu", cwd=work, check=False)
     assert proc.returncode == 2 and "holds no calibrated image threshold" in proc.stderr
 

@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
 
 def fails(script, *args, cwd, expect):
-    proc = call_script(script, *args, cwd=cwd)
+    proc = call_script(script, *args, cwd=cwd, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert expect in proc.stderr, proc.stderr

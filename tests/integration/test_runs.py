@@ -11,7 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from data_loader import load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
-from helpers import TINY, read_json, run_script, tiny_dataset
+from helpers import TINY, call_script, read_json, tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 
 def train(data, cwd, *extra, check=True, source=True):
     sources = ["--anomaly_source_path", data / "sources"] if source else []
-    return run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, *sources, *TINY, *extra, cwd=cwd,
+    return call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, *sources, *TINY, *extra, cwd=cwd,
                       check=check)
 
 
@@ -31,7 +31,7 @@ def test_seeds_and_a_variant_keep_their_runs_and_a_folder_gives_their_summary(da
     checkpoints = sorted((tmp_path / "checkpoints").glob("*.pt"))
     assert len(checkpoints) == 3 and len(list((tmp_path / "logs").iterdir())) == 3
     assert {p.stem for p in checkpoints} == {p.name for p in (tmp_path / "logs").iterdir()}
-    run_script("test_draem.py", "--checkpoint", tmp_path / "checkpoints", "--data_path", data, "--out",
+    call_script("test_draem.py", "--checkpoint", tmp_path / "checkpoints", "--data_path", data, "--out",
                tmp_path / "res", "--device", "cpu", "--no-save_images", cwd=tmp_path)
     results = read_json(tmp_path / "res" / "results.json")
     [seeds] = results["seeds"]
@@ -109,7 +109,7 @@ def test_a_defect_image_without_a_mask_costs_only_its_pixel_metrics(data, tmp_pa
     stored = torch.load(ckpt, weights_only=True)["metrics"]
     assert stored["mask_coverage"] == {"defect_images": 6, "defect_images_with_mask": 5}
     assert "pixel metrics over the 5 of 6 defect images that have masks" in proc.stdout
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--out", tmp_path / "res",
+    call_script("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--out", tmp_path / "res",
                "--device", "cpu", "--no-save_images", cwd=tmp_path)
     run = read_json(tmp_path / "res" / "results.json")["runs"][ckpt.stem]
     assert run["mask_coverage"] == stored["mask_coverage"] and run["images"] == 10
