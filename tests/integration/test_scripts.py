@@ -1,4 +1,5 @@
-"""End to end through the real scripts, in subprocesses, on a tiny generated MVTec-layout dataset."""
+"""End to end through the real scripts on a tiny generated MVTec-layout dataset: the README's commands in
+subprocesses; other training settings (recipes, SSPCAB) through the script's main in-process."""
 import csv
 import math
 
@@ -11,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data_loader import load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
-from helpers import TINY, read_json, run_script, tiny_dataset
+from helpers import TINY, call_script, read_json, run_script, tiny_dataset
 from scoring.metrics import METRICS
 
 
@@ -124,9 +125,9 @@ def test_inference_on_a_folder_of_images(trained, tmp_path):
 
 def test_sspcab_paper_recipe_and_bf16_autocast_train_end_to_end(tmp_path):
     data = tiny_dataset(tmp_path / "data")
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-               "--epochs", "2", "--sspcab", "--recipe", "paper", "--amp", "bf16", "--eval_every", "-1", *TINY,
-               cwd=tmp_path)
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+                "--epochs", "2", "--sspcab", "--recipe", "paper", "--amp", "bf16", "--eval_every", "-1", *TINY,
+                cwd=tmp_path)
     ckpt = next((tmp_path / "checkpoints").glob("*.pt"))
     state = torch.load(ckpt, weights_only=True)
     assert state["config"]["sspcab"] and state["config"]["recipe"] == "paper" and "paper" in ckpt.name
@@ -144,8 +145,8 @@ def test_sspcab_paper_recipe_and_bf16_autocast_train_end_to_end(tmp_path):
 ])
 def test_learning_rate_schedule_per_recipe(tmp_path, recipe, epochs, expected):
     data = tiny_dataset(tmp_path / "data")
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--epochs", epochs, "--recipe", recipe,
-               "--eval_every", "-1", *TINY[:-6], "--log_every", "3", "--workers", "2", "--device", "cpu", cwd=tmp_path)
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--epochs", epochs, "--recipe", recipe,
+                "--eval_every", "-1", *TINY[:-6], "--log_every", "3", "--workers", "2", "--device", "cpu", cwd=tmp_path)
     run = next((tmp_path / "logs").iterdir())
     lrs = [e.value for e in EventAccumulator(str(run)).Reload().Scalars("lr")]  # one per epoch: 12 images, bs 4
     assert lrs == pytest.approx(expected, rel=1e-6)

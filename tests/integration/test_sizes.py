@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, call_script, read_json, run_script, tiny_dataset
+from helpers import TINY, call_script, read_json, tiny_dataset
 from scoring.metrics import METRICS
 
 SMALL = [a for a in TINY if a not in ("--image_size", "32")]  # TINY without its size
@@ -18,7 +18,7 @@ def data(tmp_path_factory):
 
 
 def train(work, data, *extra):
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
                "--epochs", "2", *SMALL, *extra, cwd=work)
     return next((work / "checkpoints").glob("*.pt"))
 
@@ -27,7 +27,7 @@ def test_non_square_run_end_to_end(data, tmp_path):
     ckpt = train(tmp_path, data, "--image_size", "32x64")
     state = torch.load(ckpt, weights_only=True)
     assert state["config"]["image_size"] == [32, 64] and state["config"]["train_crop"] is None
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", tmp_path / "res", "--device", "cpu",
+    call_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", tmp_path / "res", "--device", "cpu",
                cwd=tmp_path)
     scored = read_json(tmp_path / "res" / "results.json")["runs"][ckpt.stem]
     assert all(scored[m] == pytest.approx(state["metrics"][m], abs=1e-9) for m in METRICS)  # same size both times
@@ -35,7 +35,7 @@ def test_non_square_run_end_to_end(data, tmp_path):
     folder.mkdir()
     cv2.imwrite(str(folder / "wide.png"), cv2.resize(cv2.imread(str(data / "weave" / "test" / "hole" / "000.png")),
                                                      (150, 70)))
-    run_script("test_draem.py", "--checkpoint", ckpt, "--images", folder, "--out", tmp_path / "out", "--device", "cpu",
+    call_script("test_draem.py", "--checkpoint", ckpt, "--images", folder, "--out", tmp_path / "out", "--device", "cpu",
                cwd=tmp_path)
     row = next(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
     assert cv2.imread(row["mask"], cv2.IMREAD_GRAYSCALE).shape == (70, 150)  # the original size, not 32x64
@@ -45,7 +45,7 @@ def test_non_square_run_end_to_end(data, tmp_path):
     state["config"]["image_size"] = 32
     del state["config"]["train_crop"]
     torch.save(state, tmp_path / "old.pt")
-    run_script("test_draem.py", "--checkpoint", tmp_path / "old.pt", "--data_path", data, "--out", tmp_path / "old",
+    call_script("test_draem.py", "--checkpoint", tmp_path / "old.pt", "--data_path", data, "--out", tmp_path / "old",
                "--image_size", "32x64", "--device", "cpu", cwd=tmp_path)
     old = read_json(tmp_path / "old" / "results.json")["runs"]["old"]
     assert all(old[m] == pytest.approx(scored[m], abs=1e-9) for m in METRICS)
@@ -57,7 +57,7 @@ def test_crop_run_end_to_end(data, tmp_path):
     assert state["config"]["image_size"] == [64, 96] and state["config"]["train_crop"] == [32, 32]
     assert state["step"] == 6
     # The end-of-training evaluation ran on whole 64x96 images: scoring at that size gives the same numbers.
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", tmp_path / "res", "--device", "cpu",
+    call_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", tmp_path / "res", "--device", "cpu",
                cwd=tmp_path)
     scored = read_json(tmp_path / "res" / "results.json")["runs"][ckpt.stem]
     assert all(scored[m] == pytest.approx(state["metrics"][m], abs=1e-9) for m in METRICS)
