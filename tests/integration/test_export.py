@@ -13,7 +13,7 @@ from data_loader import list_images, load_images, load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint, save_training
 from training.config import TrainConfig
-from helpers import ROOT, TINY, call_script, read_json, run_script, tiny_dataset
+from helpers import ROOT, TINY, call_script, read_json, tiny_dataset
 from model_unet import DraemModel, image_scores, init_weights
 from scoring.metrics import METRICS
 
@@ -25,7 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("export")
     data = tiny_dataset(work / "data")
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
                "--epochs", "2", *[a for a in TINY if a not in ("--image_size", "32")], "--image_size", "32x64",
                cwd=work)
     return work, data, next((work / "checkpoints").glob("*.pt"))
@@ -39,7 +39,7 @@ def official_pair(model, folder):
 
 
 def export(checkpoint, out, *extra, cwd):
-    return run_script("export_draem.py", "--checkpoint", checkpoint, "--out", out, *extra, cwd=cwd)
+    return call_script("export_draem.py", "--checkpoint", checkpoint, "--out", out, *extra, cwd=cwd)
 
 
 def images_to_check(data, shared, size):
@@ -92,7 +92,7 @@ def test_test_script_scores_an_onnx_file_like_its_checkpoint(trained, tmp_path):
     work, data, ckpt = trained
     export(ckpt, tmp_path / "weave.onnx", cwd=work)
     for source, out in ((ckpt, "pt"), (tmp_path / "weave.onnx", "onnx")):
-        run_script("test_draem.py", "--checkpoint", source, "--data_path", data, "--out", tmp_path / out, "--device",
+        call_script("test_draem.py", "--checkpoint", source, "--data_path", data, "--out", tmp_path / out, "--device",
                    "cpu", cwd=work)
     pt = read_json(tmp_path / "pt" / "results.json")["runs"][ckpt.stem]
     exported = read_json(tmp_path / "onnx" / "results.json")["runs"]["weave"]
@@ -101,7 +101,7 @@ def test_test_script_scores_an_onnx_file_like_its_checkpoint(trained, tmp_path):
         assert exported[m] == pytest.approx(pt[m], abs=1e-4), m
     assert (tmp_path / "onnx" / "report.html").is_file() and list((tmp_path / "onnx" / "images").rglob("*.png"))
     # Own images: thresholds come from the file's metadata (auto), masks and panels at the original size.
-    proc = run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", data / "weave" / "test" / "hole",
+    proc = call_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", data / "weave" / "test" / "hole",
                       "--out", tmp_path / "mine", "--threshold", "auto", "--pixel_threshold", "auto", "--device", "cpu",
                       cwd=work)
     points = torch.load(ckpt, weights_only=True)["metrics"]["operating_points"]
@@ -181,7 +181,7 @@ def test_the_standalone_onnx_example_scores_as_test_draem_does(trained, tmp_path
     gray16 = (cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257)
     cv2.imwrite(str(folder / "gray16.png"), gray16)
     cv2.imwrite(str(folder / "rgba.png"), cv2.cvtColor(cv2.resize(colour, (70, 120)), cv2.COLOR_BGR2BGRA))
-    run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", folder, "--out", tmp_path / "out",
+    call_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", folder, "--out", tmp_path / "out",
                "--device", "cpu", "--no-save_images", cwd=work)
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
     assert len(rows) == 4
@@ -192,9 +192,9 @@ def test_the_standalone_onnx_example_scores_as_test_draem_does(trained, tmp_path
         assert row["verdict"] == "" and out[2:4] == ["no", "threshold"], name  # this file holds no thresholds
     # calibrated, the file carries thresholds: the example's verdicts, defect masks and overlays (what an inspection
     # screen shows) equal test_draem.py's on the same file, at each image's own size
-    run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--calibrate", folder, "--false_alarm_rate",
+    call_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--calibrate", folder, "--false_alarm_rate",
                "0.5", "--device", "cpu", cwd=work)
-    run_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", folder, "--out", tmp_path / "cal",
+    call_script("test_draem.py", "--checkpoint", tmp_path / "weave.onnx", "--images", folder, "--out", tmp_path / "cal",
                "--device", "cpu", "--no-save_images", cwd=work)
     assert_example_shows_what_test_draem_wrote("onnx_inference.py", tmp_path / "weave.onnx", folder, tmp_path / "cal",
                                                tmp_path / "example")
