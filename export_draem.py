@@ -29,7 +29,7 @@ from scoring.precision_choice import choose
 from training.cli import one_line_errors, pick_device
 
 
-def build_parser() -> argparse.ArgumentParser:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", type=Path, required=True,
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = build_parser()
+    p = get_args_parser()
     args = p.parse_args(argv)
     if args.compare is not None and args.check is None:
         p.error("--compare FILE needs --check DATA")

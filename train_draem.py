@@ -33,8 +33,8 @@ from scoring.results import score_test_sets
 from scoring.visualize import sample_grid, write_png
 from training.checkpoint import load_checkpoint, save_training
 from training.cli import one_line_errors, pick_device
-from training.config import TrainConfig, add_flags
-from training.demo import DEMO_DEFAULTS, make_demo_dataset
+from training.config import DEFAULT_CALIBRATION_SPLIT, TrainConfig, parse_args
+from training.demo import make_demo_dataset
 from training.processes import Launch, StopRequest, TrainingStopped, ensure_writable, start_processes, stop_on_signals
 from training.progress import Progress, log_image_grid, log_step
 from training.resume import check_resumable, resume_path
@@ -43,82 +43,7 @@ from training.step import (AMP_DTYPES, Training, build_training, calibration_hol
                            train_step)
 
 
-# ---- configuration ----------------------------------------------------------------------------------
-
-DEFAULT_CALIBRATION_SPLIT = 0.1  # of train/good, for a category without a labelled test set
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--obj_id", default="-1", help="category: 0..14 (official MVTec order), -1 for every category under "
-                                     "--data_path, or a folder name such as my_part (default -1)")
-    add_flags(p)  # every setting of the run: config.TrainConfig
-    p.set_defaults(calibration_split=None)  # decided per category: default_calibration_split
-    a("--run_name", help="name of the run's checkpoint and TensorBoard folder (with several categories: "
-                         "NAME_<category>); default: built from the settings, unique per configuration")
-    a("--checkpoint_path", type=Path, default=Path("checkpoints"), help="folder for checkpoints (default ./checkpoints)")
-    a("--log_path", type=Path, default=Path("logs"), help="folder for TensorBoard runs (default ./logs)")
-    a("--visualize", action="store_true", help="also log image grids (input, reconstruction, masks) to TensorBoard")
-    a("--gpu_id", type=int, help="CUDA device index (official flag; same as --device cuda:N)")
-    a("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    a("--workers", type=int, default=0, help="threads that decode images (default: up to 8)")
-    a("--compile", action="store_true", help="torch.compile the model (first steps are slower)")
-    a("--log_every", type=int, default=50, help="log losses every N steps (default 50)")
-    a("--save_every", type=int, default=1, help="save a checkpoint every N epochs (default 1)")
-    a("--eval_every", type=int, default=0,
-      help="score the test set every N epochs; 0 = at the end only; -1 = never (default 0)")
-    a("--resume", nargs="?", const="auto", default=None,
-      help="continue this run from its checkpoint, or from the checkpoint PATH given; the settings must match, "
-           "except a larger --epochs, which extends the run")
-    a("--false_alarm_rate", type=float, default=0.01,
-      help="with --calibration_split: the share of held-out good images the calibrated thresholds may flag "
-           "(default 0.01)")
-    a("--preview", type=int, metavar="N",
-      help="write a PNG grid of the first N simulated training samples (normal image, simulated anomaly, mask), "
-           "drawn as the first steps would draw them, print its path and exit without training")
-    a("--ddp", action="store_true", help="under torchrun: train one model data-parallel (global batch = --bs x "
-                                         "processes) instead of spreading the categories over the processes")
-    a("--demo", action="store_true", help="build ./datasets/demo and train a small model on it, then score it; "
-                                          "its settings are defaults that any flag given overrides")
-    a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags; under --demo the demo's settings are the defaults, so every flag given still wins."""
-    parser = build_parser()
-    if parser.parse_known_args(argv)[0].demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
-    args = parser.parse_args(argv)
-    check_args(args, parser)
-    return args
-
-
-def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.bs < 1:
-        parser.error("--bs must be at least 1")
-    if args.epochs < 1:
-        parser.error("--epochs must be at least 1")
-    if not args.lr > 0:
-        parser.error("--lr must be positive")
-    if args.train_crop and (args.train_crop[0] > args.image_size[0] or args.train_crop[1] > args.image_size[1]):
-        parser.error(f"--train_crop {args.train_crop[0]}x{args.train_crop[1]} does not fit in --image_size "
-                     f"{args.image_size[0]}x{args.image_size[1]}")
-    if min(args.base_width, args.seg_base_width) < 1:
-        parser.error("--base_width and --seg_base_width must be at least 1")
-    if args.save_every < 1 or args.log_every < 1:
-        parser.error("--save_every and --log_every must be at least 1")
-    if args.run_name is not None and (not args.run_name or set(args.run_name) & set("/\\:*?\"<>|")):
-        parser.error(f"--run_name {args.run_name!r}: use a plain file name (no / \\ : * ? \" < > |)")
-    if args.calibration_split is not None and not 0 <= args.calibration_split < 1:
-        parser.error(f"--calibration_split {args.calibration_split:g}: expected a share in [0, 1), such as 0.1")
-    if not 0 < args.false_alarm_rate < 1:
-        parser.error(f"--false_alarm_rate {args.false_alarm_rate:g}: expected a share in (0, 1), such as 0.01")
-    if args.preview is not None and args.preview < 1:
-        parser.error("--preview N: N must be at least 1")
-    if args.data_path is None:
-        parser.error("--data_path is required (or use --demo)")
+# ---- configuration: every flag, default and the demo's overrides are in training/config.py -----------------
 
 
 def run_config(args: argparse.Namespace, category: str, launch: Launch, device: torch.device, bit_depth: int,
@@ -430,7 +355,7 @@ def finish_demo(data_path: Path, checkpoints: list[Path], device: torch.device, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_args(argv, description=__doc__)
     with one_line_errors(args.debug):
         train(args)
 

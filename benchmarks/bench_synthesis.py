@@ -136,8 +136,8 @@ def main() -> None:
         if (SHARED / "mtd").is_dir():
             args.data_path, args.anomaly_source_path = SHARED, SHARED / "dtd" / "images"
         else:
-            from training.demo import CATEGORY, make_demo_dataset
-            args.data_path, args.category = make_demo_dataset(), CATEGORY
+            from training.demo import DEMO_CATEGORY, make_demo_dataset
+            args.data_path, args.category = make_demo_dataset(), DEMO_CATEGORY
             args.anomaly_source_path = args.data_path / "sources"
     normal_paths = list_images(args.data_path / args.category / "train" / "good")
     source_paths = list_images(args.anomaly_source_path, recursive=True)

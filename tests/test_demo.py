@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from data_loader import load_test_set, load_train_images
-from training.demo import CATEGORY, DEFECTS, draw_defect, make_demo_dataset, texture
+from training.demo import DEMO_CATEGORY, DEFECTS, draw_defect, make_demo_dataset, texture
 
 
 @pytest.mark.parametrize("kind", DEFECTS)
@@ -21,15 +21,15 @@ def test_mask_matches_the_drawn_defect(kind):
 
 def test_demo_dataset_layout(tmp_path):
     root = make_demo_dataset(tmp_path / "demo", train=5, test_good=2, per_defect=2, sources=3)
-    assert load_train_images(root, CATEGORY, 64).shape == (5, 3, 64, 64)
-    test = load_test_set(root, CATEGORY, 64)
+    assert load_train_images(root, DEMO_CATEGORY, 64).shape == (5, 3, 64, 64)
+    test = load_test_set(root, DEMO_CATEGORY, 64)
     assert test.labels.tolist() == [0] * 2 + [1] * 6
     assert sorted(set(test.defect_types)) == sorted(("good",) + DEFECTS)
     for kind in DEFECTS:
-        for mask_path in (root / CATEGORY / "ground_truth" / kind).iterdir():
+        for mask_path in (root / DEMO_CATEGORY / "ground_truth" / kind).iterdir():
             mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
             assert set(np.unique(mask)) == {0, 255}
     assert len(list((root / "sources").iterdir())) == 3
-    before = (root / CATEGORY / "train" / "good" / "000.png").stat().st_mtime_ns
+    before = (root / DEMO_CATEGORY / "train" / "good" / "000.png").stat().st_mtime_ns
     make_demo_dataset(tmp_path / "demo", train=5, test_good=2, per_defect=2, sources=3)  # built once
-    assert (root / CATEGORY / "train" / "good" / "000.png").stat().st_mtime_ns == before
+    assert (root / DEMO_CATEGORY / "train" / "good" / "000.png").stat().st_mtime_ns == before

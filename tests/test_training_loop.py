@@ -9,7 +9,7 @@ import torch
 
 import train_draem
 from data_loader import DataError, list_images, load_images
-from training.demo import DEMO_DEFAULTS
+from training.config import DEMO, get_args_parser, parse_args
 from helpers import ROOT, TINY, tiny_dataset
 from recipe import RECIPES
 from training.step import calibration_holdout
@@ -17,15 +17,15 @@ from training.step import calibration_holdout
 
 def test_demo_settings_are_defaults_that_explicit_flags_override(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plain = train_draem.parse_args(["--demo"])
-    assert {k: getattr(plain, k) for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
+    plain = parse_args(["--demo"])
+    assert {k: getattr(plain, k) for k in DEMO} == DEMO
     # Values equal to the normal defaults were silently replaced before.
-    given = train_draem.parse_args(["--demo", "--epochs", "700", "--image_size", "256", "--obj_id", "my_part",
+    given = parse_args(["--demo", "--epochs", "700", "--image_size", "256", "--obj_id", "my_part",
                                     "--base_width", "128"])
     assert (given.epochs, given.image_size, given.obj_id, given.base_width) == (700, (256, 256), "my_part", 128)
-    assert given.seg_base_width == DEMO_DEFAULTS["seg_base_width"]
+    assert given.seg_base_width == DEMO["seg_base_width"]
     assert not (tmp_path / "datasets").exists()  # parsing builds nothing
-    assert train_draem.parse_args(["--data_path", "x"]).epochs == 700  # no --demo: the normal defaults
+    assert parse_args(["--data_path", "x"]).epochs == 700  # no --demo: the normal defaults
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -42,7 +42,7 @@ def test_learning_rate_table_matches_multisteplr(name):
 
 
 def test_recipe_help_is_built_from_the_table():
-    text = " ".join(train_draem.build_parser().format_help().split())
+    text = " ".join(get_args_parser().format_help().split())
     for name, recipe in RECIPES.items():
         assert f"{name}: {recipe.describe()}" in text
 
@@ -183,5 +183,5 @@ def test_held_out_images_are_not_trained_on(tmp_path, monkeypatch):
     (["--preview", "0"], "--preview N: N must be at least 1")])
 def test_bad_training_flags_get_one_line(flags, expect, capsys):
     with pytest.raises(SystemExit) as stopped:
-        train_draem.parse_args(["--data_path", "x", *flags])
+        parse_args(["--data_path", "x", *flags])
     assert stopped.value.code == 2 and expect in capsys.readouterr().err

@@ -9,12 +9,9 @@ import cv2
 import numpy as np
 
 DEMO_ROOT = Path("datasets/demo")
-CATEGORY = "weave"
+DEMO_CATEGORY = "weave"
 DEFECTS = ("scratch", "hole", "stain")
-SIZE = 160  # px; the demo trains at 128
-# Parser defaults under --demo (any flag given explicitly still wins): about two minutes of training on 2 CPU cores.
-DEMO_DEFAULTS = {"data_path": DEMO_ROOT, "anomaly_source_path": DEMO_ROOT / "sources", "obj_id": CATEGORY,
-                 "epochs": 30, "image_size": (128, 128), "base_width": 16, "seg_base_width": 16, "log_every": 8}
+SIZE = 160  # px; the demo trains at 128 (training/config.py DEMO)
 
 
 def texture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
@@ -76,7 +73,7 @@ def make_demo_dataset(root: Path = DEMO_ROOT, train: int = 64, test_good: int = 
     if done.exists():
         return root
     rng = np.random.default_rng(seed)
-    category = root / CATEGORY
+    category = root / DEMO_CATEGORY
 
     def save(path: Path, image: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
