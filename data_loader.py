@@ -313,11 +313,6 @@ def train_image_paths(data_path: Path, category: str) -> list[Path]:
     return paths
 
 
-def load_train_images(data_path: Path, category: str, size: Size, workers: int | None = None,
-                      bit_depth: int = FULL_RANGE) -> Tensor:
-    return load_images(train_image_paths(data_path, category), size, workers, bit_depth)
-
-
 def load_anomaly_sources(source_path: Path, size: Size, workers: int | None = None) -> Tensor:
     """Every image below source_path, recursively (DTD's images/<class>/*.jpg, or a flat folder)."""
     if not Path(source_path).is_dir():

@@ -15,12 +15,8 @@ def gaussian_window(size: int, sigma: float, channels: int, device: torch.device
     return torch.outer(g, g).to(dtype).expand(channels, 1, size, size).contiguous()
 
 
-def ssim(img1: Tensor, img2: Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0,
-         reduce: bool = True) -> Tensor:
-    """Structural similarity of two (B, C, H, W) batches; Gaussian window, zero padding (official code).
-
-    Returns the mean SSIM, or with ``reduce=False`` the per-pixel SSIM map.
-    """
+def ssim_map(img1: Tensor, img2: Tensor, window_size: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+    """Per-pixel structural similarity of two (B, C, H, W) batches; Gaussian window, zero padding (official code)."""
     channels = img1.shape[1]
     window = gaussian_window(window_size, sigma, channels, img1.device, img1.dtype)
     pad = window_size // 2
@@ -33,12 +29,12 @@ def ssim(img1: Tensor, img2: Tensor, window_size: int = 11, sigma: float = 1.5, 
     var2 = blur(img2 * img2) - mu2.square()
     cov = blur(img1 * img2) - mu1 * mu2
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu1 * mu2 + c1) * (2 * cov + c2)) / ((mu1.square() + mu2.square() + c1) * (var1 + var2 + c2))
-    return ssim_map.mean() if reduce else ssim_map
+    return ((2 * mu1 * mu2 + c1) * (2 * cov + c2)) / ((mu1.square() + mu2.square() + c1) * (var1 + var2 + c2))
 
 
 def ssim_loss(img1: Tensor, img2: Tensor) -> Tensor:
-    return 1 - ssim(img1, img2)
+    """1 - the mean SSIM."""
+    return 1 - ssim_map(img1, img2).mean()
 
 
 class FocalLoss(nn.Module):

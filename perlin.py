@@ -35,8 +35,6 @@ class SyntheticBatch:
     image: Tensor  # (B, 3, H, W) float in [0, 1]: the clean target (rotated when the normal image was)
     augmented: Tensor  # (B, 3, H, W): the network input
     mask: Tensor  # (B, 1, H, W) float {0, 1}
-    label: Tensor  # (B,) float: 1 where the mask is non-empty
-    beta: Tensor  # (B,) blend factor drawn per sample
 
 
 def uniform(shape: tuple[int, ...], low: float, high: float, g: torch.Generator | None, device) -> Tensor:
@@ -208,15 +206,21 @@ AUGMENTERS = [aug_gamma, aug_brightness, aug_sharpness, aug_hue_saturation, aug_
               aug_invert, aug_autocontrast, aug_equalize, aug_rotate]
 
 
-def apply_where(selected: Tensor, fn, x: Tensor, whole_batch: bool | None = None) -> Tensor:
+def apply_where(selected: Tensor, fn, x: Tensor) -> Tensor:
     """fn applied to the samples of x (B, ...) where selected (B,) is true.
 
-    On a GPU (whole_batch by default), fn runs on the whole batch and torch.where keeps the selected
-    samples: shapes never depend on a random draw, so there is no host sync, and the GPU has compute to
-    spare. On the CPU, syncs are free and compute is not, so fn runs on the selected samples only.
+    On a GPU, fn runs on the whole batch and torch.where keeps the selected samples: shapes never depend on
+    a random draw, so there is no host sync, and the GPU has compute to spare. On the CPU, syncs are free and
+    compute is not, so fn runs on the selected samples only.
     """
-    if whole_batch if whole_batch is not None else x.device.type != "cpu":
-        return torch.where(selected.view(-1, *[1] * (x.dim() - 1)), fn(x), x)
+    return (apply_to_selected if x.device.type == "cpu" else apply_to_all_keep_selected)(selected, fn, x)
+
+
+def apply_to_all_keep_selected(selected: Tensor, fn, x: Tensor) -> Tensor:
+    return torch.where(selected.view(-1, *[1] * (x.dim() - 1)), fn(x), x)
+
+
+def apply_to_selected(selected: Tensor, fn, x: Tensor) -> Tensor:
     index = selected.nonzero()[:, 0]
     if index.numel() == 0:
         return x
@@ -269,5 +273,4 @@ def simulate_anomalies(images: Tensor, sources: Tensor | None, recipe: Recipe | 
     anomaly_free = (torch.rand(batch, generator=g, device=device) < recipe.anomaly_free_p)[:, None, None, None]
     mask = mask.masked_fill(anomaly_free, 0.0)
     augmented = torch.where(anomaly_free, image, augmented)
-    label = mask.flatten(1).amax(1)
-    return SyntheticBatch(image, augmented, mask, label, beta)
+    return SyntheticBatch(image, augmented, mask)

@@ -28,16 +28,7 @@ from scoring.results import score_test_sets
 from scoring.thresholds import threshold_value
 from scoring.tiling import parse_overlap
 from training.cli import check_amp, one_line_errors, pick_device
-
-
-def rate_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if 0 < value < 1:
-        return value
-    raise argparse.ArgumentTypeError(f"expected a share of good images in (0, 1) such as 0.01 for 1 %, not {text!r}")
+from training.config import false_alarm_rate
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--calibrate", type=Path, metavar="GOOD_DIR",
       help="set the image and pixel thresholds on a folder of good images alone (see --false_alarm_rate) and store "
            "them in the checkpoint (.pt or .onnx, rewritten atomically in place)")
-    a("--false_alarm_rate", type=rate_value, default=0.01,
+    a("--false_alarm_rate", type=false_alarm_rate, default=0.01,
       help="with --calibrate: the share of good images that may be flagged (default 0.01)")
     a("--bit_depth", type=int, choices=BIT_DEPTHS,
       help="bits per sample of 16-bit images (default: the depth the checkpoint records; full range when it has none)")

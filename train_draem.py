@@ -24,9 +24,9 @@ from torch.utils.tensorboard import SummaryWriter
 from data_loader import (Layout, TestSet, category_layout, detect_bit_depth, has_defect_images, list_images,
                          load_anomaly_sources, load_images, load_test_set, resolve_categories, train_image_paths)
 from loss import FocalLoss
-from model_unet import DraemModel, image_scores
+from model_unet import DraemModel
 from recipe import RECIPES
-from scoring.calibration import calibrate, describe
+from scoring.calibration import calibrate, describe, map_statistics
 from scoring.evaluate import evaluate, predict
 from scoring.metrics import METRICS
 from scoring.results import score_test_sets
@@ -122,7 +122,8 @@ def calibrate_at_end(model: DraemModel, images: torch.Tensor, run: "Run", rate: 
     maps, _ = predict(model, images, device, config.channel_order, config.bs)
     source = (f"{len(run.held_out)} of train/good held out by --calibration_split {config.calibration_split:g}"
               if run.held_out else f"the {len(run.validation)} validation images in {run.validation[0].parent}")
-    calibration = calibrate(image_scores(maps).cpu().numpy(), maps.flatten(1).amax(1).cpu().numpy(), rate, source)
+    scores, maxima = map_statistics(maps)
+    calibration = calibrate(scores.numpy(), maxima.numpy(), rate, source)
     for line in describe(calibration):
         print(f"[{config.category}] {line}")
     return calibration | ({"held_out": [p.name for p in run.held_out]} if run.held_out else {})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_loader import list_images, load_anomaly_sources, load_train_images  # noqa: E402
+from data_loader import list_images, load_anomaly_sources, load_images, train_image_paths  # noqa: E402
 from perlin import simulate_anomalies  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -149,7 +149,7 @@ def main() -> None:
     per_sample = median_rate(lambda: [np_sample(normal_paths, source_paths, args.size, rng) for _ in range(args.bs)],
                              args.bs, max(3, args.repeats // 4))
     started = time.perf_counter()
-    images = load_train_images(args.data_path, args.category, args.size).to(device)
+    images = load_images(train_image_paths(args.data_path, args.category), args.size).to(device)
     sources = load_anomaly_sources(args.anomaly_source_path, args.size).to(device)
     cache_seconds = time.perf_counter() - started
     g = torch.Generator(device).manual_seed(0)

@@ -6,7 +6,6 @@ from pathlib import Path
 import torch
 
 from model_unet import DraemModel
-from training import checkpoint
 from training.checkpoint import CheckpointError, ModelInfo, model_from_checkpoint
 
 SUFFIXES = (".pt", ".pth", ".ckpt", ".pckl", ".onnx", ".xml")
@@ -28,17 +27,6 @@ def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | N
         raise CheckpointError(f"--image_size {image_size[0]}x{image_size[1]}: {path} was exported for "
                               f"{model.size[0]}x{model.size[1]} images; export again with that --image_size")
     return model, info
-
-
-def store_calibration(path: Path, calibration: dict) -> None:
-    """Calibrated thresholds into the model file itself: a .pt checkpoint or an .onnx export."""
-    if path.suffix == ".onnx":
-        from deploy.onnx_graph import store_calibration as store_in_onnx
-        return store_in_onnx(path, calibration)
-    if path.suffix == ".xml":
-        from deploy.openvino_model import store_calibration as store_in_ir
-        return store_in_ir(path, calibration)
-    checkpoint.store_calibration(path, calibration)
 
 
 def checkpoint_files(paths: list[Path]) -> list[Path]:

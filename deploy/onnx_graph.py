@@ -56,9 +56,13 @@ def metadata(info: ModelInfo, size: tuple[int, int], source: Path) -> dict[str, 
             "seg_base_width": str(config["seg_base_width"]), "sspcab": str(bool(config.get("sspcab"))),
             "source_checkpoint": source.name, "source": info.source, "config": json.dumps(config),
             "bit_depth": str(info.bit_depth), "precision": "fp32", "operating_points": json.dumps(points),
-            "calibration": json.dumps(info.calibration),
-            **{f"{kind}_threshold": str(info.threshold(kind)) for kind in ("image", "pixel")
-               if info.threshold(kind) is not None}}
+            "calibration": json.dumps(info.calibration), **threshold_metadata(info)}
+
+
+def threshold_metadata(info: ModelInfo) -> dict[str, str]:
+    """The deployed thresholds (ModelInfo.threshold) as the plain keys readers of the file see first."""
+    return {f"{kind}_threshold": str(info.threshold(kind)) for kind in ("image", "pixel")
+            if info.threshold(kind) is not None}
 
 
 def export(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = None) -> dict[str, str]:
@@ -83,10 +87,9 @@ def export(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = Non
 
 
 def with_calibration(props: dict[str, str], calibration: dict) -> dict[str, str]:
-    """Metadata with calibrated thresholds added; they become the plain thresholds readers see first, as
-    ModelInfo.threshold deploys a calibration over a test set's max F1."""
-    return props | {"calibration": json.dumps(calibration),
-                    **{f"{kind}_threshold": str(calibration[kind]["threshold"]) for kind in ("image", "pixel")}}
+    """An exported file's metadata with calibrated thresholds added, and its plain thresholds the deployed ones."""
+    props = props | {"calibration": json.dumps(calibration)}
+    return props | threshold_metadata(info_from_metadata(props, Path(), "onnx"))
 
 
 def save_with_metadata(proto, props: dict[str, str], out: Path) -> None:

@@ -14,7 +14,8 @@ import math
 import numpy as np
 import torch
 
-from scoring.metrics import separating_thresholds
+from model_unet import image_scores
+from scoring.metrics import percent, separating_thresholds
 
 CONFIDENCE = 0.95
 
@@ -70,34 +71,34 @@ def operating_point(scores, rate: float) -> dict:
             "upper_bound": upper_bound(flagged, len(values))}
 
 
-def calibrate(image_scores, map_maxima, rate: float, source: str) -> dict:
-    """Image and pixel thresholds from the scores and map maxima of good images; what the checkpoint stores."""
-    if not 0 < rate < 1:
-        raise ValueError(f"a false-alarm rate is in (0, 1), not {rate}")
-    return {"false_alarm_rate": rate, "images": len(image_scores), "confidence": CONFIDENCE, "source": source,
-            "images_needed": images_needed(rate), "image": operating_point(image_scores, rate),
+def map_statistics(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the two thresholds are set on, per anomaly map (N, H, W) of a good image: its image score and its
+    largest value, on the CPU."""
+    return image_scores(maps).cpu(), maps.flatten(1).amax(1).cpu()
+
+
+def calibrate(scores, map_maxima, rate: float, source: str) -> dict:
+    """Image and pixel thresholds from the image scores and map maxima of good images; what model files store."""
+    return {"false_alarm_rate": rate, "images": len(scores), "confidence": CONFIDENCE, "source": source,
+            "images_needed": images_needed(rate), "image": operating_point(scores, rate),
             "pixel": operating_point(map_maxima, rate)}
-
-
-def percent(share: float) -> str:
-    return f"{100 * share:.3g} %"
 
 
 def describe(calibration: dict) -> list[str]:
     """What a calibration says, in plain lines for the console."""
     n, rate, needed = calibration["images"], calibration["false_alarm_rate"], calibration["images_needed"]
     lines = [f"calibrated on {n} good images ({calibration['source']}) for a false-alarm rate of at most "
-             f"{percent(rate)}:"]
+             f"{percent(rate, '.3g')} %:"]
     for kind, what in (("image", "flags"), ("pixel", "gives a defect region to")):
         point = calibration[kind]
         lines.append(f"  {kind} threshold {point['threshold']:.6g}: {what} {point['flagged']} of {n} good images "
-                     f"({percent(point['observed_rate'])}); true rate at most {percent(point['upper_bound'])} "
-                     f"({percent(calibration['confidence'])} confidence)")
+                     f"({percent(point['observed_rate'], '.3g')} %); true rate at most {percent(point['upper_bound'], '.3g')} % "
+                     f"({percent(calibration['confidence'], '.3g')} % confidence)")
     if max(calibration[k]["upper_bound"] for k in ("image", "pixel")) > rate:
         if n < needed:
-            lines.append(f"  {n} images cannot show a false-alarm rate of at most {percent(rate)}: that takes at least "
+            lines.append(f"  {n} images cannot show a false-alarm rate of at most {percent(rate, '.3g')} %: that takes at least "
                          f"{needed} good images with none flagged")
         else:
-            lines.append(f"  flagged images keep the bound above {percent(rate)}: {n} images show it only when none "
+            lines.append(f"  flagged images keep the bound above {percent(rate, '.3g')} %: {n} images show it only when none "
                          f"of them is flagged (a stricter --false_alarm_rate)")
     return lines

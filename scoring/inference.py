@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from data_loader import DataError, decode, default_workers, list_images, read_each, warn
-from deploy.model_files import checkpoint_files, store_calibration
+from deploy.model_files import checkpoint_files
 from model_unet import image_scores
 from scoring import thresholds
-from scoring.calibration import calibrate, describe
+from scoring.calibration import calibrate, describe, map_statistics
 from scoring.detector import Detector, Prediction, Scoring, load
 from scoring.visualize import panel, write_png
 from training.checkpoint import CheckpointError
@@ -130,18 +130,18 @@ def calibrate_on_folder(checkpoint: Path, folder: Path, rate: float, device: tor
     path = one_model(checkpoint, "--calibrate")
     detector = load(path, device, scoring=scoring)
     paths = image_paths(folder, "--calibrate")
-    scores, maxima, skipped = [], [], []
+    statistics, skipped = [], []
     for chunk in scored_chunks(detector, paths):
         skipped += chunk.skipped
         if chunk.images:
-            scores.append(image_scores(chunk.maps).cpu())
-            maxima.append(chunk.maps.flatten(1).amax(1).cpu())
+            statistics.append(map_statistics(chunk.maps))
     for _, reason in skipped[:5]:
         warn(f"skipped: {reason}")
-    if not scores:
+    if not statistics:
         raise DataError(f"--calibrate {folder}: none of the {len(paths)} image(s) could be read ({skipped[0][1]})")
-    calibration = calibrate(torch.cat(scores).numpy(), torch.cat(maxima).numpy(), rate, f"folder {folder}")
-    store_calibration(path, calibration)
+    scores, maxima = (torch.cat(column).numpy() for column in zip(*statistics))
+    calibration = calibrate(scores, maxima, rate, f"folder {folder}")
+    thresholds.store_calibration(path, calibration)
     for line in describe(calibration):
         print(line)
     print(f"stored in {path}: the deployed thresholds from now on (--threshold auto, exports' metadata, the Python "

@@ -21,6 +21,11 @@ METRICS = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max":
 Ranking = tuple[Tensor, Tensor]  # (descending order of the scores, index of the last score of each distinct value)
 
 
+def percent(share: float | None, spec: str = ".1f") -> str:
+    """A share as a percentage number (the % sign is the caller's); n/a where undefined."""
+    return "n/a" if share is None or math.isnan(share) else f"{100 * share:{spec}}"
+
+
 def rank(scores: Tensor) -> Ranking:
     """One sort, shared by every metric computed on the same scores (the costly part for pixel metrics)."""
     sorted_scores, order = torch.sort(scores.flatten().float(), descending=True)
@@ -88,12 +93,6 @@ def best_f1(tps: Tensor, fps: Tensor, thresholds: Tensor) -> dict[str, float]:
     best = f1.numel() - 1 - f1.flip(0).argmax()
     return {"threshold": thresholds[best].item(), "precision": (tps[best] / (tps[best] + fps[best])).item(),
             "recall": (tps[best] / tps[-1]).item(), "f1": f1[best].item()}
-
-
-def f1_operating_point(scores: Tensor, labels: Tensor, ranking: Ranking | None = None) -> dict[str, float]:
-    """best_f1 for raw scores and binary labels (one sort, or the ranking given)."""
-    ranking = ranking or rank(scores)
-    return best_f1(*roc_pr_counts(ranking, labels), threshold_values(ranking, scores))
 
 
 def image_operating_points(scores: Tensor, labels: Tensor, ranking: Ranking | None = None) -> dict[str, float]:

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from scoring.metrics import METRICS  # noqa: E402
+from scoring.metrics import METRICS, percent  # noqa: E402
 
 ERROR_ORDER = {"missed defect": 0, "false alarm": 1, "": 2}
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1600px}
@@ -25,10 +25,6 @@ th:first-child,td:first-child{text-align:left}h2{margin-top:36px;border-bottom:2
 img.plot{max-width:100%;display:block;margin:8px 0}.cases{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;border:1px solid #ccc;padding:6px;max-width:480px}figure img{width:100%;display:block}
 figure.error{border:3px solid #c00}figcaption{font-size:13px;word-break:break-all}.bad{color:#c00;font-weight:bold}.optimistic{color:#a60}"""
-
-
-def percent(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
 def coverage_text(coverage: dict) -> str:

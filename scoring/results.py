@@ -27,8 +27,8 @@ from deploy.model_files import checkpoint_files
 from scoring import thresholds
 from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model
 from scoring.evaluate import evaluate
-from scoring.metrics import METRICS, verdict
-from scoring.report import coverage_text, percent, write_report
+from scoring.metrics import METRICS, percent, verdict
+from scoring.report import coverage_text, write_report
 from scoring.tiling import check_tiling
 from scoring.visualize import panel, write_png
 from training.checkpoint import CheckpointError

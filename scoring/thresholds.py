@@ -1,15 +1,21 @@
-"""Which threshold a verdict (image score) or a defect mask (anomaly map) is judged at, and where it comes from.
+"""Thresholds: which one a verdict (image score) or a defect mask (anomaly map) is judged at, where it comes from
+in words, and storing calibrated ones in any model file.
 
 Verdicts need an image threshold and defect masks a pixel threshold. A model file stores them from good images
-alone for a false-alarm budget (calibration.py: at training with --calibration_split, or test_draem.py
---calibrate) and from the labelled test set scored at the end of training (max F1). --threshold /
---pixel_threshold choose: auto (the deployed one, ModelInfo.threshold: calibrated first, else the test set's
-max F1), calibrated, max_f1 (a test set's own: the one scored, else the one stored at training), or a number.
+alone for a false-alarm budget (calibration.py computes them: at training with --calibration_split or on the
+validation images, or test_draem.py --calibrate) and from the labelled test set scored at the end of training
+(max F1). Every model file reads back as a ModelInfo, whose ``threshold`` is the deployed one (calibrated first,
+else the test set's max F1: verdicts on the line, exports' metadata and the examples use it). --threshold /
+--pixel_threshold choose: auto (the deployed one), calibrated, max_f1 (a test set's own: the one scored, else the
+one stored at training), or a number.
 """
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from scoring.metrics import percent
+from training import checkpoint
 from training.checkpoint import CheckpointError, ModelInfo
 
 CHOICES = ("auto", "calibrated", "max_f1")
@@ -45,7 +51,7 @@ def choose(given: str | float | None, info: ModelInfo, kind: str, own_max_f1: fl
         raise CheckpointError(f"{flag} calibrated: {info.run} holds no calibrated {kind} threshold: run "
                               f"test_draem.py --calibrate GOOD_DIR first")
     if given in (None, "auto", "calibrated") and calibrated is not None:
-        return Threshold(calibrated, info.calibration_source())
+        return Threshold(calibrated, calibration_source(info.calibration))
     if given == "max_f1" and own is not None:
         return Threshold(own, "max F1 on this test set", optimistic=True)
     stored = info.test_set_threshold(kind)
@@ -59,6 +65,23 @@ def choose(given: str | float | None, info: ModelInfo, kind: str, own_max_f1: fl
         raise CheckpointError(f"{flag} {given}: {info.run} holds no {stored_kind} threshold: calibrate one on good "
                               f"images (test_draem.py --calibrate GOOD_DIR), or give a number")
     return Threshold(None, f"none stored ({flag} sets one)")
+
+
+def calibration_source(calibration: dict) -> str:
+    return (f"calibrated for {percent(calibration['false_alarm_rate'], '.3g')} % false alarms on {calibration['images']} "
+            f"good images ({calibration['source']})")
+
+
+def store_calibration(path: Path, calibration: dict) -> None:
+    """Calibrated thresholds into the model file itself (.pt, .onnx or .xml, rewritten atomically by the module
+    that owns the format): from then on the deployed ones."""
+    if path.suffix == ".onnx":
+        from deploy.onnx_graph import store_calibration as store_in_onnx  # ONNX only when an .onnx file is given
+        return store_in_onnx(path, calibration)
+    if path.suffix == ".xml":
+        from deploy.openvino_model import store_calibration as store_in_ir
+        return store_in_ir(path, calibration)
+    checkpoint.store_calibration(path, calibration)
 
 
 def describe(threshold: Threshold, info: ModelInfo, kind: str) -> str:

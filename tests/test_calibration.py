@@ -1,4 +1,5 @@
 """Thresholds from good images: the order statistic against brute force, the bound against scipy, storage."""
+import argparse
 import math
 
 import numpy as np
@@ -65,9 +66,11 @@ def test_calibration_record_and_refused_rates():
     result = calibrate(scores, maxima, 0.05, "folder good/")
     assert result["images"] == 200 and result["image"]["flagged"] == 10 == result["pixel"]["flagged"]
     assert result["image"]["observed_rate"] == 0.05 and result["pixel"]["threshold"] > 1
-    for rate in (0, 1, -0.1, 1.5):
-        with pytest.raises(ValueError):
-            calibrate(scores, maxima, rate, "x")
+    from training.config import false_alarm_rate  # the one check of a rate, for both scripts' flags
+    assert false_alarm_rate("0.05") == 0.05
+    for rate in (0, 1, -0.1, 1.5, "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            false_alarm_rate(str(rate))
 
 
 def test_the_deployed_threshold_is_the_calibrated_one_and_says_so():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_loader import (CATEGORIES, DataError, category_layout, decode, detect_bit_depth, file_bit_depth,
-                         load_anomaly_sources, load_test_set, load_train_images, parse_bit_depth, resolve_categories,
+                         load_anomaly_sources, load_images, load_test_set, parse_bit_depth, resolve_categories,
                          train_image_paths)
 
 
@@ -26,7 +26,7 @@ def write_mixed_folder(folder):
 
 def test_mixed_formats_load_as_uint8_bgr(tmp_path):
     write_mixed_folder(tmp_path / "cat" / "train" / "good")
-    images = load_train_images(tmp_path, "cat", 64)
+    images = load_images(train_image_paths(tmp_path, "cat"), 64)
     assert images.shape == (7, 3, 64, 64) and images.dtype == torch.uint8
     gray = images[2]  # c_gray: replicated into three equal channels
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
@@ -63,7 +63,7 @@ def test_unreadable_files_are_all_listed(tmp_path):
     (folder / "zero.png").write_bytes(b"")
     (folder / "text.jpg").write_text("hello")
     with pytest.raises(DataError) as err:
-        load_train_images(tmp_path, "c", 32)
+        load_images(train_image_paths(tmp_path, "c"), 32)
     assert "2 unreadable" in str(err.value) and "zero.png" in str(err.value) and "text.jpg" in str(err.value)
 
 
@@ -85,7 +85,7 @@ def test_category_resolution(tmp_path):
 
 
 def test_real_mtd_dataset(shared_data, tmp_path):
-    train = load_train_images(shared_data, "mtd", 64)
+    train = load_images(train_image_paths(shared_data, "mtd"), 64)
     assert train.shape == (779, 3, 64, 64)
     test = load_test_set(shared_data, "mtd", 64)
     assert len(test.paths) == 565 and test.labels.sum() == 392
@@ -133,7 +133,7 @@ def test_a_pure_red_file_lands_in_channel_2_everywhere(tmp_path):
         (tmp_path / folder).mkdir(parents=True)
         cv2.imwrite(str(tmp_path / folder / "red.png"), red)
     expected = torch.tensor([0, 0, 255], dtype=torch.uint8)
-    train = load_train_images(tmp_path, "part", 32)
+    train = load_images(train_image_paths(tmp_path, "part"), 32)
     test = load_test_set(tmp_path, "part", 32).images
     scored = to_tensor([decode(tmp_path / "part" / "test" / "good" / "red.png")])
     for images in (train, test, scored):

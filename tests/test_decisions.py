@@ -6,7 +6,7 @@ import torch
 from sklearn.metrics import precision_recall_curve
 
 from scoring.detector import defect_regions
-from scoring.metrics import f1_operating_point, image_operating_points
+from scoring.metrics import image_operating_points
 from scoring.visualize import panel
 
 
@@ -33,7 +33,7 @@ def test_max_f1_threshold_equals_scikit_learn_and_sits_between_two_scores(n, dec
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-300)
     best = np.argmax(f1)  # thresholds ascend: the lowest threshold wins a tie, as in anomalib
-    ours = f1_operating_point(torch.tensor(scores), torch.tensor(labels))
+    ours = image_operating_points(torch.tensor(scores), torch.tensor(labels))
     assert ours["f1"] == pytest.approx(f1[best], abs=1e-12)
     assert (ours["precision"], ours["recall"]) == pytest.approx((precision[best], recall[best]), abs=1e-12)
     # the same images flagged as at scikit-learn's threshold (a score), from a threshold halfway below it

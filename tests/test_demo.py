@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_loader import load_test_set, load_train_images
+from data_loader import load_images, load_test_set, train_image_paths
 from training.demo import DEMO_CATEGORY, DEFECTS, draw_defect, make_demo_dataset, texture
 
 
@@ -21,7 +21,7 @@ def test_mask_matches_the_drawn_defect(kind):
 
 def test_demo_dataset_layout(tmp_path):
     root = make_demo_dataset(tmp_path / "demo", train=5, test_good=2, per_defect=2, sources=3)
-    assert load_train_images(root, DEMO_CATEGORY, 64).shape == (5, 3, 64, 64)
+    assert load_images(train_image_paths(root, DEMO_CATEGORY), 64).shape == (5, 3, 64, 64)
     test = load_test_set(root, DEMO_CATEGORY, 64)
     assert test.labels.tolist() == [0] * 2 + [1] * 6
     assert sorted(set(test.defect_types)) == sorted(("good",) + DEFECTS)

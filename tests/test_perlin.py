@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from perlin import (AUGMENTERS, MAX_LOG_RES, RECIPES, anomaly_masks, augment_sources, perlin_noise, random_crops, rotate,
-                    simulate_anomalies)
+                    simulate_anomalies, uniform)
 
 
 def reference_perlin(res_y, res_x, angles, height, width):
@@ -62,7 +63,6 @@ def test_mask_is_binary_and_only_masked_pixels_change():
     assert torch.equal(batch.augmented[outside], batch.image[outside])
     inside = batch.mask.expand_as(batch.image) == 1
     assert (batch.augmented[inside] != batch.image[inside]).float().mean() > 0.9
-    assert torch.equal(batch.label, (batch.mask.flatten(1).sum(1) > 0).float())
 
 
 def test_mask_is_where_rotated_noise_exceeds_half():
@@ -77,8 +77,8 @@ def test_mask_is_where_rotated_noise_exceeds_half():
     mask, noise = anomaly_masks(4, 64, 64, g, "cpu")
     assert torch.equal(batch.mask, mask)
     assert torch.equal(mask, (noise > 0.5).float())
-    # With the noise as source, the anomaly is grey levels noise * 0.5 + 0.25 blended in.
-    beta = batch.beta[:, None, None, None]
+    # With the noise as source, the anomaly is grey levels noise * 0.5 + 0.25 blended in, at beta drawn next.
+    beta = uniform((4,), 0.0, 0.8, g, "cpu")[:, None, None, None]
     expected = (1 - beta) * (noise * 0.5 + 0.25) * mask
     torch.testing.assert_close(batch.augmented, expected.expand(-1, 3, -1, -1))
 
@@ -93,7 +93,8 @@ def test_blend_of_a_real_image_and_its_source():
     g = torch.Generator().manual_seed(5)
     torch.rand(6, generator=g)  # the rotation coins
     mask, noise = anomaly_masks(6, 48, 48, g, "cpu")
-    image, source, beta = images.float() / 255, (noise * 0.5 + 0.25).expand(-1, 3, -1, -1), batch.beta.view(-1, 1, 1, 1)
+    beta = uniform((6,), 0.2, 0.8, g, "cpu").view(-1, 1, 1, 1)  # drawn next
+    image, source = images.float() / 255, (noise * 0.5 + 0.25).expand(-1, 3, -1, -1)
     assert 0.01 < mask.mean() < 0.6 and (beta >= 0.2).all()
     expected = (1 - mask) * image + (1 - beta) * (mask * source) + beta * (mask * image)
     torch.testing.assert_close(batch.augmented, expected, atol=1e-6, rtol=0)
@@ -106,9 +107,17 @@ def test_anomaly_free_share_and_beta_range(recipe):
     batch = simulate_anomalies(images, sources, recipe, torch.Generator().manual_seed(2))
     free = (batch.augmented == batch.image).flatten(1).all(1) & (batch.mask.flatten(1).sum(1) == 0)
     assert abs(free.float().mean().item() - 0.5) < 0.1
+    # beta: recovered from black images blended with the noise source, (1 - beta) * source inside the mask
+    exact = dataclasses.replace(RECIPES[recipe], rotate_p=0.0, anomaly_free_p=0.0)
+    batch = simulate_anomalies(torch.zeros(400, 3, 32, 32, dtype=torch.uint8), None, exact, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    torch.rand(400, generator=g)  # the rotation coins
+    mask, noise = anomaly_masks(400, 32, 32, g, "cpu")
+    beta = uniform((400,), exact.beta_low, exact.beta_high, g, "cpu")
+    torch.testing.assert_close(batch.augmented, ((1 - beta.view(-1, 1, 1, 1)) * (noise * 0.5 + 0.25) * mask).expand(-1, 3, -1, -1))
     low, high = RECIPES[recipe].beta_low, RECIPES[recipe].beta_high
-    assert batch.beta.min() >= low and batch.beta.max() <= high
-    assert batch.beta.min() < low + 0.05 and batch.beta.max() > high - 0.05
+    assert beta.min() >= low and beta.max() <= high
+    assert beta.min() < low + 0.05 and beta.max() > high - 0.05
 
 
 def test_same_seed_same_batch_and_other_seed_differs():
@@ -167,12 +176,12 @@ def test_rotation_by_zero_is_identity_and_180_flips():
 def test_whole_batch_and_subset_paths_agree():
     # The GPU path (whole batch + torch.where, no host sync) and the CPU path (selected samples only) must
     # give the same result for a deterministic augmenter.
-    from perlin import apply_where, aug_equalize
+    from perlin import apply_to_all_keep_selected, apply_to_selected, aug_equalize
     x = torch.rand(6, 3, 16, 16)
     selected = torch.tensor([True, False, True, True, False, False])
     fn = lambda s: aug_equalize(s, None, "cpu")
-    whole = apply_where(selected, fn, x, whole_batch=True)
-    subset = apply_where(selected, fn, x, whole_batch=False)
+    whole = apply_to_all_keep_selected(selected, fn, x)
+    subset = apply_to_selected(selected, fn, x)
     assert torch.equal(whole, subset)
     assert torch.equal(whole[~selected], x[~selected]) and not torch.equal(whole[selected], x[selected])
 
@@ -221,7 +230,6 @@ def test_simulation_keeps_its_invariants_when_height_and_width_differ():
     batch = simulate_anomalies(images, sources, "official", g)
     assert batch.augmented.shape == batch.image.shape == (400, 3, 32, 96) and batch.mask.shape == (400, 1, 32, 96)
     assert batch.augmented.min() >= 0 and batch.augmented.max() <= 1 and set(batch.mask.unique().tolist()) <= {0, 1}
-    assert torch.equal(batch.label, (batch.mask.flatten(1).sum(1) > 0).float())
     free = (batch.augmented == batch.image).flatten(1).all(1) & (batch.mask.flatten(1).sum(1) == 0)
     assert abs(free.float().mean().item() - 0.5) < 0.1
     masks, noise = anomaly_masks(64, 32, 96, torch.Generator().manual_seed(1), "cpu")

@@ -179,7 +179,7 @@ def test_held_out_images_are_not_trained_on(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags,expect", [
     (["--bit_depth", "9"], "argument --bit_depth: expected auto or one of 8, 10, 12, 14, 16"),
     (["--calibration_split", "1"], "--calibration_split 1: expected a share in [0, 1)"),
-    (["--false_alarm_rate", "0"], "--false_alarm_rate 0: expected a share in (0, 1)"),
+    (["--false_alarm_rate", "0"], "argument --false_alarm_rate: expected a share of good images in (0, 1)"),
     (["--preview", "0"], "--preview N: N must be at least 1")])
 def test_bad_training_flags_get_one_line(flags, expect, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -76,10 +76,6 @@ class ModelInfo:
         found = self.calibrated_threshold(kind)
         return found if found is not None else self.test_set_threshold(kind)
 
-    def calibration_source(self) -> str:
-        c = self.calibration
-        return f"calibrated for {100 * c['false_alarm_rate']:.3g} % false alarms on {c['images']} good images ({c['source']})"
-
 
 @dataclass
 class Checkpoint:

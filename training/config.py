@@ -20,6 +20,17 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 DEFAULT_CALIBRATION_SPLIT = 0.1  # of train/good, for a category with neither validation images nor a labelled test set
 
 
+def false_alarm_rate(text: str) -> float:
+    """The type of --false_alarm_rate (train_draem.py and test_draem.py): a share in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a share of good images in (0, 1) such as 0.01 for 1 %, not {text!r}")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_draem.py", formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -74,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--resume", nargs="?", const="auto", default=None,
       help="continue this run from its checkpoint, or from the checkpoint PATH given; the settings must match, "
            "except a larger --epochs, which extends the run")
-    a("--false_alarm_rate", type=float, default=0.01,
+    a("--false_alarm_rate", type=false_alarm_rate, default=0.01,
       help="the share of held-out (--calibration_split) or validation good images the calibrated thresholds may "
            "flag (default 0.01)")
     a("--preview", type=int, metavar="N",
@@ -122,8 +133,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--run_name {args.run_name!r}: use a plain file name (no / \\ : * ? \" < > |)")
     if args.calibration_split is not None and not 0 <= args.calibration_split < 1:
         parser.error(f"--calibration_split {args.calibration_split:g}: expected a share in [0, 1), such as 0.1")
-    if not 0 < args.false_alarm_rate < 1:
-        parser.error(f"--false_alarm_rate {args.false_alarm_rate:g}: expected a share in (0, 1), such as 0.01")
     if args.preview is not None and args.preview < 1:
         parser.error("--preview N: N must be at least 1")
     if args.data_path is None:
