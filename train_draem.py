@@ -215,6 +215,8 @@ def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: 
     calibrate_now = held_out is not None and last
     if (epoch + 1) % args.save_every == 0 or last or evaluate_now:
         save(run, training, done)
+    if evaluate_now or calibrate_now:
+        training.model.eval()
     if evaluate_now:
         run.metrics = {"epoch": epoch + 1, **evaluate_category(training.model, test_set, device, run.config.channel_order)}
         for key in METRICS:

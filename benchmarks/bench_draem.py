@@ -135,6 +135,7 @@ def main() -> None:
 
     # Evaluation: anomaly maps for a test-set-sized batch (inference only).
     test_images = images.repeat(2, 1, 1, 1)
+    model.eval()
     ev = median_seconds(lambda: predict(model, test_images, device, batch_size=32), max(2, steps // 4), device, 1)
     result["eval_images_per_s"] = len(test_images) / ev
 

@@ -16,7 +16,8 @@ def load_model(path: Path, device: torch.device, image_size: tuple[int, int] | N
     """A PyTorch checkpoint of any supported kind, or a file from export_draem.py: .onnx (run by ONNX Runtime)
     or .xml (OpenVINO IR)."""
     if path.suffix not in (".onnx", ".xml"):
-        return model_from_checkpoint(path)
+        model, info = model_from_checkpoint(path)
+        return model.to(device), info
     if path.suffix == ".onnx":
         from deploy.onnx_graph import load_onnx  # ONNX Runtime only when an .onnx file is asked for
         model, info = load_onnx(path, device)

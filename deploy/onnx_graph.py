@@ -124,12 +124,6 @@ class OnnxDraem:
     def __init__(self, session, size: tuple[int, int]):
         self.session, self.size = session, size
 
-    def eval(self) -> "OnnxDraem":
-        return self
-
-    def to(self, device: torch.device) -> "OnnxDraem":
-        return self
-
     def __call__(self, images: Tensor) -> ExportedOutput:
         anomaly_map, _, reconstruction = self.session.run(OUTPUTS, {"images": images.float().cpu().contiguous().numpy()})
         return ExportedOutput(torch.from_numpy(anomaly_map).to(images.device),

@@ -54,12 +54,6 @@ class OpenVinoDraem:
         self.compiled, self.size = compiled, size
         self.outputs = {name: compiled.output(name) for name in ("anomaly_map", "reconstruction")}
 
-    def eval(self) -> "OpenVinoDraem":
-        return self
-
-    def to(self, device: torch.device) -> "OpenVinoDraem":
-        return self
-
     def __call__(self, images: torch.Tensor) -> ExportedOutput:
         result = self.compiled(images.float().cpu().contiguous().numpy())
         return ExportedOutput(*(torch.from_numpy(result[self.outputs[name]].copy()).to(images.device)

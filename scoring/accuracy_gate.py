@@ -157,6 +157,7 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
     """Score the checkpoint on the labelled test set (when it has defects) and on good images plus simulated
     anomalies."""
     model, info = model_from_checkpoint(checkpoint)
+    model.to(device)
     size, order = size or info.image_size, info.channel_order
     category = one_category(obj_id, data_path) if obj_id else info.category
     layout = category_layout(data_path, category) if category and not list_images(data_path) else None

@@ -32,6 +32,7 @@ def predict(model: DraemModel, images: torch.Tensor, device: torch.device, chann
             batch_size: int = 16, keep_reconstructions: bool = False, amp: str = "off"
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Anomaly maps (N, H, W) float32 on device for (N, 3, H, W) uint8 BGR images; optionally reconstructions.
+    model: in eval mode on device (as deploy.model_files.load_model gives it), or any callable returning its outputs.
     amp "bf16" (or "fp16" on a GPU) runs the networks under autocast; the maps are returned in float32.
 
     When a batch does not fit in memory (large images), the batch size is halved until it does, with a
@@ -58,7 +59,7 @@ def predict(model: DraemModel, images: torch.Tensor, device: torch.device, chann
 def predict_batches(model: DraemModel, images: torch.Tensor, device: torch.device, channel_order: str,
                     batch_size: int, keep_reconstructions: bool, amp: str = "off"
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    model.eval().to(device)  # fp32 unless amp is asked for: the metrics must not depend on the training precision
+    # fp32 unless amp is asked for: the metrics must not depend on the training precision
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "off" else nullcontext()
     maps, recs = [], []
     for start in range(0, len(images), batch_size):

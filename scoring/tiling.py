@@ -63,13 +63,6 @@ class TiledModel:
     def __init__(self, model, tile: tuple[int, int], overlap: float = 0, tile_batch: int = 16):
         self.model, self.tile, self.overlap, self.tile_batch = model, tuple(tile), overlap, tile_batch
 
-    def eval(self) -> "TiledModel":
-        self.model.eval()
-        return self
-
-    def to(self, device: torch.device) -> "TiledModel":
-        self.model.to(device)
-        return self
 
     def positions(self, height: int, width: int) -> list[tuple[int, int]]:
         (th, tw), (oh, ow) = self.tile, (overlap_pixels(self.overlap, s) for s in self.tile)
