@@ -299,10 +299,9 @@ def category_layout(data_path: Path, category: str) -> Layout:
                     f"a file {described.name} naming its folders: docs/data.md)")
 
 
-def has_defect_images(data_path: Path, category: str) -> bool:
+def has_defect_images(layout: Layout) -> bool:
     """Whether the category has a labelled test set: defect images besides the good ones."""
-    return any(list_images(d, recursive=True) for t, d in category_layout(data_path, category).test.items()
-               if t != "good")
+    return any(list_images(d, recursive=True) for t, d in layout.test.items() if t != "good")
 
 
 def train_image_paths(data_path: Path, category: str) -> list[Path]:

@@ -106,14 +106,14 @@ def main(argv: list[str] | None = None) -> None:
                           args.anomaly_source_path, layers, args.float_budget, finetune=args.finetune)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
-        if args.precision == "auto":
-            faster = choose(args.checkpoint, args.out, args.format, args.check, device, options, args.obj_id,
-                            args.batch_size, args.anomaly_source_path, args.image_size)
-            sys.exit(0 if faster else 1)
-        exported, result = args.compare, None
-        if until_pass:
+        if args.precision == "auto" or until_pass:  # the gate's reference numbers, once
             ref = reference(args.checkpoint, args.check, device, args.obj_id, args.batch_size,
                             sources=args.anomaly_source_path, size=args.image_size)
+        if args.precision == "auto":
+            sys.exit(0 if choose(args.checkpoint, args.out, args.format, ref, device, options, args.image_size,
+                                 args.batch_size) else 1)
+        exported, result = args.compare, None
+        if until_pass:
             props, result = until_pass_file(args.checkpoint, args.out, args.format, ref, options, device,
                                             args.image_size, args.batch_size)
         elif exported is None:

@@ -91,18 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.tile_overlap and not args.tile:
         parser.error("--tile_overlap needs --tile")
     scoring = Scoring(args.image_size, args.bit_depth, args.tile, args.tile_overlap, args.batch_size,
-                      args.workers or None, args.amp)
+                      args.workers or None, args.amp, args.threshold, args.pixel_threshold, args.mask_protocol,
+                      args.save_images)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
         check_amp(args.amp, device)
         if args.calibrate is not None:
             calibrate_on_folder(args.checkpoint[0], args.calibrate, args.false_alarm_rate, device, scoring)
         elif args.images is not None:
-            score_images(args.checkpoint[0], args.images, args.out, device, args.threshold, args.pixel_threshold,
-                         scoring, args.save_images)
+            score_images(args.checkpoint[0], args.images, args.out, device, scoring)
         else:
-            summary = score_test_sets(args.checkpoint, args.data_path, args.out, device, args.obj_id, scoring,
-                                      args.mask_protocol, args.save_images, args.threshold, args.pixel_threshold)
+            summary = score_test_sets(args.checkpoint, args.data_path, args.out, device, args.obj_id, scoring)
             if summary["skipped"]:
                 sys.exit(1)  # the results of the others are written; the skipped ones are named above
 

@@ -69,7 +69,7 @@ def default_calibration_split(args: argparse.Namespace, layout: Layout, images: 
         print(f"[{category}] thresholds for {100 * args.false_alarm_rate:g} % false alarms (--false_alarm_rate) will "
               f"be calibrated on {layout.validation}")
         return 0.0
-    if has_defect_images(args.data_path, category):
+    if has_defect_images(layout):
         return 0.0
     held = round(DEFAULT_CALIBRATION_SPLIT * images)
     if held < 1:
@@ -97,16 +97,15 @@ def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
         raise FloatingPointError(f"loss is NaN or Inf at step {bad + 1}; stopped ({kept})")
 
 
-def load_scoring_set(args: argparse.Namespace, category: str, bit_depth: int) -> TestSet | None:
+def load_scoring_set(args: argparse.Namespace, layout: Layout, bit_depth: int) -> TestSet | None:
     """The test set, read (and checked: layout, every image, masks) before the first step, so that a broken
     one fails in seconds and not after hours of training; None when there is none or --eval_every -1."""
     if args.eval_every < 0:
         return None
-    layout = category_layout(args.data_path, category)
     if not layout.test:
-        print(f"[{category}] no test set in {layout.origin}: training without evaluation")
+        print(f"[{layout.category}] no test set in {layout.origin}: training without evaluation")
         return None
-    return load_test_set(args.data_path, category, args.image_size, args.workers or None, bit_depth)
+    return load_test_set(args.data_path, layout.category, args.image_size, args.workers or None, bit_depth)
 
 
 def evaluate_category(model: DraemModel, test_set: TestSet, device: torch.device, channel_order: str) -> dict:
@@ -115,11 +114,11 @@ def evaluate_category(model: DraemModel, test_set: TestSet, device: torch.device
     return {**out["metrics"], "operating_points": out["operating_points"], "mask_coverage": out["mask_coverage"]}
 
 
-def calibrate_at_end(model: DraemModel, images: torch.Tensor, run: "Run", rate: float, device: torch.device) -> dict:
+def calibrate_at_end(model: DraemModel, run: "Run", rate: float, device: torch.device) -> dict:
     """Thresholds for the false-alarm budget from good images never trained on: those --calibration_split kept
     out of training, else the category's validation images."""
     config = run.config
-    maps, _ = predict(model, images, device, config.channel_order, config.bs)
+    maps, _ = predict(model, run.calibration_images, device, config.channel_order, config.bs)
     source = (f"{len(run.held_out)} of train/good held out by --calibration_split {config.calibration_split:g}"
               if run.held_out else f"the {len(run.validation)} validation images in {run.validation[0].parent}")
     scores, maxima = map_statistics(maps)
@@ -154,15 +153,18 @@ def format_metrics(metrics: dict) -> str:
 
 @dataclass
 class Run:
-    """One category's run as the loop sees it: settings, name and file, what it trains on, its schedule, and
-    what it has measured so far (the checkpoint stores that too)."""
+    """One category's run as the loop sees it: settings, name and file, what it trains on and is judged on, its
+    schedule, and what it has measured so far (the checkpoint stores that too)."""
     config: TrainConfig
     name: str
     checkpoint: Path
+    layout: Layout
     images: torch.Tensor  # the training images, uint8 on the device
     held_out: list[Path]  # train/good files kept out of training by --calibration_split
     validation: list[Path]  # the category's validation images, calibrated on when nothing is held out
     steps_per_epoch: int
+    test_set: TestSet | None = None  # scored every --eval_every epochs and at the end
+    calibration_images: torch.Tensor | None = None  # held_out, else validation, decoded: calibrated on at the end
     metrics: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
 
@@ -184,8 +186,8 @@ def plan_run(args: argparse.Namespace, category: str, device: torch.device, laun
     # Under --ddp the global batch is bs x dp_size: every rank draws the same order and trains its slice.
     steps_per_epoch = math.ceil(len(images) / (config.bs * launch.dp_size))
     validation = list_images(layout.validation) if layout.validation else []
-    return Run(config, name, args.checkpoint_path / f"{name}.pt", images, [paths[i] for i in held], validation,
-               steps_per_epoch)
+    return Run(config, name, args.checkpoint_path / f"{name}.pt", layout, images, [paths[i] for i in held],
+               validation, steps_per_epoch)
 
 
 def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> int:
@@ -206,23 +208,24 @@ def save(run: Run, training: Training, done: int) -> None:
                   run.metrics, training.optimizer, training.scaler, run.calibration)
 
 
-def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: int, test_set: TestSet | None,
-                 held_out: torch.Tensor | None, writer: SummaryWriter, device: torch.device) -> None:
+def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: int, writer: SummaryWriter,
+                 device: torch.device) -> None:
     """Save when due, then score the test set and calibrate on the held-out (or validation) images when due, and
     save again (saving first: a failure in scoring never costs the weights)."""
     done, last = (epoch + 1) * run.steps_per_epoch, epoch + 1 == run.config.epochs
-    evaluate_now = test_set is not None and (last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0))
-    calibrate_now = held_out is not None and last
+    due = last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0)
+    evaluate_now = run.test_set is not None and due
+    calibrate_now = run.calibration_images is not None and last
     if (epoch + 1) % args.save_every == 0 or last or evaluate_now:
         save(run, training, done)
     if evaluate_now or calibrate_now:
         training.model.eval()
     if evaluate_now:
-        run.metrics = {"epoch": epoch + 1, **evaluate_category(training.model, test_set, device, run.config.channel_order)}
+        run.metrics = {"epoch": epoch + 1, **evaluate_category(training.model, run.test_set, device, run.config.channel_order)}
         for key in METRICS:
             writer.add_scalar(f"test/{key}", run.metrics[key], done)
     if calibrate_now:
-        run.calibration = calibrate_at_end(training.model, held_out, run, args.false_alarm_rate, device)
+        run.calibration = calibrate_at_end(training.model, run, args.false_alarm_rate, device)
     if evaluate_now or calibrate_now:
         save(run, training, done)
         training.model.train()
@@ -234,10 +237,10 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     config, recipe, images, steps_per_epoch = run.config, RECIPES[run.config.recipe], run.images, run.steps_per_epoch
     if args.preview:
         return write_preview(args, images, sources, config, run.name, steps_per_epoch)
-    calibration_paths = run.held_out or run.validation
-    held_out = load_images(calibration_paths, config.image_size, args.workers, config.bit_depth) \
-        if calibration_paths else None
-    test_set = load_scoring_set(args, category, config.bit_depth)
+    if run.held_out or run.validation:
+        run.calibration_images = load_images(run.held_out or run.validation, config.image_size, args.workers,
+                                             config.bit_depth)
+    run.test_set = load_scoring_set(args, run.layout, config.bit_depth)
     training = build_training(config, device)
     start = resume_if_asked(args, run, training)
     net = prepare_network(training.model, config, args.compile, launch, device)
@@ -265,7 +268,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             set_learning_rate(training.optimizer, recipe.learning_rate(config.lr, epoch, config.epochs))
 
         # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
-        batch = step_batch(images, order, step, steps_per_epoch, sources, config, recipe, launch, simulation_g)
+        batch = step_batch(images, order, step, sources, config, launch, simulation_g)
 
         # step
         out, total, parts = train_step(net, batch, training.optimizer, training.scaler, autocast, focal,
@@ -288,7 +291,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             if args.visualize and writer:
                 log_image_grid(writer, batch, out, done)
             if writes:
-                end_of_epoch(args, run, training, epoch, test_set, held_out, writer, device)
+                end_of_epoch(args, run, training, epoch, writer, device)
 
         if stopping:
             if writes:

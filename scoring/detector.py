@@ -29,7 +29,8 @@ from training.checkpoint import CheckpointError, ModelInfo
 
 @dataclass(frozen=True)
 class Scoring:
-    """How images become model input, shared by every way of scoring: size, bit depth, tiles, batch."""
+    """How test_draem.py scores, whatever it scores: how images become model input (size, bit depth, tiles,
+    batch, precision), and what is judged and written (thresholds as the flags take them, masks, panels)."""
     image_size: tuple[int, int] | None = None  # None: the model's size; with a tile, each image's own size
     bit_depth: int | None = None  # None: the depth the checkpoint records
     tile: tuple[int, int] | None = None
@@ -37,6 +38,10 @@ class Scoring:
     batch_size: int = 16  # images per forward pass; tiles per pass when tiled
     workers: int | None = None
     amp: str = "off"  # bf16: PyTorch networks under autocast (exported files run at their own precision)
+    threshold: str | float | None = None  # --threshold (thresholds.choose)
+    pixel_threshold: str | float | None = None
+    mask_protocol: str = "standard"  # how test-set masks are binarised (evaluate.MASK_PROTOCOLS)
+    save_images: bool = True  # a panel per image
 
     def size_for(self, info: ModelInfo) -> tuple[int, int] | None:
         """The size images are resized to (None: kept at their own size, for tiling)."""

@@ -73,11 +73,10 @@ def one_model(checkpoint: Path, flag: str) -> Path:
     return files[0]
 
 
-def score_images(checkpoint: Path, images: Path, out_dir: Path, device: torch.device,
-                 threshold: str | float | None = None, pixel_threshold: str | float | None = None,
-                 scoring: Scoring = Scoring(), save_images: bool = True) -> int:
+def score_images(checkpoint: Path, images: Path, out_dir: Path, device: torch.device, scoring: Scoring = Scoring()
+                 ) -> int:
     """Score an image or a folder of them (recursively); returns how many were scored."""
-    detector = load(one_model(checkpoint, "--images"), device, threshold, pixel_threshold, scoring)
+    detector = load(one_model(checkpoint, "--images"), device, scoring.threshold, scoring.pixel_threshold, scoring)
     paths = image_paths(images)
     print(thresholds.describe(detector.image_threshold, detector.info, "image") + "; "
           + thresholds.describe(detector.pixel_threshold, detector.info, "pixel"))
@@ -92,7 +91,7 @@ def score_images(checkpoint: Path, images: Path, out_dir: Path, device: torch.de
                                                     "max_score", "mean_score"])
         scores_csv.writeheader()
         regions_csv.writeheader()
-        for chunk in scored_chunks(detector, paths, keep_reconstructions=save_images):
+        for chunk in scored_chunks(detector, paths, keep_reconstructions=scoring.save_images):
             for image_path, error in chunk.skipped:
                 warn(f"skipped: {error}")
                 errors.append(error)
@@ -100,7 +99,7 @@ def score_images(checkpoint: Path, images: Path, out_dir: Path, device: torch.de
             bar.update(len(chunk.skipped))
             if not chunk.images:
                 continue
-            recs = chunk.reconstructions if save_images else [None] * len(chunk.images)
+            recs = chunk.reconstructions if scoring.save_images else [None] * len(chunk.images)
             for (image_path, image), score, rec, amap in zip(chunk.images, image_scores(chunk.maps).tolist(), recs,
                                                              chunk.maps):
                 result = detector.decide(image, amap, score)

@@ -18,7 +18,7 @@ from deploy.export import SUFFIX, Int8Options, export_model
 from deploy.model_files import load_model, move_model_file
 from deploy.qat import FINETUNE_STEPS
 from scoring.accuracy_control import until_pass
-from scoring.accuracy_gate import gate_lines, judge, passes, precision_of, reference
+from scoring.accuracy_gate import Reference, gate_lines, judge, passes, precision_of
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
 from training.cli import cpu_capabilities
@@ -60,17 +60,15 @@ def scorer(model, image: torch.Tensor, channel_order: str):
     return lambda: predict(model, image, torch.device("cpu"), channel_order, batch_size=1)
 
 
-def choose(checkpoint: Path, out: Path, format: str, data: Path, device: torch.device, options: Int8Options,
-           obj_id: str | None = None, batch_size: int = 16, sources: Path | None = None,
-           image_size: tuple[int, int] | None = None, say=print) -> bool:
-    """Write out at the fastest precision that passes the gate (fp32 when none does); True when that is faster
-    than fp32."""
+def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: torch.device, options: Int8Options,
+           image_size: tuple[int, int] | None = None, batch_size: int = 16, say=print) -> bool:
+    """Write out at the fastest precision that passes the gate against ref (fp32 when none does); True when that
+    is faster than fp32."""
     has = cpu_capabilities()
     say(describe_cpu(has))
     steps = options.finetune if options.finetune is not None else FINETUNE_STEPS
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows = {}
-        ref = reference(checkpoint, data, device, obj_id, batch_size, sources=sources, size=image_size)
         for precision in candidates(format, has):
             if precision in (FINETUNED, CONTROLLED) and any(r["passes"] for r in rows.values()):
                 continue  # an int8 file passes already

@@ -185,9 +185,7 @@ def unique_name(name: str, taken: dict) -> str:
 
 
 def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Path, device: torch.device,
-                    obj_id: str | None = None, scoring: Scoring = Scoring(), mask_protocol: str = "standard",
-                    save_images: bool = True, threshold: str | float | None = None,
-                    pixel_threshold: str | float | None = None) -> dict:
+                    obj_id: str | None = None, scoring: Scoring = Scoring()) -> dict:
     """Score every checkpoint (files or folders of them) on its category's test set; write the results folder.
     Verdicts, missed defects and false alarms are judged at the threshold chosen by thresholds.choose.
 
@@ -205,7 +203,6 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
         for path in files:
             try:
                 run, results[run], details[run] = score_run(path, data_path, out_dir, device, obj_id, scoring,
-                                                            mask_protocol, save_images, threshold, pixel_threshold,
                                                             writer, results)
             except (DataError, CheckpointError) as exc:
                 if len(files) == 1:
@@ -215,7 +212,7 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
     finally:
         writer.close()
         if results:
-            summary = write_summary(out_dir, results, details, mask_protocol, skipped, save_images)
+            summary = write_summary(out_dir, results, details, scoring.mask_protocol, skipped, scoring.save_images)
     if summary is None:
         raise DataError(f"none of the {len(files)} checkpoints could be scored: " + "; ".join(
             f"{Path(p).name}: {why}" for p, why in skipped.items())[:600])
@@ -223,10 +220,10 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
 
 
 def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, obj_id: str | None, scoring: Scoring,
-              mask_protocol: str, save_images: bool, threshold: str | float | None,
-              pixel_threshold: str | float | None, writer: SummaryWriter, taken: dict) -> tuple[str, dict, dict]:
+              writer: SummaryWriter, taken: dict) -> tuple[str, dict, dict]:
     """One checkpoint on its category's test set: its name in the results, its row, and its curves and cases;
     its CSV, TensorBoard scalars and panels written."""
+    given = {"image": scoring.threshold, "pixel": scoring.pixel_threshold}
     model, info = scoring_model(path, device, scoring)
     data_path = data_path or info.config.get("data_path")
     if not data_path:
@@ -234,19 +231,19 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
     category = one_category(obj_id, data_path) if obj_id else info.category
     if not category:
         raise CheckpointError(f"{path}: the category is not recorded in the checkpoint; pass --obj_id")
-    for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")):
-        if given == "calibrated":  # decided by the file alone: fail before the evaluation, not after it
-            thresholds.choose(given, info, kind)
+    for kind in given:
+        if given[kind] == "calibrated":  # decided by the file alone: fail before the evaluation, not after it
+            thresholds.choose(given[kind], info, kind)
     started = time.perf_counter()
     test_set = load_test_set(data_path, category, scoring.size_for(info), scoring.workers, scoring.depth_for(info))
     if scoring.tile:
         check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
-    out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), mask_protocol,
-                   keep_reconstructions=save_images, amp=scoring.amp)
+    out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), scoring.mask_protocol,
+                   keep_reconstructions=scoring.save_images, amp=scoring.amp)
     run = unique_name(info.run, taken)
-    image_t, pixel_t = (thresholds.choose(given, info, kind, out["operating_points"][kind]["threshold"])
-                        for given, kind in ((threshold, "image"), (pixel_threshold, "pixel")))
-    cases = test_cases(test_set, out["scores"].tolist(), image_t.value, run, save_images)
+    image_t, pixel_t = (thresholds.choose(given[kind], info, kind, out["operating_points"][kind]["threshold"])
+                        for kind in ("image", "pixel"))
+    cases = test_cases(test_set, out["scores"].tolist(), image_t.value, run, scoring.save_images)
     result = {"data_set": data_set_name(data_path), "category": category, "checkpoint": str(path),
               "source": info.source, **out["metrics"],
               "thresholds": {"image": asdict(image_t), "pixel": asdict(pixel_t)},
@@ -261,7 +258,7 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
         {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
          "verdict": c["verdict"]} for c in cases])
     log_to_tensorboard(writer, run, out, test_set.labels)
-    if save_images:
+    if scoring.save_images:
         write_test_panels(out_dir, test_set, out, cases, image_t, pixel_t, scoring.depth_for(info))
     return run, result, {"curves": out["curves"], "cases": cases}
 

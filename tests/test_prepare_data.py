@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import archives
-from data_loader import has_defect_images, list_images, load_test_set, resolve_categories, train_image_paths
+from data_loader import category_layout, has_defect_images, list_images, load_test_set, resolve_categories, train_image_paths
 from helpers import ROOT
 
 SCRIPT = ROOT / "scripts" / "prepare_data.py"
@@ -141,7 +141,7 @@ def test_mpdd_loads_as_published(tmp_path):
     """MPDD is published in the MVTec AD layout: every category trains and scores without conversion."""
     source = archives.mpdd(tmp_path)
     assert resolve_categories("-1", source) == ["bracket_black"]
-    assert len(train_image_paths(source, "bracket_black")) == 4 and has_defect_images(source, "bracket_black")
+    assert len(train_image_paths(source, "bracket_black")) == 4 and has_defect_images(category_layout(source, "bracket_black"))
     test = load_test_set(source, "bracket_black", 32)
     assert test.defect_types == ["good", "hole", "hole"] and test.has_mask.all()
     assert test.masks[1].max() == 255 and test.masks[0].max() == 0

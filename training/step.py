@@ -12,7 +12,6 @@ from data_loader import DataError
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
 from perlin import SyntheticBatch, random_crops, simulate_anomalies
-from recipe import RECIPES, Recipe
 from training.cli import cpu_capabilities
 from training.config import TrainConfig
 from training.processes import Launch
@@ -78,25 +77,24 @@ def calibration_holdout(n: int, share: float, seed: int) -> tuple[list[int], lis
     return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
-def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, steps_per_epoch: int,
-               sources: torch.Tensor | None, config: TrainConfig, recipe: Recipe, launch: Launch,
-               generator: torch.Generator) -> SyntheticBatch:
-    """What step trains on: this rank's slice of its batch in the epoch's order (epoch_order), cropped when
-    the run crops, with anomalies simulated from the step's own random stream."""
-    normal = images[order[step % steps_per_epoch].view(launch.dp_size, config.bs)[launch.dp_rank]]
+def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: torch.Tensor | None,
+               config: TrainConfig, launch: Launch, generator: torch.Generator) -> SyntheticBatch:
+    """What step trains on: this rank's slice of its batch in the epoch's order (epoch_order: one row per step),
+    cropped when the run crops, with anomalies simulated from the step's own random stream."""
+    normal = images[order[step % len(order)].view(launch.dp_size, config.bs)[launch.dp_rank]]
     generator.manual_seed(stream_seed(config.seed, "simulation", launch.dp_rank, step))
     if config.train_crop:
         normal = random_crops(normal, config.train_crop, generator)
-    return simulate_anomalies(normal, sources, recipe, generator)
+    return simulate_anomalies(normal, sources, config.recipe, generator)
 
 
 def first_samples(images: torch.Tensor, sources: torch.Tensor | None, config: TrainConfig, count: int,
                   steps_per_epoch: int, launch: Launch = Launch()) -> SyntheticBatch:
     """The first count samples the first steps train on (--preview), drawn exactly as the loop draws them."""
-    recipe, generator, parts = RECIPES[config.recipe], torch.Generator(images.device), []
+    generator, parts = torch.Generator(images.device), []
     for step in range(math.ceil(count / config.bs)):
         order = epoch_order(len(images), config.bs * launch.dp_size, config.seed, step // steps_per_epoch, images.device)
-        parts.append(step_batch(images, order, step, steps_per_epoch, sources, config, recipe, launch, generator))
+        parts.append(step_batch(images, order, step, sources, config, launch, generator))
     return SyntheticBatch(*(torch.cat([getattr(b, f.name) for b in parts])[:count] for f in fields(SyntheticBatch)))
 
 
