@@ -5,6 +5,7 @@ Every format starts from the fp32 ONNX graph of onnx_graph.py. int8 is post-trai
 float): ONNX Runtime's QDQ quantization, or NNCF's for OpenVINO. bf16 is OpenVINO's inference precision on
 CPUs with bf16 instructions; the file holds fp32 weights.
 """
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from data_loader import DataError, category_layout, list_images, load_images
 from deploy import int8, qat
-from deploy.onnx_graph import ScoringGraph, export, read_metadata, require, save_with_metadata
+from deploy.onnx_graph import ScoringGraph, checkpoint_metadata, export, read_metadata, require, save_with_metadata
 from deploy.openvino_model import DEPLOY_REQUIREMENTS, FORMAT as OPENVINO_FORMAT, save_ir
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -136,22 +137,24 @@ def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.Ca
 
 def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: str = "fp32",
                  image_size: tuple[int, int] | None = None, options: Int8Options | None = None,
-                 say=print) -> dict[str, str]:
-    """Write out in the format and precision asked for; return its metadata."""
+                 say=print, fp32: Path | None = None) -> dict[str, str]:
+    """Write out in the format and precision asked for; return its metadata. fp32: this checkpoint's fp32 ONNX
+    export at this size, when there is one already (exporting takes seconds; --precision auto exports once)."""
     if precision not in PRECISIONS[format]:
         raise DataError(f"--precision {precision}: {format} supports {', '.join(PRECISIONS[format])}")
     if out.suffix != SUFFIX[format]:
         raise DataError(f"--out {out}: a {format} file ends in {SUFFIX[format]}")
     if format == "onnx" and precision == "fp32":
-        return export(checkpoint, out, image_size)
+        if fp32 is None:
+            return export(checkpoint, out, image_size)
+        shutil.copyfile(fp32, out)
+        return read_metadata(require("onnx").load(out))
     ov = require("openvino", DEPLOY_REQUIREMENTS) if format == "openvino" else None
     options = options or Int8Options()
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        props = export(checkpoint, fp32, image_size)
-        if precision == "int8":
+        if precision == "int8" and options.finetune is not None:  # this project's own graph: no fp32 file needed
+            props = checkpoint_metadata(checkpoint, image_size)
             calibration, float_layers, recorded = prepare_int8(checkpoint, props, options, say)
-        if precision == "int8" and options.finetune is not None:
             qdq = Path(tmp) / "int8.onnx"
             recorded |= finetuned_int8(checkpoint, props, calibration, float_layers, options, qdq, say)
             if format == "onnx":
@@ -160,6 +163,13 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
             props |= {"format": OPENVINO_FORMAT} | recorded
             save_ir(ov.convert_model(str(qdq)), out, props)
             return props
+        if fp32 is None:
+            fp32 = Path(tmp) / "fp32.onnx"
+            props = export(checkpoint, fp32, image_size)
+        else:
+            props = read_metadata(require("onnx").load(fp32))
+        if precision == "int8":
+            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options, say)
         if format == "onnx":
             int8.quantize_onnx(fp32, out, calibration, float_layers, recorded, **options.quantizer)
             return read_metadata(require("onnx").load(out))

@@ -65,6 +65,12 @@ def threshold_metadata(info: ModelInfo) -> dict[str, str]:
             if info.threshold(kind) is not None}
 
 
+def checkpoint_metadata(checkpoint: Path, image_size: tuple[int, int] | None = None) -> dict[str, str]:
+    """What an export of this checkpoint at image_size (default its own) records, without exporting."""
+    _, info = model_from_checkpoint(checkpoint)
+    return metadata(info, image_size or info.image_size, checkpoint)
+
+
 def export(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = None) -> dict[str, str]:
     """Write the ONNX file (checked by onnx.checker); return its metadata."""
     onnx = require("onnx")

@@ -16,6 +16,7 @@ import torch
 
 from deploy.export import SUFFIX, Int8Options, export_model
 from deploy.model_files import load_model, move_model_file
+from deploy.onnx_graph import export
 from deploy.qat import FINETUNE_STEPS
 from scoring.accuracy_control import until_pass
 from scoring.accuracy_gate import Reference, gate_lines, judge, passes, precision_of
@@ -68,7 +69,8 @@ def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: tor
     say(describe_cpu(has))
     steps = options.finetune if options.finetune is not None else FINETUNE_STEPS
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-        rows = {}
+        rows, fp32 = {}, Path(tmp) / "graph.onnx"
+        export(checkpoint, fp32, image_size)  # every candidate starts from this graph
         for precision in candidates(format, has):
             if precision in (FINETUNED, CONTROLLED) and any(r["passes"] for r in rows.values()):
                 continue  # an int8 file passes already
@@ -83,8 +85,11 @@ def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: tor
                                     image_size, batch_size, say)[1]
             else:
                 finetune = steps if precision == FINETUNED else None
-                export_model(checkpoint, path, format, precision.split()[0], image_size,
-                             options=dataclasses.replace(options, finetune=finetune), say=say)
+                props = export_model(checkpoint, path, format, precision.split()[0], image_size,
+                                     options=dataclasses.replace(options, finetune=finetune), say=say, fp32=fp32)
+                if precision == "int8":  # the float layers it measured are the later candidates' too
+                    options = dataclasses.replace(options, float_layers_by=props["float_layers_by"], float_layers=[
+                        name for name in props["float_layers"].split(",") if name])
                 model, info = load_model(path, device)
                 result = judge(ref, model, precision_of(info), device, batch_size)
             for line in gate_lines(result, path.name):

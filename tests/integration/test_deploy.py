@@ -2,9 +2,10 @@
 this project's, official and anomalib weights, on generated and real images; the gate fails a damaged model; the
 Python API equals the command line on every format."""
 import csv
-from pathlib import Path
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,12 +58,13 @@ def exported(tmp_path_factory):
     config = TrainConfig(category="weave", data_path=str(data), image_size=SIZE, base_width=8, seg_base_width=8,
                          bit_depth=8)
     save_training(ckpt, informative_model(), config, "weave")
-    files = {}
+    files = {("onnx", "fp32"): work / "weave_fp32.onnx"}
+    export_model(ckpt, files[("onnx", "fp32")])  # the graph each other export starts from: exported once
     for fmt, precision in (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("onnx", "int8")):
         if precision == "bf16" and not cpu_has_bf16():
             continue
         out = work / f"weave_{precision}{'.xml' if fmt == 'openvino' else '.onnx'}"
-        export_model(ckpt, out, fmt, precision, options=Int8Options(count=12))
+        export_model(ckpt, out, fmt, precision, options=Int8Options(count=12), fp32=files[("onnx", "fp32")])
         files[(fmt, precision)] = out
     return work, data, ckpt, files
 
@@ -75,7 +77,7 @@ def images_to_check(data):
 
 
 def test_openvino_fp32_equals_pytorch_for_ours_official_and_anomalib_weights(exported, tmp_path):
-    work, data, ckpt, _ = exported
+    work, data, ckpt, files = exported
     model = informative_model(1)
     official = tmp_path / "DRAEM_test_0.0001_2_bs4_weave_.pckl"
     torch.save(model.reconstructive_subnetwork.state_dict(), official)
@@ -85,8 +87,9 @@ def test_openvino_fp32_equals_pytorch_for_ours_official_and_anomalib_weights(exp
     torch.save({"state_dict": anomalib}, tmp_path / "anomalib_weave.ckpt")
     images = images_to_check(data)
     for source, order in ((ckpt, "BGR"), (official, "BGR"), (tmp_path / "anomalib_weave.ckpt", "RGB")):
-        out = tmp_path / f"{source.stem}.xml"
-        export_model(source, out, "openvino", image_size=SIZE)
+        out = files[("openvino", "fp32")] if source == ckpt else tmp_path / f"{source.stem}.xml"  # ours: exported once
+        if source != ckpt:
+            export_model(source, out, "openvino", image_size=SIZE)
         reference_model, _ = model_from_checkpoint(source)
         reference = predict(reference_model, images, CPU, order)[0]  # BGR files; predict flips them for RGB weights
         ir, info = load_model(out, CPU)
@@ -395,6 +398,14 @@ def test_precision_auto_tries_finetuned_int8_and_keeps_fp32_when_both_int8_fail(
     out = tmp_path / "auto.onnx"
     args = ["--checkpoint", str(ckpt), "--check", str(data), "--precision", "auto", "--out", str(out),
             "--finetune", "2"]
+    graph = tmp_path / "graph.onnx"  # the checkpoint's fp32 graph: exported by the first run, copied in the others
+
+    def export_once(checkpoint, out, image_size=None):
+        if not graph.exists():
+            real_export(checkpoint, graph, image_size)
+        shutil.copyfile(graph, out)
+    real_export = precision_choice.export
+    monkeypatch.setattr(precision_choice, "export", export_once)
     code, printed = gate(args, capsys)  # both int8 files calibrated on black images: both fail
     assert code == 1 and info_metadata(out)["precision"] == "fp32", printed[-3000:]
     assert "AVX2" in printed and "onnx int8 fine-tuned" in printed and "fails:" in printed and "kept fp32" in printed
