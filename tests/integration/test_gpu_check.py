@@ -35,9 +35,9 @@ def test_the_gpu_check_runs_every_step_and_writes_every_result_it_promises(tmp_p
 def test_the_gpu_check_stops_at_the_first_failing_step_and_names_it(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "ckpt").write_text("a file where the training step writes its checkpoint folder")
+    (out / "data").write_text("a file where the second step writes its dataset folder")
     proc = gpu_check(out)
     assert proc.returncode == 1
-    assert "gpu_check: step 'training a category' failed" in proc.stderr
-    assert (out / "synthesis.json").is_file()  # the steps before it ran ...
-    assert not (out / "test_category.txt").exists()  # ... and none after it
+    assert "gpu_check: step 'category-sized dataset' failed" in proc.stderr
+    assert (out / "bench_full.json").is_file()  # the step before it ran ...
+    assert not (out / "synthesis.txt").exists() and not (out / "train_category.txt").exists()  # ... and none after it

@@ -19,22 +19,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from data_loader import load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
-from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
+from helpers import ROOT, read_json, run_script
 from scoring.detector import resize_map
 from scoring.metrics import METRICS
 from test_metrics import brute_force_aupro
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    work = tmp_path_factory.mktemp("promises")
-    data = tiny_dataset(work / "data")
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-               "--epochs", "2", *TINY, cwd=work)
-    [ckpt] = (work / "checkpoints").glob("*.pt")
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res", "--device", "cpu",
-               "--no-save_images", cwd=work)
-    return work, data, ckpt
 
 
 def f1_max(labels, scores) -> float:
@@ -42,8 +30,8 @@ def f1_max(labels, scores) -> float:
     return max(2 * p * r / (p + r) for p, r in zip(precision, recall) if p + r > 0)
 
 
-def test_every_metric_equals_scikit_learn_on_the_written_scores_and_the_maps(trained):
-    work, data, ckpt = trained
+def test_every_metric_equals_scikit_learn_on_the_written_scores_and_the_maps(tiny_run):
+    work, data, ckpt = tiny_run
     run = read_json(work / "res" / "results.json")["runs"][ckpt.stem]
     rows = list(csv.DictReader(open(work / "res" / f"scores_{ckpt.stem}.csv")))
     labels, scores = np.array([int(r["label"]) for r in rows]), np.array([float(r["score"]) for r in rows])
@@ -74,8 +62,8 @@ def make_folder(root: Path, data: Path, names: list[str]) -> None:
         cv2.imwrite(str(root / name), cv2.resize(source, (40 + 8 * i, 48)))
 
 
-def test_images_default_to_the_stored_thresholds_and_keep_nested_folders(trained, tmp_path):
-    work, data, ckpt = trained
+def test_images_default_to_the_stored_thresholds_and_keep_nested_folders(tiny_run, tmp_path):
+    work, data, ckpt = tiny_run
     names = ["a.png", "line1/b.png", "line2/cam/c.png"]
     make_folder(tmp_path / "mine", data, names)
     proc = run_script("test_draem.py", "--checkpoint", ckpt, "--images", tmp_path / "mine", "--out", tmp_path / "out",
@@ -106,8 +94,8 @@ def test_images_default_to_the_stored_thresholds_and_keep_nested_folders(trained
     assert len(list(csv.DictReader(open(tmp_path / "one" / "scores.csv")))) == 1
 
 
-def test_a_stopped_streamed_run_keeps_the_rows_it_wrote(trained, tmp_path):
-    work, data, ckpt = trained
+def test_a_stopped_streamed_run_keeps_the_rows_it_wrote(tiny_run, tmp_path):
+    work, data, ckpt = tiny_run
     make_folder(tmp_path / "many", data, [f"{i:03d}.png" for i in range(100)])
     proc = subprocess.Popen([sys.executable, str(ROOT / "test_draem.py"), "--checkpoint", str(ckpt), "--images",
                              str(tmp_path / "many"), "--out", str(tmp_path / "out"), "--batch_size", "2",
@@ -130,8 +118,8 @@ def test_a_stopped_streamed_run_keeps_the_rows_it_wrote(trained, tmp_path):
     assert all(r["score"] and r["verdict"] in ("OK", "ANOMALY") and Path(r["panel"]).is_file() for r in rows)
 
 
-def test_obj_id_overrides_the_checkpoint_category(trained, tmp_path):
-    work, data, ckpt = trained
+def test_obj_id_overrides_the_checkpoint_category(tiny_run, tmp_path):
+    work, data, ckpt = tiny_run
     shutil.copytree(data / "weave", tmp_path / "d" / "other")
     run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--obj_id", "other", "--out",
                tmp_path / "res", "--device", "cpu", "--no-save_images", cwd=work)
@@ -156,7 +144,7 @@ def test_demo_end_to_end(tmp_path):
     assert "demo done" in proc.stdout
 
 
-def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_scored(trained, tmp_path, capsys,
+def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_scored(tiny_run, tmp_path, capsys,
                                                                                       monkeypatch):
     """The demo's weave checkpoint beside MVTec ones: a category without a test set under --data_path, and a
     damaged file, are skipped with one line each; the others' results are written; the exit status is 1."""
@@ -164,7 +152,7 @@ def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_sc
     from scoring import results as results_module
     from training.checkpoint import save_training
     from training.config import TrainConfig
-    work, data, ckpt = trained
+    work, data, ckpt = tiny_run
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "a_damaged.pt").write_bytes(ckpt.read_bytes()[:1000])

@@ -16,18 +16,8 @@ from helpers import TINY, call_script, read_json, run_script, tiny_dataset
 from scoring.metrics import METRICS
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e")
-    data = tiny_dataset(work / "data")
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-               "--epochs", "2", "--visualize", *TINY, cwd=work)
-    ckpt = next((work / "checkpoints").glob("*.pt"))
-    return work, data, ckpt
-
-
-def test_training_writes_a_complete_checkpoint(trained):
-    work, data, ckpt = trained
+def test_training_writes_a_complete_checkpoint(tiny_run):
+    work, data, ckpt = tiny_run
     assert "weave" in ckpt.name
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * 3  # 12 images, batch 4
@@ -37,8 +27,8 @@ def test_training_writes_a_complete_checkpoint(trained):
     assert not list((work / "checkpoints").glob(".*tmp*"))
 
 
-def test_tensorboard_holds_loss_curves_and_images(trained):
-    work, _, ckpt = trained
+def test_tensorboard_holds_loss_curves_and_images(tiny_run):
+    work, _, ckpt = tiny_run
     events = EventAccumulator(str(work / "logs" / ckpt.stem)).Reload()
     tags = events.Tags()
     assert {"loss/total", "loss/l2", "loss/ssim", "loss/focal", "lr"} <= set(tags["scalars"])
@@ -47,27 +37,27 @@ def test_tensorboard_holds_loss_curves_and_images(trained):
     assert tags["images"]
 
 
-def test_test_script_writes_results_csv_and_panels(trained):
-    work, data, ckpt = trained
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res", "--device", "cpu",
-               "--save_images", cwd=work)
-    results = read_json(work / "res" / "results.json")
+def test_test_script_writes_results_csv_and_panels(tiny_run):
+    work, data, ckpt = tiny_run
+    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res_panels", "--device",
+               "cpu", "--save_images", cwd=work)
+    results = read_json(work / "res_panels" / "results.json")
     run = results["runs"][ckpt.stem]
     # each metric's value is checked against scikit-learn in test_promises.py; here: one run, its own mean
     for metric in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro"):
         assert results["means"][0][metric] == run[metric]
-    assert "Mean per configuration" in (work / "res" / "results.md").read_text()
-    rows = list(csv.DictReader(open(work / "res" / f"scores_{ckpt.stem}.csv")))
+    assert "Mean per configuration" in (work / "res_panels" / "results.md").read_text()
+    rows = list(csv.DictReader(open(work / "res_panels" / f"scores_{ckpt.stem}.csv")))
     assert len(rows) == 10 and {r["defect_type"] for r in rows} == {"good", "scratch", "hole", "stain"}
-    panels = sorted((work / "res" / "images" / ckpt.stem).rglob("*.png"))
+    panels = sorted((work / "res_panels" / "images" / ckpt.stem).rglob("*.png"))
     assert len(panels) == 10
     picture = cv2.imread(str(panels[0]))
     # three tiles at the original 160 px, under a header of titles, beside a colour bar narrower than a tile
     assert picture.shape[0] > 160 and 3 * 160 < picture.shape[1] < 4 * 160
 
 
-def test_official_two_file_and_anomalib_checkpoints_give_identical_outputs(trained):
-    work, data, ckpt = trained
+def test_official_two_file_and_anomalib_checkpoints_give_identical_outputs(tiny_run):
+    work, data, ckpt = tiny_run
     model, _ = model_from_checkpoint(ckpt)
     name = "DRAEM_test_0.0001_2_bs4_weave_"
     torch.save(model.reconstructive_subnetwork.state_dict(), work / f"{name}.pckl")
@@ -86,17 +76,17 @@ def test_official_two_file_and_anomalib_checkpoints_give_identical_outputs(train
     rgb = predict(loaded, images.flip(1), torch.device("cpu"), channel_order="RGB")[0]
     torch.testing.assert_close(rgb, reference, rtol=0, atol=0)
     # The official pair scores through the script too, category taken from the file name.
-    run_script("test_draem.py", "--checkpoint", work / f"{name}_seg.pckl", "--data_path", data, "--out", work / "off",
-               "--device", "cpu", "--image_size", "32", cwd=work)
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "own", "--device", "cpu",
-               cwd=work)
+    call_script("test_draem.py", "--checkpoint", work / f"{name}_seg.pckl", "--data_path", data, "--out", work / "off",
+                "--device", "cpu", "--image_size", "32", cwd=work)
+    call_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "own", "--device", "cpu",
+                cwd=work)
     # A folder of checkpoints: every file scored once, the official pair counted as one run.
     folder = work / "folder"
     folder.mkdir()
     for path in (ckpt, work / f"{name}.pckl", work / f"{name}_seg.pckl"):
         (folder / path.name).write_bytes(path.read_bytes())
-    run_script("test_draem.py", "--checkpoint", folder, "--data_path", data, "--out", work / "both", "--device", "cpu",
-               "--image_size", "32", cwd=work)
+    call_script("test_draem.py", "--checkpoint", folder, "--data_path", data, "--out", work / "both", "--device", "cpu",
+                "--image_size", "32", cwd=work)
     assert sorted(read_json(work / "both" / "results.json")["runs"]) == sorted([name, ckpt.stem])
     official = read_json(work / "off" / "results.json")["runs"][name]
     own = read_json(work / "own" / "results.json")["runs"][ckpt.stem]
@@ -104,8 +94,8 @@ def test_official_two_file_and_anomalib_checkpoints_give_identical_outputs(train
     assert {m: official[m] for m in METRICS} == {m: own[m] for m in METRICS}
 
 
-def test_inference_on_a_folder_of_images(trained, tmp_path):
-    work, data, ckpt = trained
+def test_inference_on_a_folder_of_images(tiny_run, tmp_path):
+    work, data, ckpt = tiny_run
     folder = tmp_path / "mine"
     folder.mkdir()
     for i, size in enumerate([(50, 70), (97, 33), (128, 128)]):
