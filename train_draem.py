@@ -204,7 +204,7 @@ def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> i
 
 
 def save(run: Run, training: Training, done: int) -> None:
-    save_training(run.checkpoint, training.model, run.config, run.name, done, done // run.steps_per_epoch,
+    save_training(run.checkpoint, training.model, run.config, done, done // run.steps_per_epoch,
                   run.metrics, training.optimizer, training.scaler, run.calibration)
 
 

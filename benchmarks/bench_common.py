@@ -19,7 +19,7 @@ def random_checkpoint(path: Path, base_width: int, seg_base_width: int, image_si
     init_weights(model)
     config = TrainConfig(category="bench", base_width=base_width, seg_base_width=seg_base_width,
                          image_size=(image_size, image_size))
-    save_training(path, model, config, "bench")
+    save_training(path, model, config)
     return model.eval()
 
 

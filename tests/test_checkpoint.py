@@ -14,7 +14,7 @@ from training.config import TrainConfig
 def saved(tmp_path, seed):
     torch.manual_seed(seed)
     path = tmp_path / "run.pt"
-    save_training(path, DraemModel(4, 4), TrainConfig(category="part", seed=seed), "run", step=seed)
+    save_training(path, DraemModel(4, 4), TrainConfig(category="part", seed=seed), step=seed)
     return path
 
 

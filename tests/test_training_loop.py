@@ -81,8 +81,8 @@ def run_main(monkeypatch, tmp_path, *extra, wrap_step=None, record_saves=None):
     if record_saves is not None:
         real_save = train_draem.save_training
 
-        def save(path, model, config, run, step, *rest):
-            real_save(path, model, config, run, step, *rest)
+        def save(path, model, config, step, *rest):
+            real_save(path, model, config, step, *rest)
             record_saves.append((step, path.read_bytes()))
         monkeypatch.setattr(train_draem, "save_training", save)
     train_draem.main(["--data_path", str(data), "--obj_id", "weave", "--anomaly_source_path", str(data / "sources"),

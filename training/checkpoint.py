@@ -105,13 +105,13 @@ class Checkpoint:
 
 # ---- writing ------------------------------------------------------------------------------------------
 
-def save_training(path: Path, model: DraemModel, config: TrainConfig, run: str, step: int = 0, epoch: int = 0,
+def save_training(path: Path, model: DraemModel, config: TrainConfig, step: int = 0, epoch: int = 0,
                   metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                   scaler: torch.amp.GradScaler | None = None, calibration: dict | None = None) -> None:
     """A training run's checkpoint: weights, configuration, progress, optimiser state, the latest metrics and
     thresholds calibrated on good images."""
     write_atomically(path, partial(torch.save, {
-        "format": FORMAT, "config": config.to_dict(), "category": config.category, "run": run,
+        "format": FORMAT, "config": config.to_dict(), "category": config.category, "run": path.stem,
         "reconstructive": model.reconstructive_subnetwork.state_dict(),
         "discriminative": model.discriminative_subnetwork.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,

@@ -57,7 +57,7 @@ def exported(tmp_path_factory):
     ckpt = work / "weave.pt"
     config = TrainConfig(category="weave", data_path=str(data), image_size=SIZE, base_width=8, seg_base_width=8,
                          bit_depth=8)
-    save_training(ckpt, informative_model(), config, "weave")
+    save_training(ckpt, informative_model(), config)
     files = {("onnx", "fp32"): work / "weave_fp32.onnx"}
     export_model(ckpt, files[("onnx", "fp32")])  # the graph each other export starts from: exported once
     for fmt, precision in (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("onnx", "int8")):
@@ -163,7 +163,7 @@ def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path
             p.mul_(1.05)  # every weight 5 % off: a broken export, as a scaling bug would make it
     damaged = tmp_path / "damaged.pt"
     save_training(damaged, damaged_model, TrainConfig(category="weave", image_size=SIZE, base_width=8,
-                                                      seg_base_width=8), "weave")
+                                                      seg_base_width=8))
     export_model(damaged, tmp_path / "damaged.xml", "openvino")
     with pytest.raises(SystemExit) as stopped:
         export_draem.main(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(tmp_path / "damaged.xml")])
@@ -362,7 +362,7 @@ def test_the_good_only_gate_passes_an_honest_export_fails_a_damaged_one_and_name
             p.mul_(1.05)
     damaged = tmp_path / "damaged.pt"
     save_training(damaged, damaged_model, TrainConfig(category="weave", image_size=SIZE, base_width=8,
-                                                      seg_base_width=8), "weave")
+                                                      seg_base_width=8))
     export_model(damaged, tmp_path / "damaged.xml", "openvino")
     code, out = gate(["--checkpoint", str(ckpt), "--check", str(good_only), "--compare", str(tmp_path / "damaged.xml")],
                      capsys)
@@ -499,7 +499,7 @@ def test_an_fp32_export_passes_the_gate_at_the_test_sets_own_thresholds(exported
     out = evaluate(model, load_test_set(data, "weave", SIZE), CPU)
     tested = tmp_path / "weave.pt"
     save_training(tested, model, TrainConfig(category="weave", data_path=str(data), image_size=SIZE, base_width=8,
-                                             seg_base_width=8, bit_depth=8), "weave",
+                                             seg_base_width=8, bit_depth=8),
                   metrics={**out["metrics"], "operating_points": out["operating_points"]})
     threshold = out["operating_points"]["image"]["threshold"]
     fp32_file = files[("openvino", "fp32")]
@@ -509,4 +509,4 @@ def test_an_fp32_export_passes_the_gate_at_the_test_sets_own_thresholds(exported
     assert 0 < gap < (out["scores"] - threshold).abs().min().item()  # rounding moves scores less than the margin
     code, printed = gate(["--checkpoint", str(tested), "--check", str(data), "--compare", str(fp32_file)], capsys)
     assert code == 0 and "PASSES the accuracy gate" in printed, printed
-    assert f"verdicts changed" in printed and f"0 of {len(out['scores'])} at {threshold:.4g}" in printed
+    assert "verdicts changed" in printed and f"0 of {len(out['scores'])} at {threshold:.4g}" in printed

@@ -171,7 +171,7 @@ def test_the_standalone_onnx_example_scores_as_test_draem_does(trained, tmp_path
     with torch.no_grad():
         model.discriminative_subnetwork.decoder_segment.fin_out[0].weight.mul_(300)
     ckpt = tmp_path / "random.pt"
-    save_training(ckpt, model, TrainConfig(category="weave", image_size=(32, 64), base_width=16, seg_base_width=16), "random")
+    save_training(ckpt, model, TrainConfig(category="weave", image_size=(32, 64), base_width=16, seg_base_width=16))
     export(ckpt, tmp_path / "weave.onnx", cwd=work)
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -157,7 +157,7 @@ def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_sc
     folder.mkdir()
     (folder / "a_damaged.pt").write_bytes(ckpt.read_bytes()[:1000])
     model, info = model_from_checkpoint(ckpt)
-    save_training(folder / "b_zebra.pt", model, TrainConfig.from_dict(info.config | {"category": "zebra"}), "b_zebra")
+    save_training(folder / "b_zebra.pt", model, TrainConfig.from_dict(info.config | {"category": "zebra"}))
     shutil.copy(ckpt, folder / "c_weave.pt")
     shutil.copy(ckpt, folder / "d_weave.pt")
     args = ["--checkpoint", str(folder), "--data_path", str(data), "--device", "cpu", "--no-save_images"]

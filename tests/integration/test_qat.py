@@ -1,7 +1,6 @@
 """This project's own int8 graph (deploy/qat.py): ONNX Runtime and OpenVINO compute what its PyTorch simulation
 computes, quantization-aware fine-tuning shrinks the gap to the fp32 model on images it did not train on, and a
 fine-tuned file holds exactly the network that was fine-tuned."""
-import numpy as np
 import pytest
 import torch
 
@@ -28,7 +27,7 @@ def setting(tmp_path_factory):
     data = tiny_dataset(work / "data")
     ckpt = work / "weave.pt"
     save_training(ckpt, informative_model(), TrainConfig(category="weave", data_path=str(data), image_size=SIZE,
-                                                         base_width=8, seg_base_width=8, bit_depth=8), "weave")
+                                                         base_width=8, seg_base_width=8, bit_depth=8))
     teacher = ScoringGraph(informative_model().eval(), False).eval()
     good = load_images(list_images(data / "weave" / "train" / "good"), SIZE)
     held_out = load_test_set(data, "weave", SIZE).images.float() / 255  # never trained on
