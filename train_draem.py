@@ -221,7 +221,8 @@ def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: 
     if evaluate_now or calibrate_now:
         training.model.eval()
     if evaluate_now:
-        run.metrics = {"epoch": epoch + 1, **evaluate_category(training.model, run.test_set, device, run.config.channel_order)}
+        scored = evaluate_category(training.model, run.test_set, device, run.config.channel_order)
+        run.metrics = {"epoch": epoch + 1, **scored}
         for key in METRICS:
             writer.add_scalar(f"test/{key}", run.metrics[key], done)
     if calibrate_now:

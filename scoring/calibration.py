@@ -92,13 +92,14 @@ def describe(calibration: dict) -> list[str]:
     for kind, what in (("image", "flags"), ("pixel", "gives a defect region to")):
         point = calibration[kind]
         lines.append(f"  {kind} threshold {point['threshold']:.6g}: {what} {point['flagged']} of {n} good images "
-                     f"({percent(point['observed_rate'], '.3g')} %); true rate at most {percent(point['upper_bound'], '.3g')} % "
+                     f"({percent(point['observed_rate'], '.3g')} %); true rate at most "
+                     f"{percent(point['upper_bound'], '.3g')} % "
                      f"({percent(calibration['confidence'], '.3g')} % confidence)")
     if max(calibration[k]["upper_bound"] for k in ("image", "pixel")) > rate:
         if n < needed:
-            lines.append(f"  {n} images cannot show a false-alarm rate of at most {percent(rate, '.3g')} %: that takes at least "
-                         f"{needed} good images with none flagged")
+            lines.append(f"  {n} images cannot show a false-alarm rate of at most {percent(rate, '.3g')} %: that takes "
+                         f"at least {needed} good images with none flagged")
         else:
-            lines.append(f"  flagged images keep the bound above {percent(rate, '.3g')} %: {n} images show it only when none "
-                         f"of them is flagged (a stricter --false_alarm_rate)")
+            lines.append(f"  flagged images keep the bound above {percent(rate, '.3g')} %: {n} images show it only "
+                         f"when none of them is flagged (a stricter --false_alarm_rate)")
     return lines

@@ -68,8 +68,8 @@ def choose(given: str | float | None, info: ModelInfo, kind: str, own_max_f1: fl
 
 
 def calibration_source(calibration: dict) -> str:
-    return (f"calibrated for {percent(calibration['false_alarm_rate'], '.3g')} % false alarms on {calibration['images']} "
-            f"good images ({calibration['source']})")
+    return (f"calibrated for {percent(calibration['false_alarm_rate'], '.3g')} % false alarms on "
+            f"{calibration['images']} good images ({calibration['source']})")
 
 
 def store_calibration(path: Path, calibration: dict) -> None:
