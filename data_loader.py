@@ -2,17 +2,19 @@
 
 Layout: <data_path>/<category>/train/good/*, <data_path>/<category>/test/<good|defect>/*,
 <data_path>/<category>/ground_truth/<defect>/<stem>_mask.png, optionally <category>/validation/good/* (good
-images to calibrate thresholds on); or <data_path>/<category>.json naming folders anywhere (Layout). Every image file is decoded once per run
+images to calibrate thresholds on) and <category>/train/<defect>/* (real defects to learn from, masks in
+ground_truth/<defect>/ too); or <data_path>/<category>.json naming folders anywhere (Layout). Every image file is decoded once per run
 (in parallel threads: OpenCV releases the GIL), resized and kept as a (N, 3, H, W) uint8 BGR tensor,
 the channel order of the official code and its checkpoints.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 from functools import partial
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -217,7 +219,10 @@ DESCRIPTION_KEYS = {"train": "good training images (required)", "test_good": "go
                     "test_defect": "defect test images: a folder, or a list of folders (each a defect type)",
                     "masks": "masks of the defect images, matched by file stem (<stem>_mask.* or <stem>.*): a "
                              "folder, or a list of folders, one per test_defect folder",
-                    "validation": "good images the thresholds are calibrated on"}
+                    "validation": "good images the thresholds are calibrated on",
+                    "train_defect": "real defect images to train on: a folder, or a list of folders (each a defect type)",
+                    "train_masks": "masks of the train_defect images, as masks for test_defect (images without one "
+                                   "are image-level labels)"}
 
 
 @dataclass(frozen=True)
@@ -230,15 +235,19 @@ class Layout:
     masks: dict[str, Path]  # per defect type, the folder of its masks
     validation: Path | None  # good images shipped for calibrating thresholds (MVTec AD 2, MVTec LOCO)
     origin: str  # what the paths came from, for messages
+    train_defects: dict[str, Path] = field(default_factory=dict)  # real defects to train on, a folder per type
+    train_masks: dict[str, Path] = field(default_factory=dict)  # per defect type, the folder of their masks
 
 
 def mvtec_layout(root: Path) -> Layout:
     test = root / "test"
     types = {d.name: d for d in sorted(test.iterdir()) if d.is_dir()} if test.is_dir() else {}
     validation = root / "validation" / "good"
-    return Layout(root.name, root / "train" / "good", types,
-                  {t: root / "ground_truth" / t for t in types if t != "good"},
-                  validation if list_images(validation) else None, str(root))
+    train = root / "train"
+    defects = {d.name: d for d in sorted(train.iterdir()) if d.is_dir() and d.name != "good"} if train.is_dir() else {}
+    return Layout(root.name, train / "good", types, {t: root / "ground_truth" / t for t in types if t != "good"},
+                  validation if list_images(validation) else None, str(root),
+                  defects, {t: root / "ground_truth" / t for t in defects})
 
 
 def described_layout(path: Path) -> Layout:
@@ -268,21 +277,28 @@ def described_layout(path: Path) -> Layout:
             raise DataError(f"{path}: {key} must be a folder name or a list of them, not {value!r}")
         return [folder(v, key) for v in ([value] if isinstance(value, str) else value)]
 
+    def typed(images_key: str, masks_key: str, into: dict[str, Path]) -> dict[str, Path]:
+        """Defect folders by type (into: already known folders, such as test_good) and their mask folders."""
+        defects, masks = folders(images_key), folders(masks_key)
+        if len(masks) not in (0, 1, len(defects)):
+            raise DataError(f"{path}: {len(masks)} {masks_key} folders for {len(defects)} {images_key} folders: give "
+                            f"one for all, or one per {images_key} folder in its order")
+        for found in defects:
+            if found.name == "good" or found.name in into:
+                raise DataError(f"{path}: {images_key} {found}: a defect folder's name is its defect type, and " +
+                                ("'good' means defect-free" if found.name == "good" else
+                                 f"another {images_key} folder is named {found.name!r} too"))
+            into[found.name] = found
+        types = [d.name for d in defects]
+        return dict(zip(types, masks * len(types) if len(masks) == 1 else masks))
+
     test = {"good": folder(spec["test_good"], "test_good")} if "test_good" in spec else {}
-    defects, masks = folders("test_defect"), folders("masks")
-    if len(masks) not in (0, 1, len(defects)):
-        raise DataError(f"{path}: {len(masks)} masks folders for {len(defects)} test_defect folders: give one for "
-                        f"all, or one per test_defect folder in its order")
-    for found in defects:
-        if found.name == "good" or found.name in test:
-            raise DataError(f"{path}: test_defect {found}: a defect folder's name is its defect type, and " +
-                            ("'good' means defect-free" if found.name == "good" else
-                             f"another test_defect folder is named {found.name!r} too"))
-        test[found.name] = found
-    types = [t for t in test if t != "good"]
-    return Layout(path.stem, folder(spec["train"], "train"), test,
-                  dict(zip(types, masks * len(types) if len(masks) == 1 else masks)),
-                  folder(spec["validation"], "validation") if "validation" in spec else None, str(path))
+    test_masks = typed("test_defect", "masks", test)
+    train_defects: dict[str, Path] = {}
+    train_masks = typed("train_defect", "train_masks", train_defects)
+    return Layout(path.stem, folder(spec["train"], "train"), test, test_masks,
+                  folder(spec["validation"], "validation") if "validation" in spec else None, str(path),
+                  train_defects, train_masks)
 
 
 def category_layout(data_path: Path, category: str) -> Layout:
@@ -330,12 +346,29 @@ class TestSet:
     defect_types: list[str]
     paths: list[Path]
     has_mask: Tensor  # (N,) bool: the pixel labels are known (good images, and defect images with a mask)
+    left_out: list[Path] = field(default_factory=list)  # defect images the scored model trained on: not scored
 
     @property
     def mask_coverage(self) -> dict[str, int]:
         """How many defect images there are and how many of them have a mask (the pixel metrics' share)."""
         defective = self.labels.bool()
         return {"defect_images": int(defective.sum()), "defect_images_with_mask": int((defective & self.has_mask).sum())}
+
+    def left_out_text(self) -> str:
+        """'scored on 42 of 52 defect images; 10 used in training', or '' when none was left out."""
+        if not self.left_out:
+            return ""
+        scored = int(self.labels.sum())
+        return (f"scored on {scored} of {scored + len(self.left_out)} defect images; {len(self.left_out)} used in "
+                f"training (left out)")
+
+
+@dataclass(frozen=True)
+class DefectFile:
+    """A defect image, its type (its folder's name) and its mask file (None: an image-level label only)."""
+    path: Path
+    defect_type: str
+    mask: Path | None
 
 
 def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
@@ -345,32 +378,43 @@ def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
     return None
 
 
+def defect_files(folders: dict[str, Path], masks: dict[str, Path]) -> list[DefectFile]:
+    """Every image of the defect folders (sorted by type, then name), each with its mask when there is one."""
+    return [DefectFile(path, kind, mask_path_for(masks[kind], path) if kind in masks else None)
+            for kind, folder in sorted(folders.items()) for path in list_images(folder)]
+
+
+def file_digest(path: Path) -> str:
+    """A digest of the file's bytes: how a checkpoint names the images it trained on, wherever they lie later."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:32]
+
+
 def load_test_set(data_path: Path, category: str, size: Size | None, workers: int | None = None,
-                  bit_depth: int = FULL_RANGE) -> TestSet:
-    """The labelled test set at size (None: the images' own size, which must then be one size)."""
+                  bit_depth: int = FULL_RANGE, leave_out: frozenset[str] = frozenset()) -> TestSet:
+    """The labelled test set at size (None: the images' own size, which must then be one size), without the
+    defect images whose file digest is in leave_out (those the scored model trained on)."""
     layout = category_layout(data_path, category)
     if not layout.test:
         raise DataError(f"no test folder in {layout.origin} (expected <data_path>/<category>/test/<good|defect>/*, "
                         f"or test_good / test_defect in a description)")
-    paths, defect_types, mask_paths, missing = [], [], [], []
-    for kind, folder in sorted(layout.test.items()):
-        for path in list_images(folder):
-            mask_path = None
-            if kind != "good":
-                mask_path = mask_path_for(layout.masks[kind], path) if kind in layout.masks else None
-                if mask_path is None:
-                    missing.append(str(path))
-            paths.append(path)
-            defect_types.append(kind)
-            mask_paths.append(mask_path)
-    if not paths:
+    good = {"good": layout.test["good"]} if "good" in layout.test else {}
+    defects = defect_files({t: d for t, d in layout.test.items() if t != "good"}, layout.masks)
+    left_out = [d.path for d in defects if leave_out and file_digest(d.path) in leave_out]
+    if left_out and len(left_out) == len(defects):
+        raise DataError(f"the test set of {layout.origin} holds only the {len(defects)} defect images the model "
+                        f"trained on: nothing is left to score it on")
+    dropped = set(left_out)
+    files = sorted(defect_files(good, {}) + [d for d in defects if d.path not in dropped],
+                   key=lambda d: (d.defect_type, d.path.name))
+    if not files:
         raise DataError(f"no test images in the test folders of {layout.origin}")
+    missing = [str(d.path) for d in files if d.defect_type != "good" and d.mask is None]
     if missing:  # image metrics still use them; pixel metrics cannot
         where = ", ".join(sorted({str(d) for d in layout.masks.values()})) or "no mask folder"
         warn(f"{len(missing)} defect image(s) without a mask in {where}: pixel metrics cover the "
-             f"other {sum(t != 'good' for t in defect_types) - len(missing)} defect images ({'; '.join(missing[:3])}"
+             f"other {sum(d.defect_type != 'good' for d in files) - len(missing)} defect images ({'; '.join(missing[:3])}"
              + (" ..." if len(missing) > 3 else "") + ")")
-    read = parallel_read(partial(read_test_pair, bit_depth=bit_depth), list(zip(paths, mask_paths)), size,
+    read = parallel_read(partial(read_test_pair, bit_depth=bit_depth), [(d.path, d.mask) for d in files], size,
                          workers or default_workers())
     sizes = sorted({image.shape[:2] for image, _, _ in read})
     if len(sizes) > 1:
@@ -384,9 +428,10 @@ def load_test_set(data_path: Path, category: str, size: Size | None, workers: in
         warn(note)
     if len(notes) > 5:
         warn(f"... and {len(notes) - 5} more mask notes")
-    labels = torch.tensor([t != "good" for t in defect_types], dtype=torch.long)
-    has_mask = torch.tensor([t == "good" or m is not None for t, m in zip(defect_types, mask_paths)])
-    return TestSet(images, masks, labels, defect_types, paths, has_mask)
+    types = [d.defect_type for d in files]
+    labels = torch.tensor([t != "good" for t in types], dtype=torch.long)
+    has_mask = torch.tensor([d.defect_type == "good" or d.mask is not None for d in files])
+    return TestSet(images, masks, labels, types, [d.path for d in files], has_mask, left_out)
 
 
 def available_categories(data_path: Path) -> list[str]:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_unet import image_scores
+
 
 def gaussian_window(size: int, sigma: float, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(channels, 1, size, size) normalised Gaussian kernel for a grouped convolution."""
@@ -46,24 +48,53 @@ class FocalLoss(nn.Module):
 
     def forward(self, probs: Tensor, mask: Tensor) -> Tensor:
         """probs: (B, K, H, W) class probabilities; mask: (B, 1, H, W) or (B, H, W) class indices."""
+        return self.per_sample(probs, mask).mean()
+
+    def per_sample(self, probs: Tensor, mask: Tensor) -> Tensor:
+        """(B,): each sample's mean over its pixels (equal pixel counts: their mean is forward's value)."""
         target = mask.reshape(mask.shape[0], *probs.shape[2:]).long()
         one_hot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
         one_hot = one_hot.clamp(self.smooth / (probs.shape[1] - 1), 1 - self.smooth)
         pt = (one_hot * probs).sum(dim=1) + self.smooth
-        return (-(1 - pt).pow(self.gamma) * pt.log()).mean()
+        return (-(1 - pt).pow(self.gamma) * pt.log()).flatten(1).mean(1)
+
+
+def image_label_loss(anomaly_maps: Tensor, weights: Tensor, eps: float = 1e-6) -> Tensor:
+    """For defect images known only to be defective (no mask): -log of the image score the evaluation reads (the
+    max of the 21x21 mean-filtered anomaly map), averaged with weights (B,) (1 for such images, 0 for others).
+    It needs no mask: the network may place the defect where it finds one."""
+    score = image_scores(anomaly_maps).clamp(eps, 1.0)
+    return (-score.log() * weights).sum() / weights.sum().clamp(min=1)
 
 
 def draem_loss(reconstruction: Tensor, clean: Tensor, logits: Tensor, mask: Tensor,
                block5_input: Tensor | None = None, block5_output: Tensor | None = None,
-               sspcab_lambda: float = 0.1, focal: FocalLoss | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total DRAEM loss and its parts (unweighted sum; SSPCAB term added when its tensors are given)."""
+               sspcab_lambda: float = 0.1, focal: FocalLoss | None = None, real: int = 0,
+               has_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total DRAEM loss and its parts (unweighted sum; SSPCAB term added when its tensors are given).
+
+    With real defects, the last `real` samples of the batch are real defect images: they have no clean target
+    (no reconstruction loss), the focal loss covers those with masks (has_mask (B,)) together with the simulated
+    samples, and those without get image_label_loss. parts then also holds "real_defects", the loss on the real
+    samples alone (a curve to watch; it is not added to the total again)."""
     focal = focal or FocalLoss()
+    simulated = len(logits) - real
+    probs = torch.softmax(logits, dim=1)
+    per_sample = focal.per_sample(probs, mask)
+    pixel_labelled = torch.ones_like(per_sample) if has_mask is None else has_mask.to(per_sample.dtype)
     parts = {
-        "l2": F.mse_loss(reconstruction, clean),
-        "ssim": ssim_loss(reconstruction, clean),
-        "focal": focal(torch.softmax(logits, dim=1), mask),
+        "l2": F.mse_loss(reconstruction[:simulated], clean[:simulated]),
+        "ssim": ssim_loss(reconstruction[:simulated], clean[:simulated]),
+        "focal": (per_sample * pixel_labelled).sum() / pixel_labelled.sum(),
     }
+    if real:
+        image_level = 1 - pixel_labelled[simulated:]
+        parts["image_label"] = image_label_loss(probs[simulated:, 1], image_level)
     if block5_input is not None and block5_output is not None:
         parts["sspcab"] = sspcab_lambda * F.mse_loss(block5_output, block5_input)
     total = torch.stack(list(parts.values())).sum()
+    if real:
+        masked = pixel_labelled[simulated:]
+        real_focal = (per_sample[simulated:] * masked).sum() / masked.sum().clamp(min=1)
+        parts["real_defects"] = (real_focal + parts["image_label"]).detach()
     return total, parts

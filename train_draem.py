@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
-from data_loader import (Layout, TestSet, category_layout, detect_bit_depth, has_defect_images, list_images,
+from data_loader import (DataError, Layout, TestSet, category_layout, detect_bit_depth, has_defect_images, list_images,
                          load_anomaly_sources, load_images, load_test_set, resolve_categories, train_image_paths)
 from loss import FocalLoss
 from model_unet import DraemModel
@@ -34,13 +34,14 @@ from scoring.visualize import sample_grid, write_png
 from training.checkpoint import load_checkpoint, save_training
 from training.cli import one_line_errors, pick_device
 from training.config import DEFAULT_CALIBRATION_SPLIT, TrainConfig, parse_args
+from training.defects import RealDefects, choose_defects, load_real_defects, real_per_step
 from training.demo import make_demo_dataset
 from training.processes import Launch, StopRequest, TrainingStopped, ensure_writable, start_processes, stop_on_signals
 from training.progress import Progress, log_image_grid, log_step
 from training.resume import check_resumable, resume_path
 from training.step import (AMP_DTYPES, Training, build_training, calibration_holdout, epoch_order, first_samples,
                            parameter_fingerprint, prepare_network, resolve_amp, set_learning_rate, step_batch,
-                           train_step)
+                           stream_seed, train_step)
 
 
 # ---- configuration: every flag, default and the demo's overrides are in training/config.py -----------------
@@ -97,21 +98,30 @@ def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
         raise FloatingPointError(f"loss is NaN or Inf at step {bad + 1}; stopped ({kept})")
 
 
-def load_scoring_set(args: argparse.Namespace, layout: Layout, bit_depth: int) -> TestSet | None:
-    """The test set, read (and checked: layout, every image, masks) before the first step, so that a broken
-    one fails in seconds and not after hours of training; None when there is none or --eval_every -1."""
+def load_scoring_set(args: argparse.Namespace, run: "Run") -> TestSet | None:
+    """The test set without the defects the run trains on, read (and checked: layout, every image, masks) before
+    the first step, so that a broken one fails in seconds and not after hours of training; None when there is
+    none or --eval_every -1."""
+    layout = run.layout
     if args.eval_every < 0:
         return None
     if not layout.test:
         print(f"[{layout.category}] no test set in {layout.origin}: training without evaluation")
         return None
-    return load_test_set(args.data_path, layout.category, args.image_size, args.workers or None, bit_depth)
+    trained = frozenset(f["digest"] for f in run.defects.files) if run.defects else frozenset()
+    test_set = load_test_set(args.data_path, layout.category, args.image_size, args.workers or None,
+                             run.config.bit_depth, trained)
+    if test_set.left_out:
+        print(f"[{layout.category}] test set: {test_set.left_out_text()}")
+    return test_set
 
 
 def evaluate_category(model: DraemModel, test_set: TestSet, device: torch.device, channel_order: str) -> dict:
-    """The test-set metrics, operating points (thresholds) and mask coverage, as the checkpoint stores them."""
+    """The test-set metrics, operating points (thresholds), mask coverage and the defect images left out because
+    the run trains on them, as the checkpoint stores them."""
     out = evaluate(model, test_set, device, channel_order=channel_order)
-    return {**out["metrics"], "operating_points": out["operating_points"], "mask_coverage": out["mask_coverage"]}
+    return {**out["metrics"], "operating_points": out["operating_points"], "mask_coverage": out["mask_coverage"],
+            "left_out": [str(p) for p in test_set.left_out]}
 
 
 def calibrate_at_end(model: DraemModel, run: "Run", rate: float, device: torch.device) -> dict:
@@ -128,16 +138,19 @@ def calibrate_at_end(model: DraemModel, run: "Run", rate: float, device: torch.d
     return calibration | ({"held_out": [p.name for p in run.held_out]} if run.held_out else {})
 
 
-def write_preview(args: argparse.Namespace, images: torch.Tensor, sources: torch.Tensor | None, config: TrainConfig,
-                  name: str, steps_per_epoch: int) -> Path:
-    """--preview: the first N simulated samples as one labelled PNG."""
-    batch = first_samples(images, sources, config, args.preview, steps_per_epoch)
+def write_preview(args: argparse.Namespace, run: "Run", sources: torch.Tensor | None) -> Path:
+    """--preview: the first N training samples as one labelled PNG."""
+    config, name = run.config, run.name
+    batch = first_samples(run.images, sources, config, args.preview, run.steps_per_epoch, run.defects)
     h, w = batch.image.shape[-2:]
     title = (f"{name}: first {args.preview} samples | {config.recipe} recipe | {h}x{w}"
              + (f" crops of {config.image_size[0]}x{config.image_size[1]}" if config.train_crop else "")
-             + f" | {'textures' if sources is not None else 'Perlin noise'} | {config.bit_depth}-bit")
+             + f" | {'textures' if sources is not None else 'Perlin noise'} | {config.bit_depth}-bit"
+             + (" | real defects last in each batch" if run.defects else ""))
     path = args.log_path / name / "preview.png"
-    write_png(path, sample_grid(batch.image, batch.augmented, batch.mask, title))
+    real = real_per_step(config.defect_share, config.bs) if run.defects else 0
+    write_png(path, sample_grid(batch.image, batch.augmented, batch.mask, title,
+                                real=[i % config.bs >= config.bs - real for i in range(len(batch.image))]))
     return path
 
 
@@ -146,7 +159,10 @@ def format_metrics(metrics: dict) -> str:
     masks = ("" if not coverage or coverage["defect_images_with_mask"] == coverage["defect_images"] else
              f" (pixel metrics over the {coverage['defect_images_with_mask']} of {coverage['defect_images']} "
              f"defect images that have masks)")
-    return " ".join(f"{k}={metrics[k]:.3f}" for k in METRICS) + masks
+    left_out = len(metrics.get("left_out", []))
+    scored = (f" (scored on {coverage['defect_images']} of {coverage['defect_images'] + left_out} defect images; "
+              f"{left_out} used in training)" if left_out and coverage else "")
+    return " ".join(f"{k}={metrics[k]:.3f}" for k in METRICS) + masks + scored
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -163,7 +179,8 @@ class Run:
     held_out: list[Path]  # train/good files kept out of training by --calibration_split
     validation: list[Path]  # the category's validation images, calibrated on when nothing is held out
     steps_per_epoch: int
-    test_set: TestSet | None = None  # scored every --eval_every epochs and at the end
+    defects: RealDefects | None = None  # real defect images trained on, on the device (training/defects.py)
+    test_set: TestSet | None = None  # scored every --eval_every epochs and at the end, without the defects
     calibration_images: torch.Tensor | None = None  # held_out, else validation, decoded: calibrated on at the end
     metrics: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
@@ -186,8 +203,17 @@ def plan_run(args: argparse.Namespace, category: str, device: torch.device, laun
     # Under --ddp the global batch is bs x dp_size: every rank draws the same order and trains its slice.
     steps_per_epoch = math.ceil(len(images) / (config.bs * launch.dp_size))
     validation = list_images(layout.validation) if layout.validation else []
+    chosen = [] if config.unsupervised else choose_defects(
+        layout, config.train_defects, config.pixel_labels, paths,
+        torch.Generator().manual_seed(stream_seed(config.seed, "real defects")))
+    if config.train_crop and any(d.mask is None for d, _ in chosen):
+        raise DataError("--train_crop with defect images that have no mask: a crop may cut the defect out of an "
+                        "image labelled defective; give their masks or train without --train_crop")
+    if chosen and config.bs < 2:
+        raise DataError("--bs 1 leaves no room for real defects beside a simulated sample: use --bs 2 or more")
+    defects = load_real_defects(chosen, config.image_size, bit_depth, args.workers)
     return Run(config, name, args.checkpoint_path / f"{name}.pt", layout, images, [paths[i] for i in held],
-               validation, steps_per_epoch)
+               validation, steps_per_epoch, defects.to(device) if defects else None)
 
 
 def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> int:
@@ -197,6 +223,11 @@ def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> i
         return 0
     checkpoint = load_checkpoint(path)
     check_resumable(checkpoint.info, run.config, path, run.total_steps)
+    trained = run.defects.files if run.defects else []
+    if checkpoint.info.trained_digests != frozenset(f["digest"] for f in trained):
+        raise DataError(f"--resume {path}: it trained on {len(checkpoint.info.trained_defects)} real defect image(s), "
+                        f"this run has {len(trained)} (other files in train/<type>/ or another --train_defects draw): "
+                        f"start a new run")
     checkpoint.load_into(training.model, training.optimizer, training.scaler)
     run.metrics, run.calibration = checkpoint.info.metrics, checkpoint.info.calibration
     print(f"[{run.config.category}] resumed from {path} at step {checkpoint.info.step}")
@@ -205,7 +236,8 @@ def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> i
 
 def save(run: Run, training: Training, done: int) -> None:
     save_training(run.checkpoint, training.model, run.config, done, done // run.steps_per_epoch,
-                  run.metrics, training.optimizer, training.scaler, run.calibration)
+                  run.metrics, training.optimizer, training.scaler, run.calibration,
+                  run.defects.files if run.defects else [])
 
 
 def end_of_epoch(args: argparse.Namespace, run: Run, training: Training, epoch: int, writer: SummaryWriter,
@@ -237,11 +269,11 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     run = plan_run(args, category, device, launch, several)
     config, recipe, images, steps_per_epoch = run.config, RECIPES[run.config.recipe], run.images, run.steps_per_epoch
     if args.preview:
-        return write_preview(args, images, sources, config, run.name, steps_per_epoch)
+        return write_preview(args, run, sources)
     if run.held_out or run.validation:
         run.calibration_images = load_images(run.held_out or run.validation, config.image_size, args.workers,
                                              config.bit_depth)
-    run.test_set = load_scoring_set(args, run.layout, config.bit_depth)
+    run.test_set = load_scoring_set(args, run)
     training = build_training(config, device)
     start = resume_if_asked(args, run, training)
     net = prepare_network(training.model, config, args.compile, launch, device)
@@ -250,6 +282,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         print(f"[{category}] {len(images)} training images ({config.bit_depth}-bit) cached on {device}"
               + (f", {len(run.held_out)} held out to calibrate thresholds on" if run.held_out else
                  f", {len(run.validation)} validation images to calibrate thresholds on" if run.validation else "")
+              + (f"; {run.defects.describe()}, {real_per_step(config.defect_share, config.bs)} per batch of "
+                 f"{config.bs}" if run.defects else "")
               + f"; {'fp32' if config.amp == 'off' else config.amp + ' autocast'}"
               + (" (--amp auto)" if args.amp == "auto" else "") + f"; run {run.name}")
     # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
@@ -269,7 +303,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             set_learning_rate(training.optimizer, recipe.learning_rate(config.lr, epoch, config.epochs))
 
         # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
-        batch = step_batch(images, order, step, sources, config, launch, simulation_g)
+        batch = step_batch(images, order, step, sources, config, launch, simulation_g, run.defects)
 
         # step
         out, total, parts = train_step(net, batch, training.optimizer, training.scaler, autocast, focal,

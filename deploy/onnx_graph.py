@@ -56,7 +56,8 @@ def metadata(info: ModelInfo, size: tuple[int, int], source: Path) -> dict[str, 
             "seg_base_width": str(config["seg_base_width"]), "sspcab": str(bool(config.get("sspcab"))),
             "source_checkpoint": source.name, "source": info.source, "config": json.dumps(config),
             "bit_depth": str(info.bit_depth), "precision": "fp32", "operating_points": json.dumps(points),
-            "calibration": json.dumps(info.calibration), **threshold_metadata(info)}
+            "calibration": json.dumps(info.calibration), "trained_defects": json.dumps(info.trained_defects),
+            **threshold_metadata(info)}
 
 
 def threshold_metadata(info: ModelInfo) -> dict[str, str]:
@@ -164,4 +165,5 @@ def info_from_metadata(meta: dict[str, str], path: Path, source: str) -> ModelIn
     config |= {"precision": meta.get("precision", "fp32")}
     return ModelInfo(config, meta["category"] or None, path.stem, source,
                      {"operating_points": json.loads(meta["operating_points"])},
-                     calibration=json.loads(meta.get("calibration", "{}")))
+                     calibration=json.loads(meta.get("calibration", "{}")),
+                     trained_defects=json.loads(meta.get("trained_defects", "[]")))

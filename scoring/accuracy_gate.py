@@ -161,7 +161,8 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
     size, order = size or info.image_size, info.channel_order
     category = one_category(obj_id, data_path) if obj_id else info.category
     layout = category_layout(data_path, category) if category and not list_images(data_path) else None
-    test_set = load_test_set(data_path, category, size, workers, info.bit_depth) if layout and layout.test else None
+    test_set = (load_test_set(data_path, category, size, workers, info.bit_depth, info.trained_digests)
+                if layout and layout.test else None)
     why = f"no defect images in {layout.origin}" if test_set is not None else "no labelled test set"
     if test_set is not None and not test_set.labels.any():
         test_set = None
@@ -184,7 +185,8 @@ def judge(ref: Reference, candidate, precision: str, device: torch.device, batch
     result = {"category": ref.category, "precision": precision, "labelled": None, "checks": []}
     if ref.test_set is not None:
         ours, theirs = ref.labelled, evaluate(candidate, ref.test_set, device, channel_order, batch_size)
-        result["labelled"] = {"images": len(ref.test_set.paths), "pytorch": ours["metrics"],
+        result["labelled"] = {"images": len(ref.test_set.paths), "left_out": ref.test_set.left_out_text(),
+                              "pytorch": ours["metrics"],
                               "exported": theirs["metrics"],
                               "p999_map_difference": quantile_difference(ours["maps"], theirs["maps"]),
                               "max_map_difference": (ours["maps"] - theirs["maps"]).abs().max().item()}
@@ -233,7 +235,9 @@ def gate_lines(result: dict, name: str) -> list[str]:
     lines = []
     labelled = result["labelled"]
     if labelled:
-        lines += [f"labelled test set of {result['category']} ({labelled['images']} images, metrics in percent):",
+        left_out = f"; {labelled['left_out']}" if labelled.get("left_out") else ""
+        lines += [f"labelled test set of {result['category']} ({labelled['images']} images{left_out}, metrics in "
+                  f"percent):",
                   f"  {'model':<28}" + "".join(f"{m:>13}" for m in SHOWN) + f"{'map diff p99.9':>16}{'max':>10}",
                   f"  {'PyTorch fp32 (reference)':<28}"
                   + "".join(f"{100 * labelled['pytorch'][m]:>13.2f}" for m in SHOWN),

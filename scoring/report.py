@@ -106,12 +106,24 @@ def run_section(index: int, run: str, result: dict, detail: dict, files: Path) -
     cases = ordered_cases(detail["cases"])
     errors = sum(1 for c in cases if c["error"])
     return (f'<h2 id="run{index:02d}">{html.escape(run)} [{html.escape(result["category"])}]</h2>'
-            f"{threshold_note(used)}"
+            f"{left_out_note(result)}{threshold_note(used)}"
             f'<img class="plot" src="{files.name}/{curves_png.name}" alt="ROC and PR curves">'
             f'<img class="plot" src="{files.name}/{histogram_png.name}" alt="image score histogram">'
             f"<h3>Operating points</h3>{points}<h3>Per defect type</h3>{defects}"
             f"<h3>Test images ({len(cases)}; {errors} wrong at the image threshold, shown first)</h3>"
             f'<div class="cases">{"".join(case_figure(c) for c in cases)}</div>')
+
+
+def left_out_note(result: dict) -> str:
+    """Which defect images were not scored because the model trained on them (results written before real
+    defects in training record none)."""
+    left_out = result.get("left_out") or []
+    if not left_out:
+        return ""
+    names = "".join(f"<li>{html.escape(p)}</li>" for p in left_out)
+    return (f'<p class="left-out"><b>{html.escape(result["left_out_text"].capitalize())}</b>: the model trained '
+            f"on them, so they are not scored.</p><details><summary>the {len(left_out)} files left out</summary>"
+            f"<ul>{names}</ul></details>")
 
 
 def threshold_note(used: dict) -> str:

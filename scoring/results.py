@@ -100,6 +100,8 @@ def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[di
                   "|---|---|" + "---|" * (len(names) + 1)]
         lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r[m]) for m in METRICS)
                   + f" | {coverage_text(r['mask_coverage'])} |" for run, r in results.items() if r["data_set"] == data_set]
+        lines += [""] + [f"{run}: {r['left_out_text']} (the files are listed in results.json)"
+                         for run, r in results.items() if r["data_set"] == data_set and r.get("left_out")]
         lines += ["", f"Mean per configuration on {data_set} (runs whose settings differ only in the category).", "",
                   "| configuration | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         lines += [f"| {row['configuration']} | {len(row['runs'])} | " + " | ".join(percent(row[m]) for m in METRICS)
@@ -235,7 +237,8 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
         if given[kind] == "calibrated":  # decided by the file alone: fail before the evaluation, not after it
             thresholds.choose(given[kind], info, kind)
     started = time.perf_counter()
-    test_set = load_test_set(data_path, category, scoring.size_for(info), scoring.workers, scoring.depth_for(info))
+    test_set = load_test_set(data_path, category, scoring.size_for(info), scoring.workers, scoring.depth_for(info),
+                             info.trained_digests)
     if scoring.tile:
         check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
     out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), scoring.mask_protocol,
@@ -249,10 +252,12 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
               "thresholds": {"image": asdict(image_t), "pixel": asdict(pixel_t)},
               "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
               "mask_coverage": out["mask_coverage"], "config": info.config, "images": len(test_set.paths),
+              "left_out": [str(p) for p in test_set.left_out], "left_out_text": test_set.left_out_text(),
               "seconds": round(time.perf_counter() - started, 2)}
     print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
           + f" ({len(test_set.paths)} images, masks for {coverage_text(out['mask_coverage'])} defect images, "
-            f"{result['seconds']} s)\n  " + thresholds.describe(image_t, info, "image") + "\n  "
+            f"{result['seconds']} s)\n  " + (f"{test_set.left_out_text()}\n  " if test_set.left_out else "")
+          + thresholds.describe(image_t, info, "image") + "\n  "
           + thresholds.describe(pixel_t, info, "pixel"))
     write_scores_csv(out_dir / f"scores_{run}.csv", [
         {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",

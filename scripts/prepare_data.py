@@ -169,8 +169,9 @@ def btad(source: Path, target: Target) -> None:
 
 
 def ksdd2(source: Path, target: Target) -> None:
-    """KolektorSDD2: train|test/<id>.png with <id>_GT.png; an image is good when its mask is empty. Defective
-    training images are left out (DRAEM trains on good images only); the category is named ksdd2."""
+    """KolektorSDD2: train|test/<id>.png with <id>_GT.png; an image is good when its mask is empty. The defective
+    training images go to train/defect (real defects to learn from; --unsupervised trains without them, and
+    --pixel_labels split_N.pyb applies the authors' splits); the category is named ksdd2."""
     for split in ("train", "test"):
         images = [p for p in images_in(source / split) if not p.stem.endswith("_GT")]
         if not images:
@@ -179,11 +180,9 @@ def ksdd2(source: Path, target: Target) -> None:
             defect = nonzero(image.with_name(f"{image.stem}_GT{image.suffix}"))
             if not defect.any():
                 target.place(image, f"ksdd2/{split}/good")
-            elif split == "test":
-                target.place(image, "ksdd2/test/defect")
-                target.mask(defect, "ksdd2/ground_truth/defect", image.stem)
             else:
-                target.counts["ksdd2/train: defective, left out"] += 1
+                target.place(image, f"ksdd2/{split}/defect")
+                target.mask(defect, "ksdd2/ground_truth/defect", image.stem)
 
 
 CONVERTERS: dict[str, Callable[[Path, Target], None]] = {

@@ -108,8 +108,10 @@ def test_ksdd2_is_good_where_the_mask_is_empty(tmp_path, out):
     same_bytes(root / "test" / "good", [source / "test" / "20000.png", source / "test" / "20001.png"])
     same_bytes(root / "test" / "defect", [source / "test" / "20002.png", source / "test" / "20003.png"])
     assert_mask(root / "ground_truth" / "defect" / "20003_mask.png", source / "test" / "20003_GT.png")
-    assert names(root / "ground_truth" / "defect") == ["20002_mask.png", "20003_mask.png"]
-    assert "train: defective, left out 1" in proc.stdout
+    # the defective training image is kept as a real defect to learn from (train/defect), with its mask
+    same_bytes(root / "train" / "defect", [source / "train" / "10004.png"])
+    assert_mask(root / "ground_truth" / "defect" / "10004_mask.png", source / "train" / "10004_GT.png")
+    assert names(root / "ground_truth" / "defect") == ["10004_mask.png", "20002_mask.png", "20003_mask.png"]
 
 
 def test_link_gives_the_same_files_without_copying(tmp_path, out):

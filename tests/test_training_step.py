@@ -9,8 +9,8 @@ import torch
 
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, init_weights
-from perlin import simulate_anomalies
-from training.step import train_step
+from perlin import SyntheticBatch, simulate_anomalies
+from training.step import Batch, train_step
 
 
 def model_and_batch(sspcab=True):
@@ -20,7 +20,7 @@ def model_and_batch(sspcab=True):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
     sources = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return model.train(), simulate_anomalies(images, sources, "official", g)
+    return model.train(), Batch(**vars(simulate_anomalies(images, sources, "official", g)))
 
 
 # Plain SGD in both steps: an update is lr x gradient, so parameters compare at tight tolerances (Adam's first
@@ -37,7 +37,7 @@ def hand_written_step(model, batch, lr=LR):
     differ from float64 by about a tenth of an update."""
     model.double()
     batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).double()
-                                         for f in dataclasses.fields(batch)})
+                                         for f in dataclasses.fields(SyntheticBatch)})
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     out = model(batch.augmented)
     total, _ = draem_loss(out.reconstruction, batch.image, out.logits, batch.mask, out.block5_input,

@@ -36,6 +36,12 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)  # the end-of-training evaluation, with its operating points
     step: int = 0
     calibration: dict = field(default_factory=dict)  # thresholds set on good images alone (scoring/calibration.py)
+    trained_defects: list[dict] = field(default_factory=list)  # real defect files trained on (training/defects.py)
+
+    @property
+    def trained_digests(self) -> frozenset[str]:
+        """The digests of the defect images the model trained on: every evaluation leaves these files out."""
+        return frozenset(f["digest"] for f in self.trained_defects)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -107,15 +113,17 @@ class Checkpoint:
 
 def save_training(path: Path, model: DraemModel, config: TrainConfig, step: int = 0, epoch: int = 0,
                   metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                  scaler: torch.amp.GradScaler | None = None, calibration: dict | None = None) -> None:
-    """A training run's checkpoint: weights, configuration, progress, optimiser state, the latest metrics and
-    thresholds calibrated on good images."""
+                  scaler: torch.amp.GradScaler | None = None, calibration: dict | None = None,
+                  trained_defects: list[dict] | None = None) -> None:
+    """A training run's checkpoint: weights, configuration, progress, optimiser state, the latest metrics,
+    thresholds calibrated on good images and the real defect files it trained on."""
     write_atomically(path, partial(torch.save, {
         "format": FORMAT, "config": config.to_dict(), "category": config.category, "run": path.stem,
         "reconstructive": model.reconstructive_subnetwork.state_dict(),
         "discriminative": model.discriminative_subnetwork.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,
-        "epoch": epoch, "step": step, "metrics": metrics or {}, "calibration": calibration or {}}))
+        "epoch": epoch, "step": step, "metrics": metrics or {}, "calibration": calibration or {},
+        "trained_defects": trained_defects or []}))
 
 
 def store_calibration(path: Path, calibration: dict) -> None:
@@ -186,8 +194,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     state = read(path)
     if state.get("format") == FORMAT:
         config = TrainConfig.from_dict(state["config"]).to_dict()  # older checkpoints: missing keys at their defaults
-        info = ModelInfo(config, state.get("category"), path.stem, "draem",
-                         state.get("metrics") or {}, state.get("step", 0), state.get("calibration") or {})
+        info = ModelInfo(config, state.get("category"), path.stem, "draem", state.get("metrics") or {},
+                         state.get("step", 0), state.get("calibration") or {}, state.get("trained_defects") or [])
         return Checkpoint(path, state["reconstructive"], state["discriminative"], info, state.get("optimizer"),
                           state.get("scaler"))
     weights = state.get("state_dict", state)

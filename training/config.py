@@ -66,6 +66,19 @@ def get_args_parser() -> argparse.ArgumentParser:
            f"--false_alarm_rate); 0 = train on all (default: {DEFAULT_CALIBRATION_SPLIT:g} when the category has "
            "neither validation images, which thresholds are then calibrated on, nor a labelled test set, so that the "
            "run still ends with thresholds; else 0)")
+    a("--train_defects", type=int, default=0, metavar="N",
+      help="move N of the test set's defect images into training (stratified by defect type, drawn by --seed); "
+           "every evaluation of the checkpoint leaves them out. Defects in <category>/train/<type>/ are always "
+           "trained on (docs/training.md, Real defects) (default 0)")
+    a("--pixel_labels", default="all",
+      help="which real training defects keep their masks: all, N (drawn by --seed), or KolektorSDD2's split file "
+           "split_N.pyb (those it marks is_segmented); the others are image-level labels (default all)")
+    a("--unsupervised", action="store_true",
+      help="train on good images alone even where <category>/train/<type>/ holds defect images (the published "
+           "unsupervised protocols, such as KolektorSDD2's N = 0)")
+    a("--defect_share", type=float, default=0.25,
+      help="with real training defects: the share of each batch they fill, at least one sample and leaving one "
+           "simulated (default 0.25: 2 of 8)")
     # ---- which categories, where the outputs go, how this process runs ---------------------------------------
     a("--obj_id", default="-1", help="category: 0..14 (official MVTec order), -1 for every category under "
                                      "--data_path, or a folder name such as my_part (default -1)")
@@ -137,6 +150,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--preview N: N must be at least 1")
     if args.data_path is None:
         parser.error("--data_path is required (or use --demo)")
+    if args.train_defects < 0:
+        parser.error("--train_defects N: N must be 0 or more")
+    if args.unsupervised and (args.train_defects or args.pixel_labels != "all"):
+        parser.error("--unsupervised trains on good images alone: drop --train_defects and --pixel_labels")
+    if not 0 < args.defect_share < 1:
+        parser.error(f"--defect_share {args.defect_share:g}: expected a share of the batch in (0, 1), such as 0.25")
 
 
 # Each setting's value when nothing gives it: its flag's default; for the three no flag gives, what the script
@@ -151,7 +170,8 @@ NAMED = ("category", "recipe", "image_size", "train_crop", "base_width", "seg_ba
          "seed")
 # Settings added after runs were first named: left out of the digest at the value every earlier run had ("auto"
 # is what an older checkpoint's missing bit_depth reads as), so that those names and --resume stay valid.
-ADDED_LATER = {"bit_depth": ("auto", 8), "calibration_split": (0.0,)}
+ADDED_LATER = {"bit_depth": ("auto", 8), "calibration_split": (0.0,), "train_defects": (0,), "pixel_labels": ("all",),
+               "defect_share": (0.25,), "unsupervised": (False,)}
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,10 @@ class TrainConfig:
     channel_order: str = D["channel_order"]  # the colour order the networks see
     bit_depth: int | str = D["bit_depth"]  # what auto found
     calibration_split: float = D["calibration_split"]  # what the script decided for the category
+    train_defects: int = D["train_defects"]
+    pixel_labels: str = D["pixel_labels"]
+    defect_share: float = D["defect_share"]
+    unsupervised: bool = D["unsupervised"]
 
     # ---- reading and writing --------------------------------------------------------------------------
 
@@ -208,7 +232,9 @@ class TrainConfig:
     def identity(self) -> dict:
         """Every setting that changes the trained weights (locations replaced by whether textures are used)."""
         values = {k: v for k, v in self.to_dict().items() if k not in LOCATIONS}
-        return values | {"anomaly_sources": "textures" if self.anomaly_source_path else "perlin noise"}
+        labels = self.pixel_labels  # a split file is named by its file name, wherever it lies
+        return values | {"anomaly_sources": "textures" if self.anomaly_source_path else "perlin noise",
+                         "pixel_labels": labels if labels == "all" or labels.isdigit() else Path(labels).name}
 
     def differences(self, other: "TrainConfig", ignore: tuple[str, ...] = ()) -> list[str]:
         """'name: mine -> other' for each differing setting of the identity, except those ignored."""

@@ -12,8 +12,10 @@ from data_loader import DataError
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
 from perlin import SyntheticBatch, random_crops, simulate_anomalies
+from recipe import RECIPES
 from training.cli import cpu_capabilities
 from training.config import TrainConfig
+from training.defects import RealDefects, draw_real, real_per_step
 from training.processes import Launch
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -77,24 +79,44 @@ def calibration_holdout(n: int, share: float, seed: int) -> tuple[list[int], lis
     return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
+@dataclass
+class Batch(SyntheticBatch):
+    """What one step trains on: simulated samples, then `real` real defect images (image = their input: they
+    have no clean target, so no reconstruction loss), whose pixel labels are known where has_mask is true."""
+    real: int = 0
+    has_mask: torch.Tensor | None = None  # (B,) bool, with real defects only
+
+
 def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: torch.Tensor | None,
-               config: TrainConfig, launch: Launch, generator: torch.Generator) -> SyntheticBatch:
+               config: TrainConfig, launch: Launch, generator: torch.Generator,
+               defects: RealDefects | None = None) -> Batch:
     """What step trains on: this rank's slice of its batch in the epoch's order (epoch_order: one row per step),
-    cropped when the run crops, with anomalies simulated from the step's own random stream."""
+    cropped when the run crops, with anomalies simulated from the step's own random stream. With real defects,
+    they take the batch's last real_per_step places, drawn from their own stream of the step."""
     normal = images[order[step % len(order)].view(launch.dp_size, config.bs)[launch.dp_rank]]
+    real = real_per_step(config.defect_share, config.bs) if defects is not None else 0
+    normal = normal[:len(normal) - real]
     generator.manual_seed(stream_seed(config.seed, "simulation", launch.dp_rank, step))
     if config.train_crop:
         normal = random_crops(normal, config.train_crop, generator)
-    return simulate_anomalies(normal, sources, config.recipe, generator)
+    simulated = simulate_anomalies(normal, sources, config.recipe, generator)
+    if not real:
+        return Batch(simulated.image, simulated.augmented, simulated.mask)
+    generator.manual_seed(stream_seed(config.seed, "real defects", launch.dp_rank, step))
+    image, mask, has_mask = draw_real(defects, real, RECIPES[config.recipe], config.train_crop, generator)
+    return Batch(torch.cat((simulated.image, image)), torch.cat((simulated.augmented, image)),
+                 torch.cat((simulated.mask, mask)), real,
+                 torch.cat((torch.ones(len(normal), dtype=torch.bool, device=image.device), has_mask)))
 
 
 def first_samples(images: torch.Tensor, sources: torch.Tensor | None, config: TrainConfig, count: int,
-                  steps_per_epoch: int, launch: Launch = Launch()) -> SyntheticBatch:
-    """The first count samples the first steps train on (--preview), drawn exactly as the loop draws them."""
-    generator, parts = torch.Generator(images.device), []
+                  steps_per_epoch: int, defects: RealDefects | None = None) -> SyntheticBatch:
+    """The first count samples the first steps train on (--preview), drawn exactly as the loop draws them (real
+    defects, when the run has them, last in each batch: their image is their input, their mask the target)."""
+    generator, parts, launch = torch.Generator(images.device), [], Launch()
     for step in range(math.ceil(count / config.bs)):
         order = epoch_order(len(images), config.bs * launch.dp_size, config.seed, step // steps_per_epoch, images.device)
-        parts.append(step_batch(images, order, step, sources, config, launch, generator))
+        parts.append(step_batch(images, order, step, sources, config, launch, generator, defects))
     return SyntheticBatch(*(torch.cat([getattr(b, f.name) for b in parts])[:count] for f in fields(SyntheticBatch)))
 
 
@@ -122,14 +144,15 @@ def parameter_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def train_step(net, batch: SyntheticBatch, optimizer, scaler, autocast, focal: FocalLoss,
+def train_step(net, batch: Batch, optimizer, scaler, autocast, focal: FocalLoss,
                sspcab: bool) -> tuple[DraemOutput, torch.Tensor, dict]:
     """One optimisation step on both sub-networks; the loss is computed in fp32 outside autocast."""
     with autocast:
         # channels_last (NHWC) is faster for these convolutions on GPUs (tensor cores) and on the CPU (oneDNN)
         out = net(batch.augmented.contiguous(memory_format=torch.channels_last))
     total, parts = draem_loss(out.reconstruction.float(), batch.image, out.logits.float(), batch.mask,
-                              *((out.block5_input.float(), out.block5_output.float()) if sspcab else ()), focal=focal)
+                              *((out.block5_input.float(), out.block5_output.float()) if sspcab else ()), focal=focal,
+                              real=batch.real, has_mask=batch.has_mask)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.step(optimizer)

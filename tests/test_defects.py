@@ -1,0 +1,98 @@
+"""Real defects in training, piece by piece: which files are drawn, how a split file is read, the loss on them,
+and the draw each step makes."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_loader import DataError, DefectFile
+from loss import FocalLoss, draem_loss, ssim_loss
+from recipe import RECIPES
+from training.defects import (RealDefects, draw_real, pixel_labelled, read_split_file, real_per_step,
+                              stratified_order)
+
+
+def files(counts: dict[str, int]) -> list[DefectFile]:
+    return [DefectFile(Path(f"{kind}/{i:03d}.png"), kind, Path(f"gt/{kind}/{i:03d}_mask.png"))
+            for kind, n in counts.items() for i in range(n)]
+
+
+def test_stratified_order_draws_each_type_in_proportion_and_smaller_draws_are_subsets():
+    pool = files({"blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103})  # the magnetic tiles
+    order = stratified_order(pool, torch.Generator().manual_seed(0))
+    assert sorted(order, key=str) == sorted(pool, key=str)  # a permutation
+    for n in (5, 16, 53, 200):
+        drawn = [f.defect_type for f in order[:n]]
+        for kind, count in {"blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103}.items():
+            assert abs(drawn.count(kind) - n * count / len(pool)) <= 1.0, (n, kind)
+    again = stratified_order(pool, torch.Generator().manual_seed(0))
+    other = stratified_order(pool, torch.Generator().manual_seed(1))
+    assert again == order and other[:16] != order[:16]  # the seed decides the draw
+
+
+def test_split_file_reads_names_and_flags_as_the_authors_write_them(tmp_path):
+    path = tmp_path / "split_2.pyb"
+    train = [(10000, False), (10001, True), (10002, False)]
+    path.write_bytes(pickle.dumps((train, [(20000, False)])))
+    assert read_split_file(path) == {"10000": False, "10001": True, "10002": False}
+    path.write_bytes(pickle.dumps(({"not": "pairs"}, [])))
+    with pytest.raises(DataError, match="expected \\(train, test\\) lists"):
+        read_split_file(path)
+    path.write_bytes(pickle.dumps(([(np.int64(10000), True)], [])))  # any class, numpy's included, is refused
+    with pytest.raises(DataError, match="object, not only names"):
+        read_split_file(path)
+
+
+def test_pixel_labels_keep_masks_on_n_drawn_or_on_the_split_files_choice(tmp_path):
+    pool = files({"defect": 6})
+    drawn = pixel_labelled(pool, "2", [], torch.Generator().manual_seed(0))
+    assert [d.path for d in drawn] == [d.path for d in pool] and sum(d.mask is not None for d in drawn) == 2
+    assert pixel_labelled(pool, "all", [], torch.Generator()) == pool
+    split = tmp_path / "split.pyb"
+    split.write_bytes(pickle.dumps(([("001", True), ("004", True), ("002", False), ("good7", False)], [])))
+    chosen = pixel_labelled(pool, str(split), [Path("good/good7.png")], torch.Generator())
+    assert [d.path.stem for d in chosen if d.mask is not None] == ["001", "004"]
+    with pytest.raises(DataError, match="only 6 of the 6"):
+        pixel_labelled(pool, "7", [], torch.Generator())
+
+
+def test_real_defects_have_no_reconstruction_loss_and_the_image_label_loss_reads_the_image_score():
+    g = torch.Generator().manual_seed(0)
+    b, h = 6, 32
+    rec, clean = torch.rand(b, 3, h, h, generator=g), torch.rand(b, 3, h, h, generator=g)
+    logits = torch.randn(b, 2, h, h, generator=g)
+    mask = (torch.rand(b, 1, h, h, generator=g) > 0.8).float()
+    has_mask = torch.tensor([True, True, True, True, True, False])  # 4 simulated, 1 real with mask, 1 without
+    total, parts = draem_loss(rec, clean, logits, mask, real=2, has_mask=has_mask)
+    probs = torch.softmax(logits, 1)
+    assert parts["l2"] == pytest.approx(F.mse_loss(rec[:4], clean[:4]).item())
+    assert parts["ssim"] == pytest.approx(ssim_loss(rec[:4], clean[:4]).item())
+    assert parts["focal"] == pytest.approx(FocalLoss()(probs[:5], mask[:5]).item(), rel=1e-6)
+    score = F.avg_pool2d(probs[5:, 1:], 21, stride=1, padding=10).amax()  # the evaluation's image score
+    assert parts["image_label"] == pytest.approx(-score.log().item(), rel=1e-6)
+    assert total.item() == pytest.approx(sum(parts[k].item() for k in ("l2", "ssim", "focal", "image_label")))
+    real_focal = FocalLoss()(probs[4:5], mask[4:5])
+    assert parts["real_defects"] == pytest.approx((real_focal - score.log()).item(), rel=1e-6)
+    # without real defects: the published loss, unchanged
+    plain_total, plain = draem_loss(rec, clean, logits, mask)
+    assert set(plain) == {"l2", "ssim", "focal"}
+    assert plain["focal"] == pytest.approx(FocalLoss()(probs, mask).item(), rel=1e-6)
+
+
+def test_each_step_draws_real_defects_with_their_masks_moved_alike():
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    masks = torch.zeros(3, 1, 32, 32, dtype=torch.uint8)
+    for i in range(3):  # a bright square where the mask is
+        images[i, :, 4 + i:12 + i, 6:14] = 255
+        masks[i, :, 4 + i:12 + i, 6:14] = 1
+    defects = RealDefects(images, masks, torch.tensor([True, True, False]), [{}] * 3)
+    image, mask, has_mask = draw_real(defects, 64, RECIPES["official"], None, torch.Generator().manual_seed(0))
+    assert image.shape == (64, 3, 32, 32) and mask.shape == (64, 1, 32, 32) and has_mask.dtype == torch.bool
+    inside = image[:, 0][mask[:, 0].bool()]
+    assert inside.numel() > 0 and (inside > 0.5).float().mean() > 0.95  # the mask still covers the square
+    flipped = (mask[:, 0, :, 16:].sum((1, 2)) > mask[:, 0, :, :16].sum((1, 2))).sum()
+    assert 10 < flipped < 54  # about half the draws were flipped left-right (or turned)
+    assert real_per_step(0.25, 8) == 2 and real_per_step(0.01, 8) == 1 and real_per_step(0.99, 8) == 7
