@@ -52,11 +52,25 @@ class FocalLoss(nn.Module):
 
     def per_sample(self, probs: Tensor, mask: Tensor) -> Tensor:
         """(B,): each sample's mean over its pixels (equal pixel counts: their mean is forward's value)."""
+        return self.per_pixel(probs, mask).flatten(1).mean(1)
+
+    def per_pixel(self, probs: Tensor, mask: Tensor) -> Tensor:
+        """(B, H, W): the loss at each pixel."""
         target = mask.reshape(mask.shape[0], *probs.shape[2:]).long()
         one_hot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
         one_hot = one_hot.clamp(self.smooth / (probs.shape[1] - 1), 1 - self.smooth)
         pt = (one_hot * probs).sum(dim=1) + self.smooth
-        return (-(1 - pt).pow(self.gamma) * pt.log()).flatten(1).mean(1)
+        return -(1 - pt).pow(self.gamma) * pt.log()
+
+
+def area_balanced(per_pixel: Tensor, mask: Tensor) -> Tensor:
+    """(B,): half the mean loss over each sample's mask pixels plus half the mean over its other pixels (the
+    plain mean where the mask is empty). per_pixel (B, H, W), mask (B, 1, H, W) in {0, 1}."""
+    loss, inside = per_pixel.flatten(1), mask.flatten(1)
+    area = inside.sum(1)
+    mean_in = (loss * inside).sum(1) / area.clamp(min=1)
+    mean_out = (loss * (1 - inside)).sum(1) / (inside.shape[1] - area).clamp(min=1)
+    return torch.where(area > 0, 0.5 * (mean_in + mean_out), loss.mean(1))
 
 
 def image_label_loss(anomaly_maps: Tensor, weights: Tensor, eps: float = 1e-6) -> Tensor:
@@ -74,13 +88,19 @@ def draem_loss(reconstruction: Tensor, clean: Tensor, logits: Tensor, mask: Tens
     """Total DRAEM loss and its parts (unweighted sum; SSPCAB term added when its tensors are given).
 
     With real defects, the last `real` samples of the batch are real defect images: they have no clean target
-    (no reconstruction loss), the focal loss covers those with masks (has_mask (B,)) together with the simulated
-    samples, and those without get image_label_loss. parts then also holds "real_defects", the loss on the real
+    (no reconstruction loss), the focal loss covers those with masks (has_mask (B,); area_balanced) together with
+    the simulated samples, and those without get image_label_loss. parts then also holds "real_defects", the loss on the real
     samples alone (a curve to watch; it is not added to the total again)."""
     focal = focal or FocalLoss()
     simulated = len(logits) - real
     probs = torch.softmax(logits, dim=1)
     per_sample = focal.per_sample(probs, mask)
+    if real:
+        # A real defect covers a few pixels (a blowhole) or half the image (uneven lighting); under the per-image
+        # mean the large ones dominate and the small ones teach next to nothing. Their mask pixels weigh as much
+        # as the rest of their image instead (measured on the magnetic tiles: docs/training.md).
+        balanced = area_balanced(focal.per_pixel(probs[simulated:], mask[simulated:]), mask[simulated:])
+        per_sample = torch.cat((per_sample[:simulated], balanced))
     pixel_labelled = torch.ones_like(per_sample) if has_mask is None else has_mask.to(per_sample.dtype)
     parts = {
         "l2": F.mse_loss(reconstruction[:simulated], clean[:simulated]),

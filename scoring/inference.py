@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_loader import DataError, decode, default_workers, list_images, read_each, warn
+from data_loader import DataError, decode, default_workers, file_digest, list_images, read_each, warn
 from deploy.model_files import checkpoint_files
 from model_unet import image_scores
 from scoring import thresholds
@@ -129,6 +129,13 @@ def calibrate_on_folder(checkpoint: Path, folder: Path, rate: float, device: tor
     path = one_model(checkpoint, "--calibrate")
     detector = load(path, device, scoring=scoring)
     paths = image_paths(folder, "--calibrate")
+    trained = detector.info.trained_digests
+    if trained and (defects := [p for p in paths if file_digest(p) in trained]):
+        paths = [p for p in paths if p not in defects]
+        warn(f"--calibrate {folder}: left out {len(defects)} defect image(s) the model trained on (first: "
+             f"{defects[0]}); calibrating on the other {len(paths)}")
+        if not paths:
+            raise DataError(f"--calibrate {folder}: holds only defect images the model trained on")
     statistics, skipped = [], []
     for chunk in scored_chunks(detector, paths):
         skipped += chunk.skipped

@@ -70,12 +70,19 @@ def test_real_defects_have_no_reconstruction_loss_and_the_image_label_loss_reads
     probs = torch.softmax(logits, 1)
     assert parts["l2"] == pytest.approx(F.mse_loss(rec[:4], clean[:4]).item())
     assert parts["ssim"] == pytest.approx(ssim_loss(rec[:4], clean[:4]).item())
-    assert parts["focal"] == pytest.approx(FocalLoss()(probs[:5], mask[:5]).item(), rel=1e-6)
+    # the real defect with a mask: its mask pixels weigh as much as the rest of it (the published focal loss on
+    # each part), beside the four simulated samples' plain means
+    inside = mask[4, 0].bool()
+
+    def focal_on(pixels: torch.Tensor, label: float) -> torch.Tensor:
+        return FocalLoss()(probs[4][:, pixels].reshape(1, 2, -1, 1), torch.full((1, 1, int(pixels.sum()), 1), label))
+    balanced = 0.5 * (focal_on(inside, 1.0) + focal_on(~inside, 0.0))
+    expected = (4 * FocalLoss()(probs[:4], mask[:4]) + balanced) / 5
+    assert parts["focal"] == pytest.approx(expected.item(), rel=1e-5)
     score = F.avg_pool2d(probs[5:, 1:], 21, stride=1, padding=10).amax()  # the evaluation's image score
     assert parts["image_label"] == pytest.approx(-score.log().item(), rel=1e-6)
     assert total.item() == pytest.approx(sum(parts[k].item() for k in ("l2", "ssim", "focal", "image_label")))
-    real_focal = FocalLoss()(probs[4:5], mask[4:5])
-    assert parts["real_defects"] == pytest.approx((real_focal - score.log()).item(), rel=1e-6)
+    assert parts["real_defects"] == pytest.approx((balanced - score.log()).item(), rel=1e-5)
     # without real defects: the published loss, unchanged
     plain_total, plain = draem_loss(rec, clean, logits, mask)
     assert set(plain) == {"l2", "ssim", "focal"}
@@ -96,3 +103,40 @@ def test_each_step_draws_real_defects_with_their_masks_moved_alike():
     flipped = (mask[:, 0, :, 16:].sum((1, 2)) > mask[:, 0, :, :16].sum((1, 2))).sum()
     assert 10 < flipped < 54  # about half the draws were flipped left-right (or turned)
     assert real_per_step(0.25, 8) == 2 and real_per_step(0.01, 8) == 1 and real_per_step(0.99, 8) == 7
+
+
+def write(path: Path, size: tuple[int, int] = (32, 32)) -> Path:
+    import cv2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full(size, 128, np.uint8))
+    return path
+
+
+def test_training_defects_come_from_train_type_folders_or_a_description_and_may_lack_masks(tmp_path):
+    from data_loader import category_layout
+    from training.defects import choose_defects
+    part = tmp_path / "data" / "part"
+    write(part / "train" / "good" / "g0.png")
+    write(part / "train" / "scratch" / "s0.png")
+    write(part / "train" / "scratch" / "s1.png")
+    write(part / "ground_truth" / "scratch" / "s0_mask.png")
+    write(part / "test" / "dent" / "d0.png")
+    write(part / "ground_truth" / "dent" / "d0_mask.png")
+    layout = category_layout(tmp_path / "data", "part")
+    assert set(layout.train_defects) == {"scratch"} and set(layout.test) == {"dent"}
+    chosen = choose_defects(layout, 0, "all", [part / "train" / "good" / "g0.png"], torch.Generator())
+    assert [(d.path.name, d.mask and d.mask.name, origin) for d, origin in chosen] == [
+        ("s0.png", "s0_mask.png", "train"), ("s1.png", None, "train")]  # s1: an image-level label
+    with pytest.raises(DataError, match="--train_defects 1: that is every defect image"):  # none left to score
+        choose_defects(layout, 1, "all", [], torch.Generator())
+    # the same folders named in <category>.json
+    (tmp_path / "data" / "other.json").write_text(
+        '{"train": "part/train/good", "train_defect": ["part/train/scratch"], "train_masks": "part/ground_truth/scratch",'
+        ' "test_defect": "part/test/dent", "masks": "part/ground_truth/dent"}')
+    described = category_layout(tmp_path / "data", "other")
+    assert described.train_defects == {"scratch": part / "train" / "scratch"}
+    assert described.train_masks == {"scratch": part / "ground_truth" / "scratch"}
+    # a training defect must not share a mask file with a test defect
+    write(part / "train" / "dent" / "d0.png")
+    with pytest.raises(DataError, match="share the mask"):
+        choose_defects(category_layout(tmp_path / "data", "part"), 0, "all", [], torch.Generator())

@@ -146,7 +146,7 @@ def test_save_every_and_eval_every(tmp_path, monkeypatch):
 
 def test_preview_shows_exactly_what_the_first_steps_train_on(tmp_path, monkeypatch, capsys):
     shown, trained = [], []
-    monkeypatch.setattr(train_draem, "sample_grid", lambda normal, augmented, masks, title: (
+    monkeypatch.setattr(train_draem, "sample_grid", lambda normal, augmented, masks, title, real: (
         shown.append((normal, augmented, masks)), np.zeros((8, 8, 3), np.uint8))[1])
     run_main(monkeypatch, tmp_path, "--preview", "6", "--train_crop", "32", "--image_size", "64")
     path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("preview: ")

@@ -101,6 +101,13 @@ def test_a_defect_the_simulation_cannot_make_is_learned_from_four_real_examples_
     assert all(p in report for p in trained_paths)
     assert not any(f"shade/{Path(p).stem}.png" in panel.as_posix()
                    for p in trained_paths for panel in (tmp_path / "res" / "images").rglob("*.png"))
+    # Calibrating on a folder that holds one of them leaves it out too.
+    good = tmp_path / "good"
+    good.mkdir()
+    for source in [*sorted((shade / "weave" / "test" / "good").glob("*.png"))[:3], Path(trained_paths[0])]:
+        shutil.copy(source, good / f"{source.parent.name}_{source.name}")
+    proc = call_script("test_draem.py", "--checkpoint", ckpt, "--calibrate", good, "--device", "cpu", cwd=tmp_path)
+    assert "left out 1 defect image(s) the model trained on" in proc.stderr and "on the other 3" in proc.stderr
     # ... and the accuracy gate's labelled reference leaves them out too.
     ref = reference(ckpt, shade, torch.device("cpu"), workers=2)
     assert sorted(map(str, ref.test_set.left_out)) == trained_paths and len(ref.test_set.paths) == 16
