@@ -140,3 +140,23 @@ def test_training_defects_come_from_train_type_folders_or_a_description_and_may_
     write(part / "train" / "dent" / "d0.png")
     with pytest.raises(DataError, match="share the mask"):
         choose_defects(category_layout(tmp_path / "data", "part"), 0, "all", [], torch.Generator())
+
+
+def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
+    from training.config import TrainConfig
+    from training.processes import Launch
+    from training.step import epoch_order, step_batch
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    defects = RealDefects(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g),
+                          torch.zeros(5, 1, 32, 32, dtype=torch.uint8), torch.ones(5, dtype=torch.bool), [{}] * 5)
+    config = TrainConfig(category="c", bs=4, seed=3, defect_share=0.5)
+    order = epoch_order(16, 8, 3, 0, torch.device("cpu"))
+
+    def batch(rank: int, step: int):
+        return step_batch(images, order, step, None, config, Launch(rank, 2, True), torch.Generator(), defects)
+    first = batch(0, 1)
+    assert first.real == 2 and len(first.augmented) == 4 and first.has_mask.tolist() == [True] * 4
+    assert torch.equal(first.augmented, batch(0, 1).augmented)  # a function of the step: resume draws the same
+    assert not torch.equal(first.augmented[2:], batch(1, 1).augmented[2:])  # each rank its own draw
+    assert not torch.equal(first.augmented[2:], batch(0, 2).augmented[2:])  # each step its own draw
