@@ -160,3 +160,18 @@ def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
     assert torch.equal(first.augmented, batch(0, 1).augmented)  # a function of the step: resume draws the same
     assert not torch.equal(first.augmented[2:], batch(1, 1).augmented[2:])  # each rank its own draw
     assert not torch.equal(first.augmented[2:], batch(0, 2).augmented[2:])  # each step its own draw
+
+
+def test_the_files_trained_on_travel_with_the_checkpoint_and_its_exports(tmp_path):
+    from deploy.onnx_graph import checkpoint_metadata, info_from_metadata
+    from model_unet import DraemModel
+    from training.checkpoint import load_checkpoint, save_training
+    from training.config import TrainConfig
+    files = [{"path": "/d/mtd/test/crack/a.jpg", "defect_type": "crack", "digest": "ab" * 16, "mask": None,
+              "origin": "test"}]
+    path = tmp_path / "run.pt"
+    save_training(path, DraemModel(4, 4), TrainConfig(category="mtd", image_size=(32, 32), base_width=4, seg_base_width=4), trained_defects=files)
+    info = load_checkpoint(path).info
+    assert info.trained_defects == files and info.trained_digests == frozenset({"ab" * 16})
+    exported = info_from_metadata(checkpoint_metadata(path), tmp_path / "run.onnx", "onnx")
+    assert exported.trained_digests == info.trained_digests
