@@ -26,7 +26,7 @@ from model_unet import DraemModel, init_weights  # noqa: E402
 from perlin import simulate_anomalies  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
 from training.cli import pick_device  # noqa: E402
-from training.step import train_step  # noqa: E402
+from training.step import Batch, train_step  # noqa: E402
 
 PRESETS = {
     "tiny": {"image_size": 32, "base_width": 8, "seg_base_width": 8, "bs": 2, "amp": "off", "steps": 1},  # a smoke run
@@ -96,7 +96,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    focal, batch = FocalLoss(), batch_of()
+    focal, batch = FocalLoss(), Batch(**vars(batch_of()))  # simulated samples only
     step = lambda net: train_step(net, batch, optimizer, scaler, autocast, focal, False)
     with FlopCounterMode(display=False) as counter:
         step(model)

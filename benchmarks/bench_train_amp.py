@@ -22,7 +22,7 @@ from loss import FocalLoss  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
 from perlin import simulate_anomalies  # noqa: E402
 from training.cli import cpu_capabilities  # noqa: E402
-from training.step import train_step  # noqa: E402
+from training.step import Batch, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
-    batch = simulate_anomalies(images[: args.bs], images[-8:], "official", g)
+    batch = Batch(**vars(simulate_anomalies(images[: args.bs], images[-8:], "official", g)))  # no real defects
     steps = {}
     for name, autocast in (("fp32", nullcontext()), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
         torch.manual_seed(0)
