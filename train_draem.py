@@ -108,9 +108,8 @@ def load_scoring_set(args: argparse.Namespace, run: "Run") -> TestSet | None:
     if not layout.test:
         print(f"[{layout.category}] no test set in {layout.origin}: training without evaluation")
         return None
-    trained = frozenset(f["digest"] for f in run.defects.files) if run.defects else frozenset()
     test_set = load_test_set(args.data_path, layout.category, args.image_size, args.workers or None,
-                             run.config.bit_depth, trained)
+                             run.config.bit_depth, run.defects.digests if run.defects else frozenset())
     if test_set.left_out:
         print(f"[{layout.category}] test set: {test_set.left_out_text()}")
     return test_set
@@ -223,8 +222,8 @@ def resume_if_asked(args: argparse.Namespace, run: Run, training: Training) -> i
         return 0
     checkpoint = load_checkpoint(path)
     check_resumable(checkpoint.info, run.config, path, run.total_steps)
-    trained = run.defects.files if run.defects else []
-    if checkpoint.info.trained_digests != frozenset(f["digest"] for f in trained):
+    trained = run.defects.digests if run.defects else frozenset()
+    if checkpoint.info.trained_digests != trained:
         raise DataError(f"--resume {path}: it trained on {len(checkpoint.info.trained_defects)} real defect image(s), "
                         f"this run has {len(trained)} (other files in train/<type>/ or another --train_defects draw): "
                         f"start a new run")

@@ -34,6 +34,11 @@ class RealDefects:
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def digests(self) -> frozenset[str]:
+        """The files' digests: what every evaluation of the model leaves out."""
+        return frozenset(f["digest"] for f in self.files)
+
     def to(self, device: torch.device) -> "RealDefects":
         return RealDefects(self.images.to(device), self.masks.to(device), self.has_mask.to(device), self.files)
 

@@ -147,6 +147,13 @@ def test_resume_with_real_defects_equals_an_uninterrupted_run(tmp_path):
     whole, split = (logged(tmp_path / w, "r", "loss/real_defects") for w in ("a", "b"))
     assert [s for s, _ in whole] == [2, 4, 6, 8, 10, 12] == [s for s, _ in split]
     assert [v for _, v in split] == pytest.approx([v for _, v in whole], rel=1e-4)
+    # A training defect added since: the checkpoint is another run's, and --resume says so.
+    own = data / "weave" / "train" / "tear"
+    own.mkdir()
+    shutil.copy(data / "weave" / "test" / "good" / "000.png", own / "t0.png")
+    refused = call_script("train_draem.py", *common, "--epochs", "5", "--run_name", "r", "--resume",
+                          cwd=tmp_path / "b", check=False)
+    assert refused.returncode == 2 and "it trained on 2 real defect image(s), this run has 3" in refused.stderr
 
 
 class MakesAFolder:
