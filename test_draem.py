@@ -7,6 +7,7 @@
     python test_draem.py --checkpoint ckpt.pt --data_path ./datasets/mvtec --threshold calibrated   # the line's threshold
     python test_draem.py --checkpoint ckpt.pt --calibrate good_parts/ --false_alarm_rate 0.01   # thresholds
     python test_draem.py --checkpoint ckpt.pt --images big/ --tile 256 --tile_overlap 32          # large images
+    python test_draem.py --checkpoint ad2_checkpoints/ --submission upload/    # MVTec AD 2's evaluation server
 
 Checkpoints: this project's .pt files, the official pair X_<category>_.pckl + X_<category>__seg.pckl (name
 either), anomalib checkpoints, or files from export_draem.py: .onnx (run by ONNX Runtime) and .xml (OpenVINO). Protocol
@@ -24,6 +25,8 @@ from data_loader import BIT_DEPTHS, parse_size
 from scoring.detector import Scoring
 from scoring.evaluate import MASK_PROTOCOLS
 from scoring.inference import calibrate_on_folder, score_images
+from scoring.map_files import write_submission
+from scoring.protocols import PROTOCOLS
 from scoring.results import score_test_sets
 from scoring.thresholds import threshold_value
 from scoring.tiling import parse_overlap
@@ -68,6 +71,16 @@ def get_args_parser() -> argparse.ArgumentParser:
            "them, and the report then shows no pictures)")
     a("--mask_protocol", choices=sorted(MASK_PROTOCOLS), default="standard",
       help="standard: masks binarised at 0.5; official: only pixels exactly 255 after resizing (default standard)")
+    a("--protocol", choices=("auto", *PROTOCOLS), default="auto",
+      help="also report this benchmark's own metrics, as its authors compute them (docs/evaluation.md): mvtec_ad2 "
+           "(AU-PRO0.05, SegF1), loco (AU-sPRO0.05 structural/logical), ksdd2 (AP_det), visa (pixel AU-PR) (default "
+           "auto: the data set's, by its folder name)")
+    a("--tiff_maps", type=Path, metavar="DIR",
+      help="also write every test image's anomaly map as DIR/<category>/test/<type>/<stem>.tiff (float32, the image's "
+           "size): the input of MVTec LOCO AD's evaluation script")
+    a("--submission", type=Path, metavar="DIR",
+      help="MVTec AD 2: score each checkpoint's object's test_private and test_private_mixed images and write the "
+           "upload folder (float16 TIFFs, PNGs at the validation mean + 3 sigma), checked before it says ready")
     a("--batch_size", type=int, default=16, help="images per forward pass, and per chunk with --images (default 16)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--amp", choices=("off", "bf16", "fp16"), default="off",
@@ -86,18 +99,21 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("images", "calibrate"):
         if getattr(args, flag) is not None and len(args.checkpoint) != 1:
             parser.error(f"--{flag} takes exactly one --checkpoint")
-    if args.images is not None and args.calibrate is not None:
-        parser.error("--images and --calibrate are separate runs: calibrate first, then score")
+    if sum(getattr(args, flag) is not None for flag in ("images", "calibrate", "submission")) > 1:
+        parser.error("--images, --calibrate and --submission are separate runs: one at a time")
     if args.tile_overlap and not args.tile:
         parser.error("--tile_overlap needs --tile")
     scoring = Scoring(args.image_size, args.bit_depth, args.tile, args.tile_overlap, args.batch_size,
                       args.workers or None, args.amp, args.threshold, args.pixel_threshold, args.mask_protocol,
-                      args.save_images)
+                      args.save_images, args.protocol, args.tiff_maps)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
         check_amp(args.amp, device)
         if args.calibrate is not None:
             calibrate_on_folder(args.checkpoint[0], args.calibrate, args.false_alarm_rate, device, scoring)
+        elif args.submission is not None:
+            if not write_submission(args.checkpoint, args.data_path, args.submission, device, scoring):
+                sys.exit(1)
         elif args.images is not None:
             score_images(args.checkpoint[0], args.images, args.out, device, scoring)
         else:

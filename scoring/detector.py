@@ -42,6 +42,8 @@ class Scoring:
     pixel_threshold: str | float | None = None
     mask_protocol: str = "standard"  # how test-set masks are binarised (evaluate.MASK_PROTOCOLS)
     save_images: bool = True  # a panel per image
+    protocol: str = "auto"  # the benchmark's own columns (protocols.PROTOCOLS); auto: the data set's
+    tiff_maps: Path | None = None  # also write each test image's map as a float TIFF here (map_files)
 
     def size_for(self, info: ModelInfo) -> tuple[int, int] | None:
         """The size images are resized to (None: kept at their own size, for tiling)."""

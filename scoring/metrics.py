@@ -189,12 +189,18 @@ def aupro(anomaly_maps: Tensor, masks: Tensor, max_fpr: float = 0.3, ranking: Ra
     weight_per_region[0] = 0.0  # normal pixels add nothing to PRO
     pro = cumulative(ranking, weight_per_region[regions])
     fpr = false_positives / false_positives[-1]
-    pro, fpr = F.pad(pro, (1, 0)), F.pad(fpr, (1, 0))
+    return area_up_to(fpr, pro, max_fpr)
+
+
+def area_up_to(fpr: Tensor, overlap: Tensor, max_fpr: float) -> float:
+    """The normalised area under a curve of overlap against FPR (one point per threshold, highest first), from
+    (0, 0) up to exactly max_fpr: the trapezoid rule, the last segment cut by linear interpolation."""
+    fpr, overlap = F.pad(fpr, (1, 0)), F.pad(overlap, (1, 0))
     inside = fpr <= max_fpr
-    area = torch.trapezoid(pro[inside], fpr[inside])
+    area = torch.trapezoid(overlap[inside], fpr[inside])
     last = inside.nonzero()[-1, 0]
     if last + 1 < fpr.numel():  # interpolate the curve up to exactly max_fpr
-        f0, f1, p0, p1 = fpr[last], fpr[last + 1], pro[last], pro[last + 1]
+        f0, f1, p0, p1 = fpr[last], fpr[last + 1], overlap[last], overlap[last + 1]
         p_end = p0 + (p1 - p0) * (max_fpr - f0) / (f1 - f0)
         area = area + (max_fpr - f0) * (p0 + p_end) / 2
     return (area / max_fpr).item()

@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from scoring.metrics import METRICS, percent  # noqa: E402
+from scoring.protocols import PROTOCOLS  # noqa: E402
 
 ERROR_ORDER = {"missed defect": 0, "false alarm": 1, "": 2}
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1600px}
@@ -140,6 +141,26 @@ def threshold_note(used: dict) -> str:
     return note
 
 
+def protocol_section(results: dict[str, dict], means: list[dict]) -> str:
+    """Each benchmark protocol's own columns, named as its authors name them: per run, then the mean per
+    configuration over its categories."""
+    html_parts = []
+    for protocol in sorted({r.get("protocol", "mvtec_ad") for r in results.values()}):
+        columns = PROTOCOLS[protocol]
+        if not columns:
+            continue
+        runs = {run: r for run, r in results.items() if r.get("protocol") == protocol}
+        rows = [[r["data_set"], run, r["category"], *(percent(r["protocol_metrics"].get(m)) for m in columns)]
+                for run, r in runs.items()]
+        rows += [[row["data_set"], f"mean of {row['configuration']}", f"{len(row['runs'])} run(s)",
+                  *(percent(row["protocol_metrics"].get(m)) for m in columns)]
+                 for row in means if set(row["runs"]) <= set(runs)]
+        html_parts.append(f'<h2 id="protocol-{protocol}">The {html.escape(protocol)} protocol</h2><p>The benchmark\'s '
+                          f"own metrics, as its authors compute them (docs/evaluation.md).</p>"
+                          + table(["data set", "run", "category", *columns.values()], rows))
+    return "".join(html_parts)
+
+
 def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dict], means: list[dict],
                  seeds: list[dict]) -> Path:
     files = out_dir / "report_files"
@@ -156,12 +177,13 @@ def write_report(out_dir: Path, results: dict[str, dict], details: dict[str, dic
                        [[row["category"], row["configuration"], ", ".join(map(str, row["seeds"])),
                          *(f"{percent(row[m]['mean'])} ± {percent(row[m]['std'])}" for m in METRICS)]
                         for row in seeds]) if seeds else ""
+    benchmarks = protocol_section(results, means)
     sections = "".join(run_section(i, run, results[run], details[run], files) for i, run in enumerate(results))
     page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>DRAEM results</title><style>{STYLE}</style>'
             f"</head><body><h1>DRAEM results</h1>{summary}"
             f"<p>Mean per configuration (runs whose settings differ only in the category).</p>{mean_table}"
             + (f"<p>Runs that differ only in --seed: mean ± sample standard deviation.</p>{seed_table}" if seeds else "")
-            + f"{sections}</body></html>\n")
+            + f"{benchmarks}{sections}</body></html>\n")
     path = out_dir / "report.html"
     path.write_text(page)
     return path

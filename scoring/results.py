@@ -22,12 +22,15 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from data_loader import DataError, TestSet, decode, height_width, load_test_set, one_category
+from data_loader import (DataError, TestSet, category_layout, decode, height_width, list_images, load_images,
+                         load_test_set, one_category, warn)
 from deploy.model_files import checkpoint_files
 from scoring import thresholds
 from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model
-from scoring.evaluate import evaluate
+from scoring.evaluate import evaluate, predict
+from scoring.map_files import write_test_maps
 from scoring.metrics import METRICS, percent, verdict
+from scoring.protocols import PROTOCOLS, protocol_for, protocol_metrics
 from scoring.report import coverage_text, write_report
 from scoring.tiling import check_tiling
 from scoring.visualize import panel, write_png
@@ -66,8 +69,16 @@ def configuration_means(results: dict[str, dict]) -> list[dict]:
         groups.setdefault((result.get("data_set", ""), configuration(result, ("category",))), []).append(run)
     return [{"data_set": data_set, "configuration": label, "runs": runs,
              "categories": sorted({results[r]["category"] for r in runs}),
-             **{m: mean_std([results[r][m] for r in runs])["mean"] for m in METRICS}}
+             **{m: mean_std([results[r][m] for r in runs])["mean"] for m in METRICS},
+             "protocol_metrics": protocol_means([results[r] for r in runs])}
             for (data_set, label), runs in groups.items()]
+
+
+def protocol_means(runs: list[dict]) -> dict[str, float]:
+    """The mean over runs (the categories of one configuration) of each benchmark column they report."""
+    keys = dict.fromkeys(k for r in runs for k in r.get("protocol_metrics", {}))
+    return {k: mean_std([r["protocol_metrics"][k] for r in runs if k in r.get("protocol_metrics", {})])["mean"]
+            for k in keys}
 
 
 def seed_summaries(results: dict[str, dict]) -> list[dict]:
@@ -106,6 +117,7 @@ def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[di
                   "| configuration | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         lines += [f"| {row['configuration']} | {len(row['runs'])} | " + " | ".join(percent(row[m]) for m in METRICS)
                   + " |" for row in means if row["data_set"] == data_set]
+        lines += protocol_tables(data_set, results, means)
         lines.append("")
     lines.append("## Every run")
     if seeds:
@@ -133,6 +145,25 @@ def results_markdown(results: dict[str, dict], means: list[dict], seeds: list[di
     lines += [f"| {run} | {defect} | {row['images']} | {row['images_with_mask']} | {percent(row['image_auroc'])} | "
               f"{percent(row['pixel_ap'])} |" for run, r in results.items() for defect, row in r["per_defect_type"].items()]
     return "\n".join(lines) + "\n"
+
+
+def protocol_tables(data_set: str, results: dict[str, dict], means: list[dict]) -> list[str]:
+    """Per benchmark protocol of this data set's runs: its own columns, named as its authors name them, per run
+    and as the mean per configuration."""
+    lines = []
+    for protocol in sorted({r.get("protocol", "mvtec_ad") for r in results.values() if r["data_set"] == data_set}):
+        columns = PROTOCOLS[protocol]
+        if not columns:
+            continue
+        runs = {run: r for run, r in results.items() if r["data_set"] == data_set and r.get("protocol") == protocol}
+        lines += ["", f"{protocol} protocol: the benchmark's own metrics (docs/evaluation.md#benchmark-protocols).", "",
+                  "| run | category | " + " | ".join(columns.values()) + " |", "|---|---|" + "---|" * len(columns)]
+        lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r["protocol_metrics"].get(m)) for m in columns)
+                  + " |" for run, r in runs.items()]
+        lines += [f"| mean of {row['configuration']} | {len(row['runs'])} categor{'y' if len(row['runs']) == 1 else 'ies'} | "
+                  + " | ".join(percent(row["protocol_metrics"].get(m)) for m in columns) + " |"
+                  for row in means if row["data_set"] == data_set and set(row["runs"]) <= set(runs)]
+    return lines
 
 
 def threshold_cells(threshold: dict) -> str:
@@ -243,6 +274,9 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
         check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
     out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), scoring.mask_protocol,
                    keep_reconstructions=scoring.save_images, amp=scoring.amp)
+    protocol = protocol_for(data_set_name(data_path), scoring.protocol)
+    validation = validation_maps(model, info, data_path, category, device, scoring) if protocol == "mvtec_ad2" else None
+    columns = protocol_metrics(protocol, out["maps"], out["masks"], test_set, validation)
     run = unique_name(info.run, taken)
     image_t, pixel_t = (thresholds.choose(given[kind], info, kind, out["operating_points"][kind]["threshold"])
                         for kind in ("image", "pixel"))
@@ -253,12 +287,19 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
               "operating_points": out["operating_points"], "per_defect_type": out["per_defect_type"],
               "mask_coverage": out["mask_coverage"], "config": info.config, "images": len(test_set.paths),
               "left_out": [str(p) for p in test_set.left_out], "left_out_text": test_set.left_out_text(),
+              "protocol": protocol, "protocol_metrics": columns,
               "seconds": round(time.perf_counter() - started, 2)}
     print(f"{run} [{category}] " + " ".join(f"{m}={percent(out['metrics'][m])}" for m in METRICS)
           + f" ({len(test_set.paths)} images, masks for {coverage_text(out['mask_coverage'])} defect images, "
             f"{result['seconds']} s)\n  " + (f"{test_set.left_out_text()}\n  " if test_set.left_out else "")
           + thresholds.describe(image_t, info, "image") + "\n  "
-          + thresholds.describe(pixel_t, info, "pixel"))
+          + thresholds.describe(pixel_t, info, "pixel")
+          + (f"\n  {protocol}: " + " ".join(f"{PROTOCOLS[protocol][m]}={percent(v)}" for m, v in columns.items())
+             if columns else ""))
+    if scoring.tiff_maps:
+        count = write_test_maps(out["maps"], test_set.paths, test_set.defect_types, scoring.tiff_maps, category,
+                                scoring.depth_for(info))
+        print(f"  {count} anomaly maps (float32 TIFF, each image's size) under {scoring.tiff_maps / category}")
     write_scores_csv(out_dir / f"scores_{run}.csv", [
         {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
          "verdict": c["verdict"]} for c in cases])
@@ -266,6 +307,18 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
     if scoring.save_images:
         write_test_panels(out_dir, test_set, out, cases, image_t, pixel_t, scoring.depth_for(info))
     return run, result, {"curves": out["curves"], "cases": cases}
+
+
+def validation_maps(model, info, data_path: Path, category: str, device: torch.device, scoring: Scoring
+                    ) -> torch.Tensor | None:
+    """The anomaly maps of the category's good validation images (MVTec AD 2's segmentation threshold), or None
+    with a warning when it has none."""
+    folder = category_layout(data_path, category).validation
+    if folder is None:
+        warn(f"{category}: no validation/good images: SegF1 (threshold from the validation images) is n/a")
+        return None
+    images = load_images(list_images(folder), scoring.size_for(info), scoring.workers, scoring.depth_for(info))
+    return predict(model, images, device, info.channel_order, images_per_pass(scoring), amp=scoring.amp)[0]
 
 
 def write_summary(out_dir: Path, results: dict, details: dict, mask_protocol: str, skipped: dict,

@@ -40,7 +40,8 @@ class Target:
         self.root, self.link, self.counts = root, link, Counter()
 
     def place(self, image: Path, folder: str, name: str | None = None) -> None:
-        """image into <category>/<folder>/ under its own name (or name), the same bytes."""
+        """A file (an image, a mask channel, a config) into <category>/<folder>/ under its own name (or name), the
+        same bytes."""
         if not image.is_file():
             raise PrepareError(f"{image}: missing image")
         path = self.new_file(folder, name or image.name)
@@ -73,9 +74,11 @@ def images_in(folder: Path) -> list[Path]:
 
 def nonzero(path: Path) -> np.ndarray:
     """A published mask as a boolean defect map: defective wherever it is non-zero (0/255 and 0/1 masks alike)."""
+    if not path.is_file():
+        raise PrepareError(f"{path}: missing mask")
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
-        raise PrepareError(f"{path}: missing or unreadable mask")
+        raise PrepareError(f"{path}: unreadable mask")
     return (mask != 0).any(axis=2) if mask.ndim == 3 else mask != 0
 
 
@@ -105,7 +108,7 @@ def visa(source: Path, target: Target) -> None:
     if not table.is_file():
         raise PrepareError(f"{table} does not exist: pass the extracted archive's folder (holding split_csv/ and "
                            f"candle/, capsules/, ...)")
-    with open(table, newline="") as f:
+    with open(table, newline="", encoding="utf-8-sig") as f:  # a byte-order mark, as spreadsheet programs save
         rows = list(csv.DictReader(f))
     missing = {"object", "split", "label", "image", "mask"} - set(rows[0] if rows else {})
     if missing:
@@ -124,23 +127,31 @@ def visa(source: Path, target: Target) -> None:
 
 def mvtec_ad2(source: Path, target: Target) -> None:
     """MVTec AD 2: train/good, validation/good (calibration), test_public/{good,bad} with
-    test_public/ground_truth/bad/<stem>_mask.png. The private test sets carry no masks and are not copied."""
+    test_public/ground_truth/bad/<stem>_mask.png, and the private test sets as they are (test_private,
+    test_private_mixed: no masks; test_draem.py --submission scores them for MVTec's server)."""
     for folder in categories(source, "train/good", "the folder holding can/, fabric/, ... (mvtec_ad_2)"):
         name, public = folder.name, folder / "test_public"
         copy_folder(target, folder / "train" / "good", f"{name}/train/good")
         copy_folder(target, folder / "validation" / "good", f"{name}/validation/good")
         copy_folder(target, public / "good", f"{name}/test/good")
         for image in copy_folder(target, public / "bad", f"{name}/test/bad"):
-            mask = public / "ground_truth" / "bad" / f"{image.stem}_mask.png"
-            if mask.is_file():
-                target.mask(nonzero(mask), f"{name}/ground_truth/bad", image.stem)
+            target.mask(nonzero(public / "ground_truth" / "bad" / f"{image.stem}_mask.png"), f"{name}/ground_truth/bad",
+                        image.stem)
+        for split in ("test_private", "test_private_mixed"):
+            copy_folder(target, folder / split, f"{name}/{split}", required=False)
 
 
 def loco(source: Path, target: Target) -> None:
     """MVTec LOCO AD: the MVTec layout with validation/good, except that each defect image has a folder of masks,
-    ground_truth/<type>/<stem>/000.png, 001.png ... (one per defect), OR-ed into one."""
+    ground_truth/<type>/<stem>/000.png, 001.png ... (one per defect, its pixel value naming the defect in
+    defects_config.json). They are OR-ed into <stem>_mask.png for the standard metrics and also kept as they are,
+    with defects_config.json, for LOCO's sPRO."""
     for folder in categories(source, "train/good", "the folder holding breakfast_box/, juice_bottle/, ..."):
         name = folder.name
+        config = folder / "defects_config.json"
+        if not config.is_file():
+            raise PrepareError(f"{config}: missing (it names each defect's saturation, which LOCO's sPRO needs)")
+        target.place(config, name)
         copy_folder(target, folder / "train" / "good", f"{name}/train/good")
         copy_folder(target, folder / "validation" / "good", f"{name}/validation/good")
         tests = sorted(d for d in (folder / "test").iterdir() if d.is_dir()) if (folder / "test").is_dir() else []
@@ -148,12 +159,20 @@ def loco(source: Path, target: Target) -> None:
             raise PrepareError(f"{folder / 'test'}: no test folders (good/, logical_anomalies/, ...)")
         for test in tests:
             for image in copy_folder(target, test, f"{name}/test/{test.name}"):
-                masks = images_in(folder / "ground_truth" / test.name / image.stem) if test.name != "good" else []
-                if masks:
-                    maps = [nonzero(m) for m in masks]
-                    if len({m.shape for m in maps}) > 1:
-                        raise PrepareError(f"{masks[0].parent}: masks of different sizes")
-                    target.mask(np.logical_or.reduce(maps), f"{name}/ground_truth/{test.name}", image.stem)
+                if test.name != "good":
+                    loco_masks(target, folder / "ground_truth" / test.name / image.stem, f"{name}/ground_truth/{test.name}")
+
+
+def loco_masks(target: Target, channels: Path, folder: str) -> None:
+    masks = images_in(channels)
+    if not masks:
+        raise PrepareError(f"{channels}: missing masks (000.png ...) for the image {channels.name}")
+    maps = [nonzero(m) for m in masks]
+    if len({m.shape for m in maps}) > 1:
+        raise PrepareError(f"{channels}: masks of different sizes")
+    target.mask(np.logical_or.reduce(maps), folder, channels.name)
+    for mask in masks:
+        target.place(mask, f"{folder}/{channels.name}")
 
 
 def btad(source: Path, target: Target) -> None:
@@ -164,8 +183,9 @@ def btad(source: Path, target: Target) -> None:
         copy_folder(target, folder / "test" / "ok", f"{name}/test/good")
         masks = {m.stem: m for m in images_in(folder / "ground_truth" / "ko")}
         for image in copy_folder(target, folder / "test" / "ko", f"{name}/test/ko"):
-            if image.stem in masks:
-                target.mask(nonzero(masks[image.stem]), f"{name}/ground_truth/ko", image.stem)
+            if image.stem not in masks:
+                raise PrepareError(f"{folder / 'ground_truth' / 'ko' / image.stem}.png: missing mask for {image}")
+            target.mask(nonzero(masks[image.stem]), f"{name}/ground_truth/ko", image.stem)
 
 
 def ksdd2(source: Path, target: Target) -> None:
@@ -220,12 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     except (PrepareError, OSError) as exc:  # OSError: a full disk, a folder without write access
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    by_category: dict[str, list[str]] = {}
+    by_category: dict[str, Counter] = {}
     for folder, n in sorted(counts.items()):
         category, _, rest = folder.partition("/")
-        by_category.setdefault(category, []).append(f"{rest} {n}")
+        parts = rest.split("/")  # LOCO's mask channels, ground_truth/<type>/<stem>/, count per type
+        by_category.setdefault(category, Counter())["/".join(parts[:2]) + "/*" if len(parts) > 2 else rest or "files"] += n
     for category, parts in by_category.items():
-        print(f"{args.out / args.data_set / category}: " + ", ".join(parts))
+        print(f"{args.out / args.data_set / category}: " + ", ".join(f"{k} {n}" for k, n in parts.items()))
     print(f"train: python train_draem.py --obj_id -1 --data_path {args.out / args.data_set} --anomaly_source_path ...")
 
 

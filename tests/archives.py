@@ -1,6 +1,7 @@
 """Miniature copies of public data sets as their authors lay them out: a few tiny images per folder, file names in
 the published patterns, masks of every kind found there (0/255, 0/1, several per image, .bmp). Each builder
 returns the archive's folder."""
+import json
 from pathlib import Path
 
 import cv2
@@ -55,12 +56,15 @@ def visa(root: Path) -> Path:
 
 
 def mvtec_ad2(root: Path) -> Path:
-    """mvtec_ad_2/<object>/{train/good, validation/good, test_public/{good,bad,ground_truth/bad}, test_private}."""
+    """mvtec_ad_2/<object>/{train/good, validation/good, test_public/{good,bad,ground_truth/bad}, test_private,
+    test_private_mixed}; one private image of another size (the upload keeps each image's own size)."""
     source = root / "mvtec_ad_2"
     obj = source / "can"
     for seed, (folder, count) in enumerate((("train/good", 4), ("validation/good", 2), ("test_public/good", 2),
-                                            ("test_public/bad", 2), ("test_private", 1))):
+                                            ("test_public/bad", 2), ("test_private", 2), ("test_private_mixed", 1))):
         images(obj / folder, count, 300 + 10 * seed, "{:03d}_regular.png")
+    wide = np.random.default_rng(399).integers(0, 256, (20, 52, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(obj / "test_private_mixed" / "001_overexposed.png"), wide)
     for i in range(2):
         mask(obj / "test_public" / "ground_truth" / "bad" / f"{i:03d}_regular_mask.png", (4, 12, 5, 20))
     return source
@@ -74,11 +78,21 @@ def loco(root: Path) -> Path:
     for seed, (folder, count) in enumerate((("train/good", 4), ("validation/good", 2), ("test/good", 2),
                                             ("test/logical_anomalies", 2), ("test/structural_anomalies", 1))):
         images(cat / folder, count, 400 + 10 * seed)
-    mask(cat / "ground_truth" / "logical_anomalies" / "000" / "000.png", (1, 5, 1, 6))  # two defects: two masks
-    mask(cat / "ground_truth" / "logical_anomalies" / "000" / "001.png", (10, 20, 25, 35))
-    mask(cat / "ground_truth" / "logical_anomalies" / "001" / "000.png", (3, 8, 3, 8))
-    mask(cat / "ground_truth" / "structural_anomalies" / "000" / "000.png", (5, 15, 5, 15))
+    # Each mask channel is one defect, its pixel value naming it in defects_config.json; channels may overlap.
+    mask(cat / "ground_truth" / "logical_anomalies" / "000" / "000.png", (1, 5, 1, 6), value=243)
+    mask(cat / "ground_truth" / "logical_anomalies" / "000" / "001.png", (10, 20, 25, 35), value=255)
+    mask(cat / "ground_truth" / "logical_anomalies" / "001" / "000.png", (3, 8, 3, 8), value=243)
+    mask(cat / "ground_truth" / "logical_anomalies" / "001" / "001.png", (5, 12, 5, 12), value=255)
+    mask(cat / "ground_truth" / "structural_anomalies" / "000" / "000.png", (5, 15, 5, 15), value=254)
+    (cat / "defects_config.json").write_text(json.dumps(LOCO_DEFECTS))
     return source
+
+
+# A defects_config.json in LOCO's format: relative and absolute saturation.
+LOCO_DEFECTS = [
+    {"defect_name": "missing_almonds", "pixel_value": 255, "saturation_threshold": 1.0, "relative_saturation": True},
+    {"defect_name": "too_many_oranges", "pixel_value": 243, "saturation_threshold": 10, "relative_saturation": False},
+    {"defect_name": "box_damaged", "pixel_value": 254, "saturation_threshold": 0.5, "relative_saturation": True}]
 
 
 def btad(root: Path) -> Path:

@@ -58,7 +58,7 @@ def test_visa_follows_its_split_csv(tmp_path, out):
     assert f"{out / 'visa' / 'candle'}: ground_truth/anomaly 2, test/anomaly 2, test/good 1, train/good 4" in proc.stdout
 
 
-def test_mvtec_ad2_keeps_validation_for_calibration_and_leaves_the_private_sets(tmp_path, out):
+def test_mvtec_ad2_keeps_validation_for_calibration_and_the_private_sets_for_the_server(tmp_path, out):
     source = archives.mvtec_ad2(tmp_path)
     assert prepare("mvtec_ad2", source, "--out", out).returncode == 0
     obj, root = source / "can", out / "mvtec_ad2" / "can"
@@ -68,12 +68,17 @@ def test_mvtec_ad2_keeps_validation_for_calibration_and_leaves_the_private_sets(
     same_bytes(root / "test" / "bad", list_images(obj / "test_public" / "bad"))
     assert_mask(root / "ground_truth" / "bad" / "001_regular_mask.png",
                 obj / "test_public" / "ground_truth" / "bad" / "001_regular_mask.png")
-    assert names(root) == ["ground_truth", "test", "train", "validation"]  # no test_private: it has no masks
+    # the private sets carry no masks: kept as they are, outside test/, for test_draem.py --submission
+    same_bytes(root / "test_private", list_images(obj / "test_private"))
+    same_bytes(root / "test_private_mixed", list_images(obj / "test_private_mixed"))
+    assert names(root) == ["ground_truth", "test", "test_private", "test_private_mixed", "train", "validation"]
+    assert load_test_set(out / "mvtec_ad2", "can", 32).defect_types == ["bad", "bad", "good", "good"]
 
 
-def test_loco_ors_the_masks_of_an_image_into_one(tmp_path, out):
+def test_loco_ors_the_mask_channels_for_the_standard_metrics_and_keeps_them_for_spro(tmp_path, out):
     source = archives.loco(tmp_path)
-    assert prepare("loco", source, "--out", out).returncode == 0
+    proc = prepare("loco", source, "--out", out)
+    assert proc.returncode == 0, proc.stderr
     cat, root = source / "breakfast_box", out / "loco" / "breakfast_box"
     for folder in ("train/good", "validation/good", "test/good", "test/logical_anomalies", "test/structural_anomalies"):
         same_bytes(root / folder, list_images(cat / folder))
@@ -84,6 +89,38 @@ def test_loco_ors_the_masks_of_an_image_into_one(tmp_path, out):
     assert written[2, 2] == 255 and written[15, 30] == 255  # a pixel of each defect
     assert_mask(root / "ground_truth" / "structural_anomalies" / "000_mask.png",
                 cat / "ground_truth" / "structural_anomalies" / "000" / "000.png")
+    for kind, stem in (("logical_anomalies", "000"), ("logical_anomalies", "001"), ("structural_anomalies", "000")):
+        same_bytes(root / "ground_truth" / kind / stem, list_images(cat / "ground_truth" / kind / stem))  # pixel values kept
+    assert (root / "defects_config.json").read_bytes() == (cat / "defects_config.json").read_bytes()
+    assert "ground_truth/logical_anomalies/* 4" in proc.stdout  # the channels, counted per type, not per image
+    assert load_test_set(out / "loco", "breakfast_box", 32).has_mask.all()
+
+
+def test_a_missing_mask_stops_every_preparation_with_one_line_naming_it(tmp_path):
+    """A defect image without its mask is refused (no silent loss of pixel labels), without OpenCV's own
+    warning on the console."""
+    removed = {"visa": "candle/Data/Masks/Anomaly/001.png", "mvtec_ad2": "can/test_public/ground_truth/bad/001_regular_mask.png",
+               "loco": "breakfast_box/ground_truth/structural_anomalies/000", "btad": "03/ground_truth/ko/0001.bmp",
+               "ksdd2": "test/20003_GT.png"}
+    for data_set, relative in removed.items():
+        source = getattr(archives, data_set)(tmp_path / data_set)
+        path = source / relative
+        for file in [path] if path.is_file() else sorted(path.iterdir()):
+            file.unlink()
+        proc = prepare(data_set, source, "--out", tmp_path / f"out_{data_set}")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (data_set, proc.stderr)
+        assert proc.stderr.startswith("error: ") and str(path.with_suffix("")) in proc.stderr, (data_set, proc.stderr)
+        assert "missing" in proc.stderr and "WARN" not in proc.stderr, (data_set, proc.stderr)
+        assert not (tmp_path / f"out_{data_set}" / data_set).exists()
+
+
+def test_a_visa_split_table_saved_with_a_byte_order_mark_reads(tmp_path, out):
+    source = archives.visa(tmp_path)
+    table = source / "split_csv" / "1cls.csv"
+    table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())  # how spreadsheet programs save UTF-8
+    proc = prepare("visa", source, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list_images(out / "visa" / "candle" / "train" / "good")) == 4
 
 
 def test_btad_reads_ok_and_ko_with_png_and_bmp_masks(tmp_path, out):
@@ -130,7 +167,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(tmp_path, out):
     assert {p: p.read_bytes() for p in (out / "loco").rglob("*") if p.is_file()} == before
     (source / "breakfast_box" / "ground_truth" / "structural_anomalies" / "000" / "000.png").write_bytes(b"broken")
     proc = prepare("loco", source, "--out", tmp_path / "other")  # fails on the last image
-    assert proc.returncode == 2 and "000.png: missing or unreadable mask" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "000.png: unreadable mask" in proc.stderr, proc.stderr
     assert not (tmp_path / "other").exists() or list((tmp_path / "other").iterdir()) == []
     for data_set in ("visa", "mvtec_ad2", "btad", "ksdd2"):  # an archive of another data set
         proc = prepare(data_set, source, "--out", tmp_path / "third")
