@@ -33,6 +33,8 @@ PROTOCOLS: dict[str, dict[str, str]] = {
     "ksdd2": {"ap_det": "AP_det", "ap_loc": "AP_loc"},
     "visa": {"image_au_pr": "image AU-PR", "pixel_au_pr": "pixel AU-PR"},
 }
+BENCHMARK_NAMES = {"mvtec_ad": "MVTec AD", "mvtec_ad2": "MVTec AD 2", "loco": "MVTec LOCO AD", "ksdd2": "KolektorSDD2",
+                   "visa": "VisA"}
 LOCO_KINDS = ("structural", "logical")
 SPRO_MAX_FPR = 0.05
 

@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from scoring.metrics import METRICS, percent  # noqa: E402
-from scoring.protocols import PROTOCOLS  # noqa: E402
+from scoring.protocols import BENCHMARK_NAMES, PROTOCOLS  # noqa: E402
 
 ERROR_ORDER = {"missed defect": 0, "false alarm": 1, "": 2}
 STYLE = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1600px}
@@ -155,8 +155,8 @@ def protocol_section(results: dict[str, dict], means: list[dict]) -> str:
         rows += [[row["data_set"], f"mean of {row['configuration']}", f"{len(row['runs'])} run(s)",
                   *(percent(row["protocol_metrics"].get(m)) for m in columns)]
                  for row in means if set(row["runs"]) <= set(runs)]
-        html_parts.append(f'<h2 id="protocol-{protocol}">The {html.escape(protocol)} protocol</h2><p>The benchmark\'s '
-                          f"own metrics, as its authors compute them (docs/evaluation.md).</p>"
+        html_parts.append(f'<h2 id="protocol-{protocol}">{BENCHMARK_NAMES[protocol]}: the benchmark\'s own metrics</h2>'
+                          f"<p>As its authors compute them (--protocol {protocol}; docs/evaluation.md).</p>"
                           + table(["data set", "run", "category", *columns.values()], rows))
     return "".join(html_parts)
 

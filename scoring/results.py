@@ -30,7 +30,7 @@ from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model
 from scoring.evaluate import evaluate, predict
 from scoring.map_files import write_test_maps
 from scoring.metrics import METRICS, percent, verdict
-from scoring.protocols import PROTOCOLS, protocol_for, protocol_metrics
+from scoring.protocols import BENCHMARK_NAMES, PROTOCOLS, protocol_for, protocol_metrics
 from scoring.report import coverage_text, write_report
 from scoring.tiling import check_tiling
 from scoring.visualize import panel, write_png
@@ -156,7 +156,8 @@ def protocol_tables(data_set: str, results: dict[str, dict], means: list[dict]) 
         if not columns:
             continue
         runs = {run: r for run, r in results.items() if r["data_set"] == data_set and r.get("protocol") == protocol}
-        lines += ["", f"{protocol} protocol: the benchmark's own metrics (docs/evaluation.md#benchmark-protocols).", "",
+        lines += ["", f"{BENCHMARK_NAMES[protocol]}: the benchmark's own metrics (--protocol {protocol}; "
+                      f"docs/evaluation.md#benchmark-protocols).", "",
                   "| run | category | " + " | ".join(columns.values()) + " |", "|---|---|" + "---|" * len(columns)]
         lines += [f"| {run} | {r['category']} | " + " | ".join(percent(r["protocol_metrics"].get(m)) for m in columns)
                   + " |" for run, r in runs.items()]

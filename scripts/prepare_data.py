@@ -207,6 +207,20 @@ def ksdd2(source: Path, target: Target) -> None:
 
 CONVERTERS: dict[str, Callable[[Path, Target], None]] = {
     "visa": visa, "mvtec_ad2": mvtec_ad2, "loco": loco, "btad": btad, "ksdd2": ksdd2}
+# What the folder holding each data set contains (a glob).
+MARKERS = {"visa": "split_csv/1cls.csv", "mvtec_ad2": "*/train/good", "loco": "*/train/good", "btad": "*/train/ok",
+           "ksdd2": "train"}
+
+
+def archive_root(source: Path, marker: str) -> Path:
+    """The folder holding the data set: source, or the one folder inside it, and so on down. Some archives have a
+    top-level folder and some do not; extracted into a folder of their own, either way works."""
+    while not any(source.glob(marker)):
+        inside = [d for d in source.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        if len(inside) != 1:
+            break
+        source = inside[0]
+    return source
 
 
 def prepare(data_set: str, source: Path, out: Path, link: bool = False) -> Counter:
@@ -219,7 +233,7 @@ def prepare(data_set: str, source: Path, out: Path, link: bool = False) -> Count
     shutil.rmtree(partial, ignore_errors=True)
     target = Target(partial, link)
     try:
-        CONVERTERS[data_set](source, target)
+        CONVERTERS[data_set](archive_root(source, MARKERS[data_set]), target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

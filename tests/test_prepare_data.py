@@ -184,3 +184,16 @@ def test_mpdd_loads_as_published(tmp_path):
     test = load_test_set(source, "bracket_black", 32)
     assert test.defect_types == ["good", "hole", "hole"] and test.has_mask.all()
     assert test.masks[1].max() == 255 and test.masks[0].max() == 0
+
+
+def test_an_archive_extracted_with_or_without_its_top_level_folder_prepares_alike(tmp_path):
+    """mkdir NAME && tar -xf ARCHIVE -C NAME works whether or not the archive has a folder of its own."""
+    for data_set, build in archives.BUILDERS.items():
+        flat = build(tmp_path / "flat" / data_set)
+        nested = build(tmp_path / "nested" / data_set / "extracted" / "one_more")
+        for source, out in ((flat, tmp_path / "a" / data_set), (nested.parent.parent, tmp_path / "b" / data_set)):
+            proc = prepare(data_set, source, "--out", out)
+            assert proc.returncode == 0, (data_set, proc.stderr)
+        files = [sorted(p.relative_to(root / data_set) for p in (root / data_set / data_set).rglob("*"))
+                 for root in (tmp_path / "a", tmp_path / "b")]
+        assert files[0] == files[1] and files[0], data_set

@@ -121,7 +121,7 @@ def benchmark_columns(tmp_path, results: dict) -> None:
     markdown, report = (tmp_path / "res" / "results.md").read_text(), (tmp_path / "res" / "report.html").read_text()
     for protocol in ("mvtec_ad2", "loco", "ksdd2", "visa"):
         head = "| run | category | " + " | ".join(PROTOCOLS[protocol].values()) + " |"
-        assert head in markdown and f"{protocol} protocol" in markdown
+        assert head in markdown and f"--protocol {protocol}" in markdown
         assert f'id="protocol-{protocol}"' in report and all(f"<th>{c}</th>" in report for c in PROTOCOLS[protocol].values())
 
 
