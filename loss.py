@@ -84,13 +84,14 @@ def image_label_loss(anomaly_maps: Tensor, weights: Tensor, eps: float = 1e-6) -
 def draem_loss(reconstruction: Tensor, clean: Tensor, logits: Tensor, mask: Tensor,
                block5_input: Tensor | None = None, block5_output: Tensor | None = None,
                sspcab_lambda: float = 0.1, focal: FocalLoss | None = None, real: int = 0,
-               has_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+               has_mask: Tensor | None = None, pasted: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
     """Total DRAEM loss and its parts (unweighted sum; SSPCAB term added when its tensors are given).
 
     With real defects, the last `real` samples of the batch are real defect images: they have no clean target
     (no reconstruction loss), the focal loss covers those with masks (has_mask (B,); area_balanced) together with
-    the simulated samples, and those without get image_label_loss. parts then also holds "real_defects", the loss on the real
-    samples alone (a curve to watch; it is not added to the total again)."""
+    the simulated samples, and those without get image_label_loss. The `pasted` samples before them are real
+    defects pasted onto good images, trained as simulated ones. parts then also holds "real_defects", the loss on
+    the real samples alone, pasted or not (a curve to watch; it is not added to the total again)."""
     focal = focal or FocalLoss()
     simulated = len(logits) - real
     probs = torch.softmax(logits, dim=1)
@@ -113,8 +114,9 @@ def draem_loss(reconstruction: Tensor, clean: Tensor, logits: Tensor, mask: Tens
     if block5_input is not None and block5_output is not None:
         parts["sspcab"] = sspcab_lambda * F.mse_loss(block5_output, block5_input)
     total = torch.stack(list(parts.values())).sum()
-    if real:
-        masked = pixel_labelled[simulated:]
-        real_focal = (per_sample[simulated:] * masked).sum() / masked.sum().clamp(min=1)
-        parts["real_defects"] = (real_focal + parts["image_label"]).detach()
+    if real or pasted:
+        first = simulated - pasted
+        masked = pixel_labelled[first:]
+        real_focal = (per_sample[first:] * masked).sum() / masked.sum().clamp(min=1)
+        parts["real_defects"] = (real_focal + parts.get("image_label", 0)).detach()
     return total, parts

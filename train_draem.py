@@ -34,7 +34,7 @@ from scoring.visualize import sample_grid, write_png
 from training.checkpoint import load_checkpoint, save_training
 from training.cli import one_line_errors, pick_device
 from training.config import DEFAULT_CALIBRATION_SPLIT, TrainConfig, parse_args
-from training.defects import RealDefects, choose_defects, load_real_defects, real_per_step
+from training.defects import RealDefects, choose_defects, load_real_defects, pasted_per_step, real_per_step
 from training.demo import make_demo_dataset
 from training.processes import Launch, StopRequest, TrainingStopped, ensure_writable, start_processes, stop_on_signals
 from training.progress import Progress, log_image_grid, log_step
@@ -148,9 +148,18 @@ def write_preview(args: argparse.Namespace, run: "Run", sources: torch.Tensor | 
              + (" | real defects last in each batch" if run.defects else ""))
     path = args.log_path / name / "preview.png"
     real = real_per_step(config.defect_share, config.bs) if run.defects else 0
-    write_png(path, sample_grid(batch.image, batch.augmented, batch.mask, title,
-                                real=[i % config.bs >= config.bs - real for i in range(len(batch.image))]))
+    own = real - (pasted_per_step(run.defects, real, config.paste_defects) if real else 0)
+    kinds = ["own" if i % config.bs >= config.bs - own else "pasted" if i % config.bs >= config.bs - real else ""
+             for i in range(len(batch.image))]
+    write_png(path, sample_grid(batch.image, batch.augmented, batch.mask, title, real=kinds))
     return path
+
+
+def defects_per_batch(defects: RealDefects, config: TrainConfig) -> str:
+    """'2 per batch of 8 (2 pasted onto good images)': what each step trains on."""
+    real = real_per_step(config.defect_share, config.bs)
+    pasted = pasted_per_step(defects, real, config.paste_defects)
+    return f"{real} per batch of {config.bs}" + (f" ({pasted} pasted onto good images)" if pasted else "")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -281,8 +290,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         print(f"[{category}] {len(images)} training images ({config.bit_depth}-bit) cached on {device}"
               + (f", {len(run.held_out)} held out to calibrate thresholds on" if run.held_out else
                  f", {len(run.validation)} validation images to calibrate thresholds on" if run.validation else "")
-              + (f"; {run.defects.describe()}, {real_per_step(config.defect_share, config.bs)} per batch of "
-                 f"{config.bs}" if run.defects else "")
+              + (f"; {run.defects.describe()}, {defects_per_batch(run.defects, config)}" if run.defects else "")
               + f"; {'fp32' if config.amp == 'off' else config.amp + ' autocast'}"
               + (" (--amp auto)" if args.amp == "auto" else "") + f"; run {run.name}")
     # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.

@@ -91,9 +91,10 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def sample_grid(normal: torch.Tensor, augmented: torch.Tensor, masks: torch.Tensor, title: str,
-                per_row: int = 2, real: list[bool] | None = None) -> np.ndarray:
-    """Training samples as labelled triples (normal | simulated anomaly | its mask; for the samples real marks:
-    the real defect twice, as it is and as the network sees it, and its mask), per_row triples to a row, under a
+                per_row: int = 2, real: list[str] | None = None) -> np.ndarray:
+    """Training samples as labelled triples (normal | simulated anomaly | its mask; where real says "pasted": the
+    good image | a real defect pasted on it | its mask; where it says "own": the real defect twice, as it is and as
+    the network sees it, and its mask), per_row triples to a row, under a
     title line: (B, 3, H, W) BGR in [0, 1] images and (B, 1, H, W) masks. Small images are enlarged (nearest
     neighbour) to at least 192 pixels wide so that the labels stay readable."""
     zoom = -(-192 // normal.shape[-1])
@@ -108,8 +109,11 @@ def sample_grid(normal: torch.Tensor, augmented: torch.Tensor, masks: torch.Tens
         mask = masks[i].expand(3, -1, -1)
         share = masks[i].float().mean().item()
         tiles = [to_bgr_u8(t) for t in (normal[i], augmented[i], mask)]
-        if real and real[i]:
+        kind = real[i] if real else ""
+        if kind == "own":
             labels = (f"#{i + 1} real defect", "augmented", f"its mask ({share:.1%})" if share else "image label only")
+        elif kind == "pasted":
+            labels = (f"#{i + 1} normal", "real defect pasted", f"its mask ({share:.1%})")
         else:
             labels = (f"#{i + 1} normal", "simulated anomaly" if share else "no anomaly drawn", f"mask ({share:.1%})")
         strip = np.full((line, 3 * width, 3), HEADER_BG, np.uint8)

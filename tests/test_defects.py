@@ -149,17 +149,59 @@ def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
     defects = RealDefects(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g),
-                          torch.zeros(5, 1, 32, 32, dtype=torch.uint8), torch.ones(5, dtype=torch.bool), [{}] * 5)
-    config = TrainConfig(category="c", bs=4, seed=3, defect_share=0.5)
+                          (torch.rand(5, 1, 32, 32, generator=g) < 0.3).to(torch.uint8), torch.ones(5, dtype=torch.bool),
+                          [{"mask": "m.png"}] * 5)
     order = epoch_order(16, 8, 3, 0, torch.device("cpu"))
+    for paste in (True, False):
+        config = TrainConfig(category="c", bs=4, seed=3, defect_share=0.5, paste_defects=paste)
 
-    def batch(rank: int, step: int):
-        return step_batch(images, order, step, None, config, Launch(rank, 2, True), torch.Generator(), defects)
-    first = batch(0, 1)
-    assert first.real == 2 and len(first.augmented) == 4 and first.has_mask.tolist() == [True] * 4
-    assert torch.equal(first.augmented, batch(0, 1).augmented)  # a function of the step: resume draws the same
-    assert not torch.equal(first.augmented[2:], batch(1, 1).augmented[2:])  # each rank its own draw
-    assert not torch.equal(first.augmented[2:], batch(0, 2).augmented[2:])  # each step its own draw
+        def batch(rank: int, step: int):
+            return step_batch(images, order, step, None, config, Launch(rank, 2, True), torch.Generator(), defects)
+        first = batch(0, 1)
+        assert (first.real, first.pasted) == ((0, 2) if paste else (2, 0)) and len(first.augmented) == 4
+        assert torch.equal(first.augmented, batch(0, 1).augmented)  # a function of the step: resume draws the same
+        assert not torch.equal(first.augmented[2:], batch(1, 1).augmented[2:])  # each rank its own draw
+        assert not torch.equal(first.augmented[2:], batch(0, 2).augmented[2:])  # each step its own draw
+
+
+def test_a_pasted_defect_lies_on_a_good_image_which_is_its_clean_target():
+    """Pasting: inside the drawn mask the input is the defect's pixels, outside it the good image the batch
+    drew, which is also the reconstruction target; image-level labels keep their own image."""
+    from training.config import TrainConfig
+    from training.defects import pasted_per_step
+    from training.processes import Launch
+    from training.step import epoch_order, step_batch
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 100, (8, 3, 32, 32), dtype=torch.uint8, generator=g)  # good images: dark
+    masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    masks[:3, :, 8:20, 10:24] = 1  # the fourth has none: zeros, as loaded
+    files = [{"mask": "a.png"}, {"mask": "b.png"}, {"mask": "c.png"}, {"mask": None}]
+    defects = RealDefects(torch.full((4, 3, 32, 32), 250, dtype=torch.uint8), masks,
+                          torch.tensor([True, True, True, False]), files)
+    config = TrainConfig(category="c", bs=8, seed=0, defect_share=0.5, recipe="official")
+    batch = step_batch(images, epoch_order(8, 8, 0, 0, torch.device("cpu")), 0, None, config, Launch(),
+                       torch.Generator(), defects)
+    assert (batch.pasted, batch.real) == (3, 1)  # 4 real places: 3 of 4 defects have masks
+    pasted = slice(4, 7)
+    inside = batch.mask[pasted].bool().expand(-1, 3, -1, -1)
+    assert inside.any(dim=(1, 2, 3)).all()
+    assert torch.allclose(batch.augmented[pasted][inside], torch.tensor(250 / 255))  # the defect's pixels
+    assert torch.equal(batch.augmented[pasted][~inside], batch.image[pasted][~inside])  # the good image elsewhere
+    assert (batch.image[pasted] < 100 / 255 + 1e-6).all()  # the clean target is a good image, not the defect
+    assert batch.has_mask.tolist() == [True] * 7 + [False]  # the image-level label last, on its own image
+    assert torch.equal(batch.augmented[7], batch.image[7]) and batch.mask[7].sum() == 0
+    assert [pasted_per_step(defects, real, True) for real in (1, 2, 4, 7)] == [1, 1, 3, 5]
+    assert pasted_per_step(defects, 4, False) == 0
+
+
+def test_pasted_defects_take_the_published_loss_and_are_watched():
+    g = torch.Generator().manual_seed(2)
+    rec, clean = torch.rand(6, 3, 32, 32, generator=g), torch.rand(6, 3, 32, 32, generator=g)
+    logits, mask = torch.randn(6, 2, 32, 32, generator=g), (torch.rand(6, 1, 32, 32, generator=g) > 0.8).float()
+    total, parts = draem_loss(rec, clean, logits, mask, pasted=2)
+    plain_total, plain = draem_loss(rec, clean, logits, mask)
+    assert torch.equal(total, plain_total) and all(torch.equal(parts[k], plain[k]) for k in plain)
+    assert parts["real_defects"] == pytest.approx(FocalLoss()(torch.softmax(logits[4:], 1), mask[4:]).item(), rel=1e-5)
 
 
 def test_the_files_trained_on_travel_with_the_checkpoint_and_its_exports(tmp_path):

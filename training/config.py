@@ -76,6 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--unsupervised", action="store_true",
       help="train on good images alone even where <category>/train/<type>/ holds defect images (the published "
            "unsupervised protocols, such as KolektorSDD2's N = 0)")
+    a("--paste_defects", action=argparse.BooleanOptionalAction, default=True,
+      help="with real training defects: paste each one that has a mask onto a good training image, which is its "
+           "clean target, and train it as a simulated anomaly (reconstruction and focal loss); --no-paste_defects "
+           "trains on the defect image itself (focal loss on its mask, no reconstruction loss). Image-level labels "
+           "always train on their own image (default on: measured better, docs/training.md)")
     a("--defect_share", type=float, default=0.25,
       help="with real training defects: the share of each batch they fill, at least one sample and leaving one "
            "simulated (default 0.25: 2 of 8)")
@@ -171,7 +176,7 @@ NAMED = ("category", "recipe", "image_size", "train_crop", "base_width", "seg_ba
 # Settings added after runs were first named: left out of the digest at the value every earlier run had ("auto"
 # is what an older checkpoint's missing bit_depth reads as), so that those names and --resume stay valid.
 ADDED_LATER = {"bit_depth": ("auto", 8), "calibration_split": (0.0,), "train_defects": (0,), "pixel_labels": ("all",),
-               "defect_share": (0.25,), "unsupervised": (False,)}
+               "defect_share": (0.25,), "unsupervised": (False,), "paste_defects": (True,)}
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ class TrainConfig:
     pixel_labels: str = D["pixel_labels"]
     defect_share: float = D["defect_share"]
     unsupervised: bool = D["unsupervised"]
+    paste_defects: bool = D["paste_defects"]
 
     # ---- reading and writing --------------------------------------------------------------------------
 

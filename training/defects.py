@@ -42,6 +42,11 @@ class RealDefects:
     def to(self, device: torch.device) -> "RealDefects":
         return RealDefects(self.images.to(device), self.masks.to(device), self.has_mask.to(device), self.files)
 
+    def with_masks(self, known: bool) -> Tensor:
+        """The indices of the defects that have a mask (known) or an image-level label only, on their device."""
+        return torch.tensor([i for i, f in enumerate(self.files) if (f["mask"] is not None) == known],
+                            dtype=torch.long, device=self.images.device)
+
     def describe(self) -> str:
         masked = sum(f["mask"] is not None for f in self.files)
         moved = sum(f["origin"] == "test" for f in self.files)
@@ -201,13 +206,25 @@ def real_per_step(share: float, batch_size: int) -> int:
     return min(batch_size - 1, max(1, round(share * batch_size)))
 
 
+def pasted_per_step(defects: RealDefects, real: int, paste: bool) -> int:
+    """How many of a step's real samples are pasted onto good images: when pasting, the defects with masks, in
+    proportion to how many have one, at least one place for each kind that exists (with a single real place, the
+    masked ones take it); the rest train on their own image (image-level labels)."""
+    masked = sum(f["mask"] is not None for f in defects.files)
+    if not paste or not masked:
+        return 0
+    unmasked = len(defects) - masked
+    return min(max(1, round(real * masked / len(defects))), real - 1 if unmasked and real > 1 else real)
+
+
 def draw_real(defects: RealDefects, count: int, recipe: Recipe, crop: tuple[int, int] | None,
-              generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """count real defects for one step, drawn uniformly with replacement and augmented on the device as the
-    recipe augments normal images (a flip on each axis with p 0.5, the recipe's rotation), masks moved alike:
-    (images (k, 3, H, W) float in [0, 1], masks (k, 1, H, W) {0, 1}, has_mask (k,))."""
+              generator: torch.Generator, among: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """count real defects for one step (from the indices among, default all), drawn uniformly with replacement
+    and augmented on the device as the recipe augments normal images (a flip on each axis with p 0.5, the recipe's
+    rotation), masks moved alike: (images (k, 3, H, W) float in [0, 1], masks (k, 1, H, W) {0, 1}, has_mask (k,))."""
     device = defects.images.device
-    index = torch.randint(0, len(defects), (count,), generator=generator, device=device)
+    pool = torch.arange(len(defects), device=device) if among is None else among
+    index = pool[torch.randint(0, len(pool), (count,), generator=generator, device=device)]
     x = torch.cat((defects.images[index].float() / 255, defects.masks[index].float()), dim=1)
     if crop:
         x = random_crops(x, crop, generator)
@@ -218,3 +235,9 @@ def draw_real(defects: RealDefects, count: int, recipe: Recipe, crop: tuple[int,
     degrees = recipe.rotate_degrees
     x = apply_where(turn, lambda t: rotate(t, uniform((t.shape[0],), -degrees, degrees, generator, device)), x)
     return x[:, :3], (x[:, 3:] >= 0.5).float(), defects.has_mask[index]
+
+
+def paste(defects: Tensor, masks: Tensor, onto: Tensor) -> Tensor:
+    """Each defect's masked pixels over a good image (all (k, C, H, W), masks (k, 1, H, W) {0, 1}): a real defect
+    on a part whose clean look is known, so it trains as a simulated anomaly does (reconstruction and focal loss)."""
+    return onto * (1 - masks) + defects * masks

@@ -15,7 +15,7 @@ from perlin import SyntheticBatch, random_crops, simulate_anomalies
 from recipe import RECIPES
 from training.cli import cpu_capabilities
 from training.config import TrainConfig
-from training.defects import RealDefects, draw_real, real_per_step
+from training.defects import RealDefects, draw_real, paste, pasted_per_step, real_per_step
 from training.processes import Launch
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -81,10 +81,12 @@ def calibration_holdout(n: int, share: float, seed: int) -> tuple[list[int], lis
 
 @dataclass
 class Batch(SyntheticBatch):
-    """What one step trains on: simulated samples, then `real` real defect images (image = their input: they
-    have no clean target, so no reconstruction loss), whose pixel labels are known where has_mask is true."""
+    """What one step trains on: simulated samples, the last `pasted` of them real defects pasted onto good images
+    (clean target: the good image), then `real` real defect images as they are (image = their input: no clean
+    target, so no reconstruction loss), whose pixel labels are known where has_mask is true."""
     real: int = 0
     has_mask: torch.Tensor | None = None  # (B,) bool, with real defects only
+    pasted: int = 0
 
 
 def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: torch.Tensor | None,
@@ -95,7 +97,9 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
     they take the batch's last real_per_step places, drawn from their own stream of the step."""
     normal = images[order[step % len(order)].view(launch.dp_size, config.bs)[launch.dp_rank]]
     real = real_per_step(config.defect_share, config.bs) if defects is not None else 0
-    normal = normal[:len(normal) - real]
+    pasted = pasted_per_step(defects, real, config.paste_defects) if real else 0
+    own = real - pasted  # the pasted ones keep their good image: it is their clean target
+    normal = normal[:len(normal) - own]
     generator.manual_seed(stream_seed(config.seed, "simulation", launch.dp_rank, step))
     if config.train_crop:
         normal = random_crops(normal, config.train_crop, generator)
@@ -103,10 +107,19 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
     if not real:
         return Batch(simulated.image, simulated.augmented, simulated.mask)
     generator.manual_seed(stream_seed(config.seed, "real defects", launch.dp_rank, step))
-    image, mask, has_mask = draw_real(defects, real, RECIPES[config.recipe], config.train_crop, generator)
-    return Batch(torch.cat((simulated.image, image)), torch.cat((simulated.augmented, image)),
-                 torch.cat((simulated.mask, mask)), real,
-                 torch.cat((torch.ones(len(normal), dtype=torch.bool, device=image.device), has_mask)))
+    recipe = RECIPES[config.recipe]
+    augmented, mask = simulated.augmented, simulated.mask
+    if pasted:
+        defect, defect_mask, _ = draw_real(defects, pasted, recipe, config.train_crop, generator, defects.with_masks(True))
+        kept = len(normal) - pasted
+        augmented = torch.cat((augmented[:kept], paste(defect, defect_mask, simulated.image[kept:])))
+        mask = torch.cat((mask[:kept], defect_mask))
+    if not own:
+        return Batch(simulated.image, augmented, mask, 0, None, pasted)
+    image, own_mask, has_mask = draw_real(defects, own, recipe, config.train_crop, generator,
+                                          defects.with_masks(False) if pasted or config.paste_defects else None)
+    return Batch(torch.cat((simulated.image, image)), torch.cat((augmented, image)), torch.cat((mask, own_mask)), own,
+                 torch.cat((torch.ones(len(normal), dtype=torch.bool, device=image.device), has_mask)), pasted)
 
 
 def first_samples(images: torch.Tensor, sources: torch.Tensor | None, config: TrainConfig, count: int,
@@ -152,7 +165,7 @@ def train_step(net, batch: Batch, optimizer, scaler, autocast, focal: FocalLoss,
         out = net(batch.augmented.contiguous(memory_format=torch.channels_last))
     total, parts = draem_loss(out.reconstruction.float(), batch.image, out.logits.float(), batch.mask,
                               *((out.block5_input.float(), out.block5_output.float()) if sspcab else ()), focal=focal,
-                              real=batch.real, has_mask=batch.has_mask)
+                              real=batch.real, has_mask=batch.has_mask, pasted=batch.pasted)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.step(optimizer)

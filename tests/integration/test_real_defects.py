@@ -75,17 +75,22 @@ def scored_without(checkpoint: Path, data: Path, leave_out: frozenset[str]) -> d
 
 def test_a_defect_the_simulation_cannot_make_is_learned_from_four_real_examples_and_never_scored(
         shade, baseline, tmp_path):
-    ckpt = train(shade, tmp_path, "four", "--train_defects", "4")
+    ckpt = train(shade, tmp_path, "four", "--train_defects", "4", "--no-paste_defects")
     state = torch.load(ckpt, weights_only=True)
     trained = state["trained_defects"]
     assert len(trained) == 4 and all(f["origin"] == "test" and f["mask"] for f in trained)
     trained_paths = sorted(f["path"] for f in trained)
     _, info = model_from_checkpoint(ckpt)
-    # Learned: on the 8 shaded images neither run trained on, localised well; DRAEM alone is near chance.
+    # Learned: on the 8 shaded images neither run trained on, found and, trained on as they are, localised well;
+    # DRAEM alone is near chance. Pasted onto good images (the default) they are found as well, but a pasted
+    # shade has the sharp border this edgeless defect lacks: its pixels are not learned (docs/training.md).
     ours, theirs = state["metrics"], scored_without(baseline, shade, info.trained_digests)
     assert ours["image_auroc"] > 0.9 and ours["pixel_ap"] > 0.5, ours
     assert theirs["pixel_ap"] < 0.2 and theirs["image_auroc"] < ours["image_auroc"] - 0.2, theirs
     assert sorted(state["metrics"]["left_out"]) == trained_paths
+    pasted = torch.load(train(shade, tmp_path, "pasted", "--train_defects", "4"), weights_only=True)
+    assert pasted["config"]["paste_defects"] and sorted(pasted["metrics"]["left_out"]) == trained_paths
+    assert pasted["metrics"]["image_auroc"] > 0.9 and theirs["image_auroc"] < pasted["metrics"]["image_auroc"] - 0.2
 
     # Never scored: test_draem.py leaves the 4 out and says so, in results.json, the CSV and the report.
     proc = call_script("test_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "res", "--device", "cpu",
