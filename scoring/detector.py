@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from data_loader import decode, resize, to_bgr8, to_tensor
+from data_loader import decode, list_images, load_images, resize, to_bgr8, to_tensor, warn
 from deploy.model_files import load_model
 from model_unet import image_scores
 from scoring import thresholds
@@ -63,6 +63,19 @@ def scoring_model(path: Path, device: torch.device, scoring: Scoring) -> tuple[o
         raise CheckpointError(f"--tile {scoring.tile[0]}x{scoring.tile[1]}: {path} was exported for {h}x{w} tiles; "
                               f"use --tile {h}x{w}, or export again with --image_size at the tile size")
     return TiledModel(model, scoring.tile, scoring.tile_overlap, scoring.batch_size), info
+
+
+def validation_maps(model, info: ModelInfo, folder: Path | None, device: torch.device, scoring: Scoring
+                    ) -> torch.Tensor | None:
+    """The anomaly maps (N, h, w) of a folder of good validation images at the scoring size (MVTec AD 2's
+    segmentation threshold is set on them), or None with a warning when there is no such folder."""
+    paths = list_images(folder) if folder else []
+    if not paths:
+        warn(f"{folder or 'no validation/good folder'}: no validation images: SegF1 and the submission threshold "
+             f"(set on them) are not available")
+        return None
+    images = load_images(paths, scoring.size_for(info), scoring.workers, scoring.depth_for(info))
+    return predict(model, images, device, info.channel_order, images_per_pass(scoring), amp=scoring.amp)[0]
 
 
 def images_per_pass(scoring: Scoring) -> int:

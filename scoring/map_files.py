@@ -11,7 +11,7 @@ import torch
 
 from data_loader import DataError, decode, list_images
 from deploy.model_files import checkpoint_files
-from scoring.detector import Detector, Scoring, resize_map, scoring_model
+from scoring.detector import Detector, Scoring, resize_map, scoring_model, validation_maps
 from scoring.thresholds import Threshold
 from scoring.protocols import segmentation_threshold
 
@@ -63,13 +63,11 @@ def write_test_maps(maps: torch.Tensor, paths: list[Path], types: list[str], out
 
 def validation_threshold(detector: Detector, category_dir: Path) -> float:
     """MVTec AD 2's segmentation threshold for this model: mean + 3 sigma of validation/good's pixel scores."""
-    paths = list_images(category_dir / "validation" / "good")
-    if not paths:
-        raise DataError(f"{category_dir / 'validation' / 'good'}: no images: the submission's threshold is set on "
-                        f"MVTec AD 2's validation images")
-    maps = [detector.score([detector.prepare(p) for p in paths[i:i + detector.scoring.batch_size]])[0]
-            for i in range(0, len(paths), detector.scoring.batch_size)]
-    return segmentation_threshold(torch.cat(maps))
+    folder = category_dir / "validation" / "good"
+    maps = validation_maps(detector.model, detector.info, folder, detector.device, detector.scoring)
+    if maps is None:
+        raise DataError(f"{folder}: no images: the submission's threshold is set on MVTec AD 2's validation images")
+    return segmentation_threshold(maps)
 
 
 def write_mvtec_ad2_submission(detector: Detector, category_dir: Path, out: Path) -> dict[str, int]:

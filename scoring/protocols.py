@@ -21,7 +21,7 @@ from torch import Tensor
 
 from data_loader import DataError, TestSet, list_images
 from model_unet import image_scores
-from scoring.metrics import area_up_to, aupro, auroc, average_precision, cumulative, rank, roc_pr_counts
+from scoring.metrics import area_up_to, aupro, auroc, cumulative, rank, roc_pr_counts
 
 # The columns each protocol adds, named as its authors name them.
 PROTOCOLS: dict[str, dict[str, str]] = {
@@ -169,19 +169,19 @@ def loco_defect(channel: Path, config: dict[int, dict], index: int, size: tuple[
 
 # ---- one run's columns -----------------------------------------------------------------------------------------
 
-def protocol_metrics(protocol: str, maps: Tensor, masks: Tensor, test_set: TestSet,
+def protocol_metrics(protocol: str, maps: Tensor, masks: Tensor, test_set: TestSet, standard: dict[str, float],
                      validation_maps: Tensor | None = None) -> dict[str, float]:
     """The protocol's columns for one run: maps (N, H, W) of the test set, masks (N, H, W) as the standard metrics
-    binarise them; validation_maps are the good validation images' (MVTec AD 2's SegF1; NaN without them)."""
+    binarise them, standard those metrics (where a column is one of them: AU-PRO0.3 is AUPRO, AP_loc pixel AP);
+    validation_maps are the good validation images' (MVTec AD 2's SegF1; NaN without them)."""
     labels = test_set.labels.to(maps.device)
     known = test_set.has_mask.to(maps.device)
     if protocol == "mvtec_ad2":
         threshold = segmentation_threshold(validation_maps) if validation_maps is not None else float("nan")
-        return {"au_pro_0.05": aupro(maps[known], masks[known], 0.05), "au_pro_0.3": aupro(maps[known], masks[known], 0.3),
+        return {"au_pro_0.05": aupro(maps[known], masks[known], 0.05), "au_pro_0.3": standard["aupro"],
                 "seg_f1": seg_f1(maps[known], masks[known], threshold)}
     if protocol == "ksdd2":
-        return {"ap_det": trapezoidal_ap(image_scores(maps), labels),
-                "ap_loc": average_precision(maps[known], masks[known])}
+        return {"ap_det": trapezoidal_ap(image_scores(maps), labels), "ap_loc": standard["pixel_ap"]}
     if protocol == "visa":
         return {"image_au_pr": trapezoidal_ap(image_scores(maps), labels),
                 "pixel_au_pr": trapezoidal_ap(maps[known], masks[known])}

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from data_loader import (DataError, TestSet, category_layout, decode, height_width, list_images, load_images,
-                         load_test_set, one_category, warn)
+from data_loader import DataError, TestSet, category_layout, decode, height_width, load_test_set, one_category
 from deploy.model_files import checkpoint_files
 from scoring import thresholds
-from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model
-from scoring.evaluate import evaluate, predict
+from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model, validation_maps
+from scoring.evaluate import evaluate
 from scoring.map_files import write_test_maps
 from scoring.metrics import METRICS, percent, verdict
 from scoring.protocols import BENCHMARK_NAMES, PROTOCOLS, protocol_for, protocol_metrics
@@ -276,8 +275,9 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
     out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), scoring.mask_protocol,
                    keep_reconstructions=scoring.save_images, amp=scoring.amp)
     protocol = protocol_for(data_set_name(data_path), scoring.protocol)
-    validation = validation_maps(model, info, data_path, category, device, scoring) if protocol == "mvtec_ad2" else None
-    columns = protocol_metrics(protocol, out["maps"], out["masks"], test_set, validation)
+    validation = validation_maps(model, info, category_layout(data_path, category).validation, device, scoring) \
+        if protocol == "mvtec_ad2" else None
+    columns = protocol_metrics(protocol, out["maps"], out["masks"], test_set, out["metrics"], validation)
     run = unique_name(info.run, taken)
     image_t, pixel_t = (thresholds.choose(given[kind], info, kind, out["operating_points"][kind]["threshold"])
                         for kind in ("image", "pixel"))
@@ -308,18 +308,6 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
     if scoring.save_images:
         write_test_panels(out_dir, test_set, out, cases, image_t, pixel_t, scoring.depth_for(info))
     return run, result, {"curves": out["curves"], "cases": cases}
-
-
-def validation_maps(model, info, data_path: Path, category: str, device: torch.device, scoring: Scoring
-                    ) -> torch.Tensor | None:
-    """The anomaly maps of the category's good validation images (MVTec AD 2's segmentation threshold), or None
-    with a warning when it has none."""
-    folder = category_layout(data_path, category).validation
-    if folder is None:
-        warn(f"{category}: no validation/good images: SegF1 (threshold from the validation images) is n/a")
-        return None
-    images = load_images(list_images(folder), scoring.size_for(info), scoring.workers, scoring.depth_for(info))
-    return predict(model, images, device, info.channel_order, images_per_pass(scoring), amp=scoring.amp)[0]
 
 
 def write_summary(out_dir: Path, results: dict, details: dict, mask_protocol: str, skipped: dict,

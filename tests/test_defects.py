@@ -95,7 +95,8 @@ def test_each_step_draws_real_defects_with_their_masks_moved_alike():
     for i in range(3):  # a bright square where the mask is
         images[i, :, 4 + i:12 + i, 6:14] = 255
         masks[i, :, 4 + i:12 + i, 6:14] = 1
-    defects = RealDefects(images, masks, torch.tensor([True, True, False]), [{}] * 3)
+    defects = RealDefects(images, masks, torch.tensor([True, True, False]),
+                          [{"mask": "a.png"}, {"mask": "b.png"}, {"mask": None}])
     image, mask, has_mask = draw_real(defects, 64, RECIPES["official"], None, torch.Generator().manual_seed(0))
     assert image.shape == (64, 3, 32, 32) and mask.shape == (64, 1, 32, 32) and has_mask.dtype == torch.bool
     inside = image[:, 0][mask[:, 0].bool()]

@@ -8,7 +8,7 @@ without a mask is an image-level label. The checkpoint records every file (path,
 every evaluation of it leaves those files out (data_loader.load_test_set).
 """
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,12 @@ class RealDefects:
     masks: Tensor  # (N, 1, H, W) uint8 {0, 1}; zeros where there is no mask
     has_mask: Tensor  # (N,) bool: pixel labels known; else an image-level label only
     files: list[dict]  # what the checkpoint records: path, defect_type, digest, mask (None: image-level), origin
+    pools: dict[bool, Tensor] = field(init=False, repr=False)  # indices of those with (True) and without a mask
+
+    def __post_init__(self) -> None:
+        # built once, on the defects' device: a step draws from them without a host-to-device copy
+        self.pools = {known: torch.tensor([i for i, f in enumerate(self.files) if (f["mask"] is not None) == known],
+                                          dtype=torch.long, device=self.images.device) for known in (True, False)}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -41,11 +47,6 @@ class RealDefects:
 
     def to(self, device: torch.device) -> "RealDefects":
         return RealDefects(self.images.to(device), self.masks.to(device), self.has_mask.to(device), self.files)
-
-    def with_masks(self, known: bool) -> Tensor:
-        """The indices of the defects that have a mask (known) or an image-level label only, on their device."""
-        return torch.tensor([i for i, f in enumerate(self.files) if (f["mask"] is not None) == known],
-                            dtype=torch.long, device=self.images.device)
 
     def describe(self) -> str:
         masked = sum(f["mask"] is not None for f in self.files)
@@ -210,10 +211,9 @@ def pasted_per_step(defects: RealDefects, real: int, paste: bool) -> int:
     """How many of a step's real samples are pasted onto good images: when pasting, the defects with masks, in
     proportion to how many have one, at least one place for each kind that exists (with a single real place, the
     masked ones take it); the rest train on their own image (image-level labels)."""
-    masked = sum(f["mask"] is not None for f in defects.files)
+    masked, unmasked = len(defects.pools[True]), len(defects.pools[False])
     if not paste or not masked:
         return 0
-    unmasked = len(defects) - masked
     return min(max(1, round(real * masked / len(defects))), real - 1 if unmasked and real > 1 else real)
 
 

@@ -110,14 +110,14 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
     recipe = RECIPES[config.recipe]
     augmented, mask = simulated.augmented, simulated.mask
     if pasted:
-        defect, defect_mask, _ = draw_real(defects, pasted, recipe, config.train_crop, generator, defects.with_masks(True))
+        defect, defect_mask, _ = draw_real(defects, pasted, recipe, config.train_crop, generator, defects.pools[True])
         kept = len(normal) - pasted
         augmented = torch.cat((augmented[:kept], paste(defect, defect_mask, simulated.image[kept:])))
         mask = torch.cat((mask[:kept], defect_mask))
     if not own:
         return Batch(simulated.image, augmented, mask, 0, None, pasted)
     image, own_mask, has_mask = draw_real(defects, own, recipe, config.train_crop, generator,
-                                          defects.with_masks(False) if pasted or config.paste_defects else None)
+                                          defects.pools[False] if config.paste_defects else None)
     return Batch(torch.cat((simulated.image, image)), torch.cat((augmented, image)), torch.cat((mask, own_mask)), own,
                  torch.cat((torch.ones(len(normal), dtype=torch.bool, device=image.device), has_mask)), pasted)
 
