@@ -29,7 +29,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 CHANNEL_ORDER = "BGR"
 # Bits per sample a camera may store in a 16-bit file (12-bit data: values 0..4095); 16 is full range.
 BIT_DEPTHS = (8, 10, 12, 14, 16)
-FULL_RANGE = 16  # what 16-bit files are read as when no depth is known (older checkpoints, anomaly sources)
+FULL_RANGE = 16  # what 16-bit files are read as when no depth is known (official weights, anomaly sources)
 
 class DataError(ValueError):
     """A dataset problem the scripts report as one line (no traceback)."""
@@ -119,7 +119,7 @@ Size = int | tuple[int, int] | list[int]  # a side (square) or (height, width)
 
 
 def height_width(size: Size) -> tuple[int, int]:
-    """(height, width) of a size given as one side (square, as older checkpoints record it) or as a pair."""
+    """(height, width) of a size given as one side (square) or as a pair."""
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 

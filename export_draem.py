@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked."""
     p = get_args_parser()
     args = p.parse_args(argv)
     if args.compare is not None and args.check is None:
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     until_pass = args.float_layers == "until_pass"
     if until_pass and (args.precision != "int8" or args.check is None or args.compare is not None):
         p.error("--float_layers until_pass needs --precision int8 and --check DATA (the gate decides)")
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    until_pass = args.float_layers == "until_pass"
     layers = {"auto": None, "none": [], "until_pass": None}.get(args.float_layers,
                                                                [n for n in args.float_layers.split(",") if n])
     options = Int8Options(args.calibration_images, args.calibration_count, args.calibration_anomalies,
@@ -135,4 +141,4 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(1)
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -30,8 +30,7 @@ from scoring.protocols import PROTOCOLS
 from scoring.results import score_test_sets
 from scoring.thresholds import threshold_value
 from scoring.tiling import parse_overlap
-from training.cli import check_amp, one_line_errors, pick_device
-from training.config import false_alarm_rate
+from training.cli import check_amp, false_alarm_rate, one_line_errors, pick_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--images, --calibrate and --submission are separate runs: one at a time")
     if args.tile_overlap and not args.tile:
         parser.error("--tile_overlap needs --tile")
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
     scoring = Scoring(args.image_size, args.bit_depth, args.tile, args.tile_overlap, args.batch_size,
                       args.workers or None, args.amp, args.threshold, args.pixel_threshold, args.mask_protocol,
                       args.save_images, args.protocol, args.tiff_maps)
@@ -123,4 +127,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -9,7 +9,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_unet import DraemModel, init_weights  # noqa: E402
 from training.checkpoint import save_training  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
 
 
 def random_checkpoint(path: Path, base_width: int, seg_base_width: int, image_size: int) -> DraemModel:
@@ -17,9 +16,8 @@ def random_checkpoint(path: Path, base_width: int, seg_base_width: int, image_si
     torch.manual_seed(0)
     model = DraemModel(base_width, seg_base_width)
     init_weights(model)
-    config = TrainConfig(category="bench", base_width=base_width, seg_base_width=seg_base_width,
-                         image_size=(image_size, image_size))
-    save_training(path, model, config)
+    save_training(path, model, {"category": "bench", "base_width": base_width, "seg_base_width": seg_base_width,
+                                "image_size": [image_size, image_size]})
     return model.eval()
 
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_train_amp.py                       # 128 px, widths 32/16, batch 8
     python benchmarks/bench_train_amp.py --image_size 128 --base_width 16 --seg_base_width 16   # the demo's model
 
-The step is training.step.train_step, as train_draem.py runs it (channels_last, losses in fp32). bf16 is what
+The step is engine.train_step, as train_draem.py runs it (channels_last, losses in fp32). bf16 is what
 --amp auto picks on CPUs with AVX512_BF16 or AMX; elsewhere it is emulated, and slower.
 """
 import argparse
@@ -18,11 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loss import FocalLoss  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
 from perlin import simulate_anomalies  # noqa: E402
 from training.cli import cpu_capabilities  # noqa: E402
-from training.step import Batch, train_step  # noqa: E402
+from engine import Batch, Training, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +44,7 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        focal = FocalLoss()
-        steps[name] = lambda m=model, o=optimizer, s=scaler, a=autocast, f=focal: train_step(m, batch, o, s, a, f, False)
+        steps[name] = lambda m=model, t=Training(model, optimizer, scaler), a=autocast: train_step(m, batch, t, a, False)
     times = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up

@@ -29,7 +29,7 @@ def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options, say=pr
     multiply-adds."""
     info = ref.info
     calibration = int8_calibration(checkpoint, tuple(ref.images.shape[-2:]), info.bit_depth,
-                                   info.config.get("recipe", "official"), options, say)
+                                   info.config["recipe"], options, say)
     graph = scoring_graph(checkpoint)
     layers = sorted(int8.measure_layers(graph, calibration), key=lambda layer: -layer.sensitivity)
     start = [layer.name for layer in int8.choose_float_layers(layers, options.float_budget)] \

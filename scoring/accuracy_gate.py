@@ -168,7 +168,7 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
         test_set = None
     good, where = good_images(data_path, category, info, size, info.bit_depth)
     recorded = anomaly_sources(checkpoint_config(checkpoint), sources)
-    simulated, made_of = simulated_anomalies(good, recorded, info.config.get("recipe", "official"), GATE_SEED)
+    simulated, made_of = simulated_anomalies(good, recorded, info.config["recipe"], GATE_SEED)
     images = torch.cat((good, (simulated * 255).round().to(torch.uint8)))
     ref = Reference(info, category, test_set, why, images, len(good), where, made_of)
     if test_set is not None:

@@ -14,7 +14,7 @@ from model_unet import DraemModel, image_scores
 from scoring.metrics import (METRICS, auroc, auroc_from_counts, average_precision, average_precision_from_counts,
                              best_f1, curve_points, image_operating_points, pixel_metrics, rank, roc_pr_counts,
                              threshold_values)
-from training.step import AMP_DTYPES
+from training.cli import AMP_DTYPES
 
 
 MASK_PROTOCOLS = {

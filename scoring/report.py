@@ -116,9 +116,8 @@ def run_section(index: int, run: str, result: dict, detail: dict, files: Path) -
 
 
 def left_out_note(result: dict) -> str:
-    """Which defect images were not scored because the model trained on them (results written before real
-    defects in training record none)."""
-    left_out = result.get("left_out") or []
+    """Which defect images were not scored because the model trained on them."""
+    left_out = result["left_out"]
     if not left_out:
         return ""
     names = "".join(f"<li>{html.escape(p)}</li>" for p in left_out)

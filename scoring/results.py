@@ -4,7 +4,7 @@ Per run: scores_<run>.csv (every test image's score and verdict), a labelled pan
 scalars and PR curves; for all runs together: results.json, results.md and report.html, with the
 per-configuration means and seed summaries.
 
-A configuration is a TrainConfig's identity (training/config.py); the means average the categories of one
+A configuration is a run's settings (training/settings.py); the means average the categories of one
 configuration, never different variants, and a seed summary takes the runs of one category and
 configuration that differ only in --seed. Official and anomalib weights record no seed: each kind is a
 configuration of its own and takes no part in seed summaries.
@@ -34,7 +34,7 @@ from scoring.report import coverage_text, write_report
 from scoring.tiling import check_tiling
 from scoring.visualize import panel, write_png
 from training.checkpoint import CheckpointError
-from training.config import TrainConfig
+from training.settings import variant
 
 
 # ---- runs grouped by what they are: means per configuration, seed summaries ---------------------------
@@ -43,10 +43,10 @@ def configuration(result: dict, leave_out: tuple[str, ...]) -> str:
     """A label equal for two runs exactly when their settings agree apart from leave_out."""
     config = result["config"]
     if "seed" in config:
-        return TrainConfig.from_dict(config).variant(leave_out=leave_out)
+        return variant(config, leave_out)
     h, w = height_width(config["image_size"])
     label = f"{result['source']}_{h}x{w}_w{config['base_width']}-{config['seg_base_width']}"
-    return label + ("_sspcab" if config.get("sspcab") else "")
+    return label + ("_sspcab" if config["sspcab"] else "")
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

@@ -28,7 +28,7 @@ def call_script(script: str, *args, cwd: Path, check: bool = True) -> subprocess
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            module.main([str(a) for a in args])
+            module.main(module.parse_args([str(a) for a in args]))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     if check and code != 0:
@@ -43,3 +43,14 @@ def tiny_dataset(root: Path) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def run_settings(**changes) -> dict:
+    """A run's settings as train_draem.py stores them in a checkpoint: its flags' defaults, what it decides for a
+    run (a category, fp32, 8-bit, no calibration split, one process), and changes."""
+    import argparse
+    import train_draem
+    decided = {"category": "part", "amp": "off", "bit_depth": 8, "calibration_split": 0.0, "processes": 1,
+               "channel_order": "BGR", "data_path": "data"}
+    args = vars(train_draem.parse_args(["--data_path", "data"])) | decided | changes
+    return train_draem.settings(argparse.Namespace(**args))

@@ -66,7 +66,7 @@ def test_calibration_record_and_refused_rates():
     result = calibrate(scores, maxima, 0.05, "folder good/")
     assert result["images"] == 200 and result["image"]["flagged"] == 10 == result["pixel"]["flagged"]
     assert result["image"]["observed_rate"] == 0.05 and result["pixel"]["threshold"] > 1
-    from training.config import false_alarm_rate  # the one check of a rate, for both scripts' flags
+    from training.cli import false_alarm_rate  # the one check of a rate, for both scripts' flags
     assert false_alarm_rate("0.05") == 0.05
     for rate in (0, 1, -0.1, 1.5, "x"):
         with pytest.raises(argparse.ArgumentTypeError):

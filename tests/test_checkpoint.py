@@ -5,16 +5,16 @@ import os
 import pytest
 import torch
 
+from helpers import run_settings
 from model_unet import DraemModel
 from training import checkpoint
 from training.checkpoint import load_checkpoint, save_training
-from training.config import TrainConfig
 
 
 def saved(tmp_path, seed):
     torch.manual_seed(seed)
     path = tmp_path / "run.pt"
-    save_training(path, DraemModel(4, 4), TrainConfig(category="part", seed=seed), step=seed)
+    save_training(path, DraemModel(4, 4), run_settings(category="part", seed=seed), step=seed)
     return path
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import cli, step
+from training import cli
 from training.cli import DataError, check_amp, cpu_capabilities
 
 CPU = torch.device("cpu")
@@ -48,10 +48,10 @@ def test_without_proc_cpuinfo_bf16_comes_from_openvino(monkeypatch):
 
 @pytest.mark.parametrize("bf16,expected", [(True, "bf16"), (False, "off"), (None, "off")])
 def test_amp_auto_trains_in_bf16_exactly_where_the_cpu_has_it(monkeypatch, bf16, expected):
-    monkeypatch.setattr(step, "cpu_capabilities", lambda: {"AVX2": True, "AVX-512": True, "VNNI": True,
+    monkeypatch.setattr(cli, "cpu_capabilities", lambda: {"AVX2": True, "AVX-512": True, "VNNI": True,
                                                            "bf16": bf16, "AMX": False})
-    assert step.resolve_amp("auto", CPU) == expected
-    assert step.resolve_amp("off", CPU) == "off" and step.resolve_amp("bf16", CPU) == "bf16"
+    assert cli.resolve_amp("auto", CPU) == expected
+    assert cli.resolve_amp("off", CPU) == "off" and cli.resolve_amp("bf16", CPU) == "bf16"
 
 
 def test_amp_bf16_is_refused_only_where_the_cpu_is_known_to_lack_it(monkeypatch):

@@ -1,6 +1,7 @@
 """Real defects in training, piece by piece: which files are drawn, how a split file is read, the loss on them,
 and the draw each step makes."""
 import pickle
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from data_loader import DataError, DefectFile
+from helpers import run_settings
 from loss import FocalLoss, draem_loss, ssim_loss
 from recipe import RECIPES
 from training.defects import (RealDefects, draw_real, pixel_labelled, read_split_file, real_per_step,
@@ -144,9 +146,8 @@ def test_training_defects_come_from_train_type_folders_or_a_description_and_may_
 
 
 def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
-    from training.config import TrainConfig
     from training.processes import Launch
-    from training.step import epoch_order, step_batch
+    from engine import epoch_order, step_batch
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
     defects = RealDefects(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -154,7 +155,7 @@ def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
                           [{"mask": "m.png"}] * 5)
     order = epoch_order(16, 8, 3, 0, torch.device("cpu"))
     for paste in (True, False):
-        config = TrainConfig(category="c", bs=4, seed=3, defect_share=0.5, paste_defects=paste)
+        config = Namespace(**run_settings(category="c", bs=4, seed=3, defect_share=0.5, paste_defects=paste))
 
         def batch(rank: int, step: int):
             return step_batch(images, order, step, None, config, Launch(rank, 2, True), torch.Generator(), defects)
@@ -168,10 +169,9 @@ def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
 def test_a_pasted_defect_lies_on_a_good_image_which_is_its_clean_target():
     """Pasting: inside the drawn mask the input is the defect's pixels, outside it the good image the batch
     drew, which is also the reconstruction target; image-level labels keep their own image."""
-    from training.config import TrainConfig
     from training.defects import pasted_per_step
     from training.processes import Launch
-    from training.step import epoch_order, step_batch
+    from engine import epoch_order, step_batch
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 100, (8, 3, 32, 32), dtype=torch.uint8, generator=g)  # good images: dark
     masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
@@ -179,7 +179,7 @@ def test_a_pasted_defect_lies_on_a_good_image_which_is_its_clean_target():
     files = [{"mask": "a.png"}, {"mask": "b.png"}, {"mask": "c.png"}, {"mask": None}]
     defects = RealDefects(torch.full((4, 3, 32, 32), 250, dtype=torch.uint8), masks,
                           torch.tensor([True, True, True, False]), files)
-    config = TrainConfig(category="c", bs=8, seed=0, defect_share=0.5, recipe="official")
+    config = Namespace(**run_settings(category="c", bs=8, seed=0, defect_share=0.5, recipe="official"))
     batch = step_batch(images, epoch_order(8, 8, 0, 0, torch.device("cpu")), 0, None, config, Launch(),
                        torch.Generator(), defects)
     assert (batch.pasted, batch.real) == (3, 1)  # 4 real places: 3 of 4 defects have masks
@@ -209,11 +209,11 @@ def test_the_files_trained_on_travel_with_the_checkpoint_and_its_exports(tmp_pat
     from deploy.onnx_graph import checkpoint_metadata, info_from_metadata
     from model_unet import DraemModel
     from training.checkpoint import load_checkpoint, save_training
-    from training.config import TrainConfig
     files = [{"path": "/d/mtd/test/crack/a.jpg", "defect_type": "crack", "digest": "ab" * 16, "mask": None,
               "origin": "test"}]
     path = tmp_path / "run.pt"
-    save_training(path, DraemModel(4, 4), TrainConfig(category="mtd", image_size=(32, 32), base_width=4, seg_base_width=4), trained_defects=files)
+    save_training(path, DraemModel(4, 4), run_settings(category="mtd", image_size=(32, 32), base_width=4, seg_base_width=4),
+                  trained_defects=files)
     info = load_checkpoint(path).info
     assert info.trained_defects == files and info.trained_digests == frozenset({"ab" * 16})
     exported = info_from_metadata(checkpoint_metadata(path), tmp_path / "run.onnx", "onnx")

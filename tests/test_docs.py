@@ -10,10 +10,10 @@ import pytest
 import export_draem
 import test_draem
 from helpers import ROOT
-from training import config as train_config
+import train_draem
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PARSERS = {"train_draem.py": train_config.get_args_parser, "test_draem.py": test_draem.get_args_parser,
+PARSERS = {"train_draem.py": train_draem.get_args_parser, "test_draem.py": test_draem.get_args_parser,
            "export_draem.py": export_draem.get_args_parser}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -112,7 +112,7 @@ def test_the_commands_a_reader_copies_do_what_the_text_around_them_says():
                     if page == "own-part.md" and script == "train_draem.py" and "--device" in args]
     assert own_part_cpu, "own-part.md's CPU command is gone"
     for args in own_part_cpu:  # the text quotes the 128 px runs' times
-        assert train_config.get_args_parser().parse_args(args).image_size == (128, 128), args
+        assert train_draem.get_args_parser().parse_args(args).image_size == (128, 128), args
     autos = [args for page in PAGES for args in inline_commands(page, "export_draem.py") if "auto" in args]
     autos += [args for _, script, args in documented_commands() if script == "export_draem.py" and "auto" in args]
     assert autos

@@ -1,12 +1,14 @@
-"""The house: the scripts and the paper's modules at the root, support code in three folders that import one
-way (training <- deploy <- scoring), no module importing a script, no import cycle, and the checkpoint
-dictionary written and read in training/checkpoint.py alone. Modules are compared by full dotted name."""
+"""The house: the scripts, the training script's engine and the paper's modules at the root, support code in three
+folders that import one way (training <- deploy <- scoring), no module importing a script or the engine (but the
+scripts), no import cycle, and the checkpoint dictionary written and read in training/checkpoint.py alone. Modules
+are compared by full dotted name."""
 import ast
 from pathlib import Path
 
 from helpers import ROOT
 
 SCRIPTS = {"train_draem", "test_draem", "export_draem"}
+ENGINE = "engine"  # train_draem.py's loop machinery, beside it as MAE's engine_pretrain.py: only scripts import it
 PAPER = {"model_unet", "loss", "perlin", "data_loader", "recipe"}
 # A folder may import the paper's modules, its own modules and the folders before it here, nothing after.
 FOLDERS = ("training", "deploy", "scoring")
@@ -58,6 +60,8 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
         for other in imported:
             if room(other) in SCRIPTS:
                 bad.append(f"{module} imports the script {other}")
+            elif other == ENGINE and room(module) not in SCRIPTS | {"benchmarks"}:
+                bad.append(f"{module} imports the engine, which only scripts may")
             elif module in PAPER and room(other) in FOLDERS:
                 bad.append(f"{module} (a paper module) imports {other}")
             elif room(module) in FOLDERS and room(other) in FOLDERS and \
@@ -89,7 +93,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_root_holds_the_scripts_and_the_paper_modules_and_the_folders_the_rest():
-    assert {p.stem for p in ROOT.glob("*.py")} == SCRIPTS | PAPER
+    assert {p.stem for p in ROOT.glob("*.py")} == SCRIPTS | PAPER | {ENGINE}
     for folder in FOLDERS:
         assert (ROOT / folder / "__init__.py").is_file()
     graph = import_graph()
@@ -101,7 +105,22 @@ def test_imports_run_one_way_with_no_script_imported_and_no_cycle():
     assert layering_violations(graph) == []
     assert cycle(graph) is None
     # the scripts do stand on the folders: the check above is not vacuous
-    assert {"training.checkpoint", "scoring.results"} <= graph["train_draem"]
+    assert {"training.settings", "scoring.results"} <= graph["train_draem"]
+    assert "training.checkpoint" in graph["engine"]
+
+
+def test_the_training_script_stands_on_few_modules():
+    """A reader follows train_draem.py through at most 8 local modules and 30 imported names (the engine's and
+    data_loader's functions are called by their module's name)."""
+    files = module_files()
+    modules = imported_modules(ROOT / "train_draem.py", set(files))
+    names = 0
+    for node in ast.parse((ROOT / "train_draem.py").read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] in {m.split(".")[0] for m in files}:
+            names += len(node.names)
+        elif isinstance(node, ast.Import):
+            names += sum(a.name in files for a in node.names)
+    assert len(modules) <= 8 and names <= 30, (sorted(modules), names)
 
 
 def test_the_checks_catch_a_bad_import_in_a_folder_module(tmp_path):
@@ -116,12 +135,14 @@ def test_the_checks_catch_a_bad_import_in_a_folder_module(tmp_path):
 
     assert layering_violations(tree_with("training/demo.py", "import train_draem")) == \
         ["training.demo imports the script train_draem"]
+    assert layering_violations(tree_with("scoring/report.py", "from engine import Run")) == \
+        ["scoring.report imports the engine, which only scripts may"]
     assert layering_violations(tree_with("deploy/onnx_graph.py", "from scoring import metrics")) == \
         ["deploy.onnx_graph imports scoring.metrics, from a folder above it"]
-    assert layering_violations(tree_with("perlin.py", "from training.config import TrainConfig")) == \
-        ["perlin (a paper module) imports training.config"]
-    found = cycle(tree_with("training/config.py", "from training.checkpoint import ModelInfo"))
-    assert found is not None and {"training.config", "training.checkpoint"} <= set(found)
+    assert layering_violations(tree_with("perlin.py", "from training.settings import run_name")) == \
+        ["perlin (a paper module) imports training.settings"]
+    found = cycle(tree_with("training/files.py", "from training.checkpoint import ModelInfo"))
+    assert found is not None and {"training.files", "training.checkpoint"} <= set(found)
 
 
 CHECKPOINT_KEYS = ('"reconstructive"', '"discriminative"', '"optimizer"', '"scaler"')

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import train_draem
+from train_draem import DEMO, get_args_parser, parse_args
 from data_loader import DataError, list_images, load_images
-from training.config import DEMO, get_args_parser, parse_args
 from helpers import ROOT, TINY, tiny_dataset
 from recipe import RECIPES
-from training.step import calibration_holdout
+from engine import calibration_holdout
 
 
 def test_demo_settings_are_defaults_that_explicit_flags_override(tmp_path, monkeypatch):
@@ -51,15 +52,15 @@ def test_main_from_python_restores_signal_handlers_and_honours_debug(tmp_path, m
     data = tiny_dataset(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    train_draem.main(["--data_path", str(data), "--obj_id", "weave", "--epochs", "1", "--eval_every", "-1", *TINY])
+    train_draem.main(train_draem.parse_args(["--data_path", str(data), "--obj_id", "weave", "--epochs", "1", "--eval_every", "-1", *TINY]))
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert list((tmp_path / "checkpoints").glob("*.pt"))
     bad = ["--data_path", str(tmp_path / "nope"), "--obj_id", "weave", *TINY]
     with pytest.raises(SystemExit) as exit_info:  # one line and status 2 without --debug ...
-        train_draem.main(bad)
+        train_draem.main(train_draem.parse_args(bad))
     assert exit_info.value.code == 2
     with pytest.raises(DataError):  # ... the exception itself with the parsed --debug (not sys.argv)
-        train_draem.main(bad + ["--debug"])
+        train_draem.main(train_draem.parse_args(bad + ["--debug"]))
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
@@ -76,17 +77,17 @@ def run_main(monkeypatch, tmp_path, *extra, wrap_step=None, record_saves=None):
     data = tiny_dataset(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     if wrap_step:
-        real = train_draem.train_step
-        monkeypatch.setattr(train_draem, "train_step", lambda *a, **k: wrap_step(real, *a, **k))
+        real = engine.train_step
+        monkeypatch.setattr(engine, "train_step", lambda *a, **k: wrap_step(real, *a, **k))
     if record_saves is not None:
-        real_save = train_draem.save_training
+        real_save = engine.save_training
 
         def save(path, model, config, step, *rest):
             real_save(path, model, config, step, *rest)
             record_saves.append((step, path.read_bytes()))
-        monkeypatch.setattr(train_draem, "save_training", save)
-    train_draem.main(["--data_path", str(data), "--obj_id", "weave", "--anomaly_source_path", str(data / "sources"),
-                      *TINY, *map(str, extra)])
+        monkeypatch.setattr(engine, "save_training", save)
+    train_draem.main(train_draem.parse_args(["--data_path", str(data), "--obj_id", "weave", "--anomaly_source_path", str(data / "sources"),
+                      *TINY, *map(str, extra)]))
     return data
 
 
@@ -146,7 +147,7 @@ def test_save_every_and_eval_every(tmp_path, monkeypatch):
 
 def test_preview_shows_exactly_what_the_first_steps_train_on(tmp_path, monkeypatch, capsys):
     shown, trained = [], []
-    monkeypatch.setattr(train_draem, "sample_grid", lambda normal, augmented, masks, title, real: (
+    monkeypatch.setattr(engine, "sample_grid", lambda normal, augmented, masks, title, real: (
         shown.append((normal, augmented, masks)), np.zeros((8, 8, 3), np.uint8))[1])
     run_main(monkeypatch, tmp_path, "--preview", "6", "--train_crop", "32", "--image_size", "64")
     path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("preview: ")
@@ -167,8 +168,8 @@ def test_held_out_images_are_not_trained_on(tmp_path, monkeypatch):
     def observe(images, *rest):
         seen.append(images)
         return real_step_batch(images, *rest)
-    real_step_batch = train_draem.step_batch
-    monkeypatch.setattr(train_draem, "step_batch", observe)
+    real_step_batch = engine.step_batch
+    monkeypatch.setattr(engine, "step_batch", observe)
     data = run_main(monkeypatch, tmp_path, "--epochs", "1", "--eval_every", "-1", "--calibration_split", "0.25")
     paths = list_images(data / "weave" / "train" / "good")
     kept, held = calibration_holdout(len(paths), 0.25, 0)

@@ -1,4 +1,4 @@
-"""The project's real training step (training.step.train_step) against a step written out by hand in float64:
+"""The project's real training step (engine.train_step) against a step written out by hand in float64:
 fp32, channels_last, the SSPCAB term, and fp16 autocast with a GradScaler that really scales and skips."""
 import copy
 import dataclasses
@@ -7,10 +7,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from loss import FocalLoss, draem_loss
+from loss import draem_loss
 from model_unet import DraemModel, init_weights
 from perlin import SyntheticBatch, simulate_anomalies
-from training.step import Batch, train_step
+from engine import Batch, Training, train_step
 
 
 def model_and_batch(sspcab=True):
@@ -53,7 +53,7 @@ def run_train_step(model, batch, memory_format=torch.contiguous_format, autocast
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    _, total, parts = train_step(model, batch, optimizer, scaler, autocast, FocalLoss(), sspcab=True)
+    _, total, parts = train_step(model, batch, Training(model, optimizer, scaler), autocast, sspcab=True)
     return total.detach(), parts, scaler
 
 

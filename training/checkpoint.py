@@ -15,10 +15,13 @@ import torch
 
 from data_loader import CATEGORIES, CHANNEL_ORDER, FULL_RANGE, height_width
 from model_unet import DraemModel
-from training.config import TrainConfig
 from training.files import first_line, write_atomically
 
 FORMAT = "draem-checkpoint-v1"
+# What scoring reads from a model's settings, for files that do not record it (official and anomalib weights, and
+# checkpoints written before the setting existed): the value those were trained and are read with.
+UNRECORDED = {"image_size": [256, 256], "channel_order": CHANNEL_ORDER, "bit_depth": FULL_RANGE, "sspcab": False,
+              "recipe": "official"}
 ANOMALIB_PREFIX = "model."
 
 
@@ -29,7 +32,7 @@ class CheckpointError(ValueError):
 @dataclass
 class ModelInfo:
     """What scoring needs to know about a model besides its weights."""
-    config: dict  # this project's TrainConfig as a dict; for official and anomalib weights, what the weights tell
+    config: dict  # the run's settings (training/settings.py); for official and anomalib weights, what the weights tell
     category: str | None
     run: str  # the file's name without its suffix: what results are listed under
     source: str  # "draem" (this project), "official", "anomalib" or "onnx"
@@ -38,6 +41,9 @@ class ModelInfo:
     calibration: dict = field(default_factory=dict)  # thresholds set on good images alone (scoring/calibration.py)
     trained_defects: list[dict] = field(default_factory=list)  # real defect files trained on (training/defects.py)
 
+    def __post_init__(self) -> None:
+        self.config = UNRECORDED | self.config
+
     @property
     def trained_digests(self) -> frozenset[str]:
         """The digests of the defect images the model trained on: every evaluation leaves these files out."""
@@ -45,22 +51,16 @@ class ModelInfo:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return height_width(self.config.get("image_size", 256))
+        return height_width(self.config["image_size"])
 
     @property
     def channel_order(self) -> str:
-        return self.config.get("channel_order", CHANNEL_ORDER)
+        return self.config["channel_order"]
 
     @property
     def bit_depth(self) -> int:
-        """How 16-bit images are read (data_loader.to_bgr8); full range for checkpoints that do not say."""
-        depth = self.config.get("bit_depth", "auto")
-        return FULL_RANGE if depth == "auto" else int(depth)
-
-    @property
-    def train_config(self) -> TrainConfig | None:
-        """The full training configuration, for this project's checkpoints (and their exports) only."""
-        return TrainConfig.from_dict(self.config) if "seed" in self.config else None
+        """How 16-bit images are read (data_loader.to_bgr8)."""
+        return int(self.config["bit_depth"])
 
     @property
     def operating_points(self) -> dict:
@@ -111,14 +111,14 @@ class Checkpoint:
 
 # ---- writing ------------------------------------------------------------------------------------------
 
-def save_training(path: Path, model: DraemModel, config: TrainConfig, step: int = 0, epoch: int = 0,
+def save_training(path: Path, model: DraemModel, settings: dict, step: int = 0, epoch: int = 0,
                   metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                   scaler: torch.amp.GradScaler | None = None, calibration: dict | None = None,
                   trained_defects: list[dict] | None = None) -> None:
-    """A training run's checkpoint: weights, configuration, progress, optimiser state, the latest metrics,
+    """A training run's checkpoint: weights, settings (a plain dict, training/settings.py), progress, optimiser state, the latest metrics,
     thresholds calibrated on good images and the real defect files it trained on."""
     write_atomically(path, partial(torch.save, {
-        "format": FORMAT, "config": config.to_dict(), "category": config.category, "run": path.stem,
+        "format": FORMAT, "config": settings, "category": settings["category"], "run": path.stem,
         "reconstructive": model.reconstructive_subnetwork.state_dict(),
         "discriminative": model.discriminative_subnetwork.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,
@@ -156,6 +156,16 @@ def read(path: Path) -> dict:
     return obj
 
 
+def run_settings_of(path: Path) -> dict | None:
+    """The settings a checkpoint of this project records; None for any other file. Only they are read (mmap: the
+    weights stay on disk), so that a folder of checkpoints is searched in moments."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged or foreign file: no settings of ours
+        return None
+    return state["config"] if isinstance(state, dict) and state.get("format") == FORMAT else None
+
+
 def infer_widths(reconstructive: dict, discriminative: dict) -> dict:
     try:
         return {"base_width": reconstructive["encoder.block1.0.weight"].shape[0],
@@ -189,12 +199,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
             if not p.is_file():
                 raise CheckpointError(f"official checkpoint {path}: its twin {p} is missing")
         rec, seg = read(rec_path), read(seg_path)
-        config = {**infer_widths(rec, seg), "channel_order": "BGR", "image_size": [256, 256]}
-        return Checkpoint(path, rec, seg, ModelInfo(config, category_from_name(rec_path.stem), rec_path.stem, "official"))
+        info = ModelInfo(infer_widths(rec, seg), category_from_name(rec_path.stem), rec_path.stem, "official")
+        return Checkpoint(path, rec, seg, info)
     state = read(path)
     if state.get("format") == FORMAT:
-        config = TrainConfig.from_dict(state["config"]).to_dict()  # older checkpoints: missing keys at their defaults
-        info = ModelInfo(config, state.get("category"), path.stem, "draem", state.get("metrics") or {},
+        info = ModelInfo(state["config"], state.get("category"), path.stem, "draem", state.get("metrics") or {},
                          state.get("step", 0), state.get("calibration") or {}, state.get("trained_defects") or [])
         return Checkpoint(path, state["reconstructive"], state["discriminative"], info, state.get("optimizer"),
                           state.get("scaler"))
@@ -205,7 +214,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         rec = {k[len(rec_prefix):]: v for k, v in weights.items() if k.startswith(rec_prefix)}
         seg = {k[len(seg_prefix):]: v for k, v in weights.items() if k.startswith(seg_prefix)}
         # anomalib reads RGB (torchvision); the networks were trained on what it read.
-        config = {**infer_widths(rec, seg), "channel_order": "RGB", "image_size": [256, 256]}
+        config = infer_widths(rec, seg) | {"channel_order": "RGB"}
         return Checkpoint(path, rec, seg, ModelInfo(config, category_from_name(path.stem), path.stem, "anomalib"))
     raise CheckpointError(f"{path} is not a DRAEM checkpoint (no '{FORMAT}' format tag, no official or anomalib keys)")
 
@@ -214,6 +223,6 @@ def model_from_checkpoint(path: Path) -> tuple[DraemModel, ModelInfo]:
     """The model in eval mode on the CPU, and what is known about it (config, category, metrics ...)."""
     ckpt = load_checkpoint(path)
     config = ckpt.info.config
-    model = DraemModel(config["base_width"], config["seg_base_width"], config.get("sspcab", False))
+    model = DraemModel(config["base_width"], config["seg_base_width"], config["sspcab"])
     ckpt.load_into(model)
     return model.eval(), ckpt.info

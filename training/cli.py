@@ -1,4 +1,6 @@
-"""What the scripts share: device choice, what the CPU computes natively, and one-line errors."""
+"""What the scripts share: device choice, the false-alarm rate flag, what the CPU computes natively, and one-line
+errors."""
+import argparse
 import functools
 import sys
 from collections.abc import Iterator
@@ -30,6 +32,20 @@ def pick_device(name: str = "auto", gpu_id: int | None = None) -> torch.device:
     return device
 
 
+def false_alarm_rate(text: str) -> float:
+    """The type of --false_alarm_rate (train_draem.py and test_draem.py): a share in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a share of good images in (0, 1) such as 0.01 for 1 %, not {text!r}")
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp: the autocast dtype
+
+
 # The names Linux's /proc/cpuinfo gives what decides int8 and bf16 speed.
 CPUINFO_FLAGS = {"VNNI": ("avx512_vnni", "avx_vnni"), "bf16": ("avx512_bf16", "amx_bf16"), "AMX": ("amx_int8", "amx_tile")}
 
@@ -59,6 +75,16 @@ def cpu_capabilities() -> dict[str, bool | None]:
 def cpu_has_bf16() -> bool:
     """Whether this CPU is known to compute bf16 natively (AVX512_BF16 or AMX)."""
     return cpu_capabilities()["bf16"] is True
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto as what it means on this device: bf16 on a GPU that supports it and on a CPU with bf16
+    instructions (AVX512_BF16 or AMX: about twice the fp32 step rate, docs/training.md), else off."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if device.type == "cpu" and cpu_capabilities()["bf16"] else "off"
 
 
 def check_amp(amp: str, device: torch.device) -> None:

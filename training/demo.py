@@ -11,7 +11,7 @@ import numpy as np
 DEMO_ROOT = Path("datasets/demo")
 DEMO_CATEGORY = "weave"
 DEFECTS = ("scratch", "hole", "stain")
-SIZE = 160  # px; the demo trains at 128 (training/config.py DEMO)
+SIZE = 160  # px; the demo trains at 128 (train_draem.py DEMO)
 
 
 def texture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:

@@ -86,18 +86,18 @@ def test_a_json_description_trains_and_scores_like_the_same_images_in_the_mvtec_
         "masks": [f"../mvtec/weave/ground_truth/{d}" for d in defects]}))
     checkpoints = {}
     for data_path, category in ((parts, "line3"), (data, "weave")):
-        train_draem.main(["--data_path", str(data_path), "--obj_id", category, "--epochs", "2", "--checkpoint_path",
-                          str(tmp_path / "ck"), "--log_path", str(tmp_path / "logs"), *TINY])
+        train_draem.main(train_draem.parse_args(["--data_path", str(data_path), "--obj_id", category, "--epochs", "2", "--checkpoint_path",
+                          str(tmp_path / "ck"), "--log_path", str(tmp_path / "logs"), *TINY]))
         [checkpoints[category]] = (tmp_path / "ck").glob(f"DRAEM_{category}_*.pt")
     described, published = (load_checkpoint(checkpoints[c]) for c in ("line3", "weave"))
     assert "image_auroc" in described.info.metrics and described.info.metrics == published.info.metrics
     for net in ("reconstructive", "discriminative"):  # the same images in the same order: the same weights
         ours, theirs = getattr(described, net), getattr(published, net)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    test_draem.main(["--checkpoint", str(checkpoints["line3"]), "--out", str(tmp_path / "res_json"),
-                     "--no-save_images", "--device", "cpu"])  # the recorded description
-    test_draem.main(["--checkpoint", str(checkpoints["weave"]), "--data_path", str(data), "--out",
-                     str(tmp_path / "res_mvtec"), "--no-save_images", "--device", "cpu"])
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(checkpoints["line3"]), "--out", str(tmp_path / "res_json"),
+                     "--no-save_images", "--device", "cpu"]))  # the recorded description
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(checkpoints["weave"]), "--data_path", str(data), "--out",
+                     str(tmp_path / "res_mvtec"), "--no-save_images", "--device", "cpu"]))
     [by_json], [by_mvtec] = (read_json(tmp_path / r / "results.json")["runs"].values() for r in ("res_json", "res_mvtec"))
     metrics = [m for m in by_mvtec if m in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")]
     assert len(metrics) == 5 and {m: by_json[m] for m in metrics} == {m: by_mvtec[m] for m in metrics}

@@ -14,12 +14,12 @@ import torch
 from scoring.accuracy_gate import MAP_TOLERANCE, compare, quantile_difference
 from training.checkpoint import model_from_checkpoint, save_training
 from training.cli import cpu_has_bf16
-from training.config import TrainConfig
+from training.settings import differences
 from conftest import SHARED_DATA
 from data_loader import list_images, load_images, load_test_set
 from deploy.export import Int8Options, export_model
 from scoring.evaluate import predict
-from helpers import ROOT, read_json, tiny_dataset
+from helpers import ROOT, read_json, run_settings, tiny_dataset
 from deploy.model_files import load_model
 from model_unet import DraemModel, init_weights
 from scoring.metrics import METRICS
@@ -55,7 +55,7 @@ def exported(tmp_path_factory):
     work = tmp_path_factory.mktemp("deploy")
     data = tiny_dataset(work / "data")
     ckpt = work / "weave.pt"
-    config = TrainConfig(category="weave", data_path=str(data), image_size=SIZE, base_width=8, seg_base_width=8,
+    config = run_settings(category="weave", data_path=str(data), image_size=SIZE, base_width=8, seg_base_width=8,
                          bit_depth=8)
     save_training(ckpt, informative_model(), config)
     files = {("onnx", "fp32"): work / "weave_fp32.onnx"}
@@ -136,15 +136,15 @@ def test_metadata_round_trip(exported):
     for (fmt, precision), path in files.items():
         _, info = load_model(path, CPU)
         assert (info.category, info.image_size, info.bit_depth, info.channel_order) == ("weave", SIZE, 8, "BGR")
-        assert info.train_config == pt.train_config and info.config["precision"] == precision
+        assert differences(pt.config, info.config, ignore=("precision",)) == [] and info.config["precision"] == precision
 
 
 def test_xml_scores_like_its_checkpoint_in_the_test_script(exported, tmp_path):
     import test_draem
     work, data, ckpt, files = exported
     for source, out in ((ckpt, "pt"), (files[("openvino", "fp32")], "xml")):
-        test_draem.main(["--checkpoint", str(source), "--data_path", str(data), "--out", str(tmp_path / out),
-                         "--device", "cpu", "--no-save_images"])
+        test_draem.main(test_draem.parse_args(["--checkpoint", str(source), "--data_path", str(data), "--out", str(tmp_path / out),
+                         "--device", "cpu", "--no-save_images"]))
     pt = read_json(tmp_path / "pt" / "results.json")["runs"]["weave"]
     ir = read_json(tmp_path / "xml" / "results.json")["runs"]["weave_fp32"]
     for m in METRICS:
@@ -154,7 +154,7 @@ def test_xml_scores_like_its_checkpoint_in_the_test_script(exported, tmp_path):
 def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path, capsys):
     import export_draem
     work, data, ckpt, files = exported
-    export_draem.main(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(files[("openvino", "fp32")])])
+    export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(files[("openvino", "fp32")])]))
     out = capsys.readouterr().out
     assert "PASSES the accuracy gate" in out and "PyTorch fp32 (reference)" in out
     damaged_model = informative_model()
@@ -162,11 +162,11 @@ def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path
         for p in damaged_model.discriminative_subnetwork.parameters():
             p.mul_(1.05)  # every weight 5 % off: a broken export, as a scaling bug would make it
     damaged = tmp_path / "damaged.pt"
-    save_training(damaged, damaged_model, TrainConfig(category="weave", image_size=SIZE, base_width=8,
+    save_training(damaged, damaged_model, run_settings(category="weave", image_size=SIZE, base_width=8,
                                                       seg_base_width=8))
     export_model(damaged, tmp_path / "damaged.xml", "openvino")
     with pytest.raises(SystemExit) as stopped:
-        export_draem.main(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(tmp_path / "damaged.xml")])
+        export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(tmp_path / "damaged.xml")]))
     assert stopped.value.code == 1 and "FAILS the accuracy gate" in capsys.readouterr().out
     result = compare(ckpt, tmp_path / "damaged.xml", data, CPU)
     assert any(f.startswith("labelled: map difference p99.9") for f in result["failures"])
@@ -182,8 +182,8 @@ def test_missing_openvino_is_one_line_naming_the_requirements_file(exported, tmp
     assert proc.returncode == 2 and "requirements-deploy.txt" in proc.stderr and "Traceback" not in proc.stderr
     import export_draem
     with pytest.raises(SystemExit) as stopped:
-        export_draem.main(["--checkpoint", str(ckpt), "--format", "onnx", "--precision", "bf16", "--out",
-                           str(tmp_path / "x.onnx")])
+        export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--format", "onnx", "--precision", "bf16", "--out",
+                           str(tmp_path / "x.onnx")]))
     assert stopped.value.code == 2 and "--precision bf16: onnx supports fp32, int8" in capsys.readouterr().err
 
 
@@ -196,8 +196,8 @@ def test_the_python_api_equals_the_command_line_on_pt_onnx_and_xml(exported, tmp
     work, data, ckpt, _ = exported
     calibrated = tmp_path / "weave.pt"
     calibrated.write_bytes(ckpt.read_bytes())
-    test_draem.main(["--checkpoint", str(calibrated), "--calibrate", str(data / "weave" / "train" / "good"),
-                     "--false_alarm_rate", "0.25", "--device", "cpu"])
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(calibrated), "--calibrate", str(data / "weave" / "train" / "good"),
+                     "--false_alarm_rate", "0.25", "--device", "cpu"]))
     files = [calibrated]
     for out in (tmp_path / "weave.onnx", tmp_path / "weave.xml"):
         export_model(calibrated, out, "openvino" if out.suffix == ".xml" else "onnx", "fp32")
@@ -205,8 +205,8 @@ def test_the_python_api_equals_the_command_line_on_pt_onnx_and_xml(exported, tmp
     photos = sorted((data / "weave" / "test").rglob("*.png"))
     for path in files:
         out = tmp_path / f"cli_{path.suffix[1:]}"
-        test_draem.main(["--checkpoint", str(path), "--images", str(data / "weave" / "test"), "--out", str(out),
-                         "--device", "cpu", "--no-save_images"])
+        test_draem.main(test_draem.parse_args(["--checkpoint", str(path), "--images", str(data / "weave" / "test"), "--out", str(out),
+                         "--device", "cpu", "--no-save_images"]))
         rows = {row["path"]: row for row in csv.DictReader(open(out / "scores.csv"))}
         detector = load(path)
         assert detector.image_threshold.value is not None and detector.pixel_threshold.value is not None
@@ -314,7 +314,7 @@ def good_only_copy(data, root):
 def gate(args, capsys):
     import export_draem
     try:
-        export_draem.main(args)
+        export_draem.main(export_draem.parse_args(args))
         code = 0
     except SystemExit as stopped:
         code = stopped.code
@@ -326,8 +326,8 @@ def calibrated_copy(ckpt, data, tmp_path):
     import test_draem
     calibrated = tmp_path / "weave.pt"
     calibrated.write_bytes(ckpt.read_bytes())
-    test_draem.main(["--checkpoint", str(calibrated), "--calibrate", str(data / "weave" / "train" / "good"),
-                     "--false_alarm_rate", "0.25", "--device", "cpu"])
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(calibrated), "--calibrate", str(data / "weave" / "train" / "good"),
+                     "--false_alarm_rate", "0.25", "--device", "cpu"]))
     return calibrated
 
 
@@ -361,7 +361,7 @@ def test_the_good_only_gate_passes_an_honest_export_fails_a_damaged_one_and_name
         for p in damaged_model.discriminative_subnetwork.parameters():
             p.mul_(1.05)
     damaged = tmp_path / "damaged.pt"
-    save_training(damaged, damaged_model, TrainConfig(category="weave", image_size=SIZE, base_width=8,
+    save_training(damaged, damaged_model, run_settings(category="weave", image_size=SIZE, base_width=8,
                                                       seg_base_width=8))
     export_model(damaged, tmp_path / "damaged.xml", "openvino")
     code, out = gate(["--checkpoint", str(ckpt), "--check", str(good_only), "--compare", str(tmp_path / "damaged.xml")],
@@ -431,15 +431,15 @@ def test_int8_flags_give_one_line_errors(exported, tmp_path, capsys):
     work, data, ckpt, _ = exported
     import export_draem
     with pytest.raises(SystemExit) as stopped:
-        export_draem.main(["--checkpoint", str(ckpt), "--precision", "int8", "--out", str(tmp_path / "x.onnx"),
-                           "--float_layers", "encoder.nowhere"])
+        export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--precision", "int8", "--out", str(tmp_path / "x.onnx"),
+                           "--float_layers", "encoder.nowhere"]))
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "--float_layers: no convolution named encoder.nowhere" in err
     assert "Traceback" not in err and not (tmp_path / "x.onnx").exists()
     for args, message in ((["--calibration_anomalies", "1"], "--calibration_anomalies must be"),
                           (["--precision", "auto"], "--precision auto needs --check")):
         with pytest.raises(SystemExit):
-            export_draem.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"), *args])
+            export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"), *args]))
         assert message in capsys.readouterr().err
 
 
@@ -460,8 +460,8 @@ def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, tmp
     cv2.imwrite(str(folder / "rgba.png"), cv2.cvtColor(cv2.resize(colour, (70, 120)), cv2.COLOR_BGR2BGRA))
     for model in (tmp_path / "weave.xml", files[("openvino", "int8")]):
         out = tmp_path / f"out_{model.stem}"
-        test_draem.main(["--checkpoint", str(model), "--images", str(folder), "--out", str(out), "--device", "cpu",
-                         "--no-save_images", "--batch_size", "1"])  # int8 kernels round differently per batch size
+        test_draem.main(test_draem.parse_args(["--checkpoint", str(model), "--images", str(folder), "--out", str(out), "--device", "cpu",
+                         "--no-save_images", "--batch_size", "1"]))  # int8 kernels round differently per batch size
         rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "scores.csv"))}
         assert len(rows) == 4
         for name, row in rows.items():
@@ -471,9 +471,9 @@ def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, tmp
             assert printed[2] == (row["verdict"] or "no"), (name, printed, row)
     from test_export import assert_example_shows_what_test_draem_wrote
     xml = tmp_path / "weave.xml"  # calibrated on these photos: thresholds that split them and draw defect pixels
-    test_draem.main(["--checkpoint", str(xml), "--calibrate", str(folder), "--false_alarm_rate", "0.5", "--device", "cpu"])
-    test_draem.main(["--checkpoint", str(xml), "--images", str(folder), "--out", str(tmp_path / "cal"), "--device", "cpu",
-                     "--no-save_images", "--batch_size", "1"])
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(xml), "--calibrate", str(folder), "--false_alarm_rate", "0.5", "--device", "cpu"]))
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(xml), "--images", str(folder), "--out", str(tmp_path / "cal"), "--device", "cpu",
+                     "--no-save_images", "--batch_size", "1"]))
     assert_example_shows_what_test_draem_wrote("openvino_inference.py", xml, folder, tmp_path / "cal",
                                                tmp_path / "example")
 
@@ -498,7 +498,7 @@ def test_an_fp32_export_passes_the_gate_at_the_test_sets_own_thresholds(exported
     model, _ = model_from_checkpoint(ckpt)
     out = evaluate(model, load_test_set(data, "weave", SIZE), CPU)
     tested = tmp_path / "weave.pt"
-    save_training(tested, model, TrainConfig(category="weave", data_path=str(data), image_size=SIZE, base_width=8,
+    save_training(tested, model, run_settings(category="weave", data_path=str(data), image_size=SIZE, base_width=8,
                                              seg_base_width=8, bit_depth=8),
                   metrics={**out["metrics"], "operating_points": out["operating_points"]})
     threshold = out["operating_points"]["image"]["threshold"]

@@ -12,8 +12,7 @@ import torch
 from data_loader import list_images, load_images, load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint, save_training
-from training.config import TrainConfig
-from helpers import ROOT, TINY, call_script, read_json, tiny_dataset
+from helpers import ROOT, TINY, call_script, read_json, run_settings, tiny_dataset
 from model_unet import DraemModel, image_scores, init_weights
 from scoring.metrics import METRICS
 
@@ -171,7 +170,7 @@ def test_the_standalone_onnx_example_scores_as_test_draem_does(trained, tmp_path
     with torch.no_grad():
         model.discriminative_subnetwork.decoder_segment.fin_out[0].weight.mul_(300)
     ckpt = tmp_path / "random.pt"
-    save_training(ckpt, model, TrainConfig(category="weave", image_size=(32, 64), base_width=16, seg_base_width=16))
+    save_training(ckpt, model, run_settings(category="weave", image_size=(32, 64), base_width=16, seg_base_width=16))
     export(ckpt, tmp_path / "weave.onnx", cwd=work)
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -15,13 +15,14 @@ from scoring.calibration import calibrate
 from scoring.evaluate import predict
 from scoring.tiling import TiledModel
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.step import calibration_holdout
+from engine import calibration_holdout
 
 
 def run(script: str, *args) -> None:
     """A script's main in this process (a subprocess would spend seconds importing torch)."""
     import importlib
-    importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
+    module = importlib.import_module(script.removesuffix(".py"))
+    module.main(module.parse_args([str(a) for a in args]))
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +209,8 @@ def test_bad_scoring_input_gets_one_line(calibrated, tmp_path, capsys, flags, ex
     places = {"good": data / "weave" / "test" / "good", "broken": tmp_path / "broken", "empty": tmp_path / "empty",
               "data": data}
     with pytest.raises(SystemExit) as stopped:
-        test_draem.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--device", "cpu",
-                         *[f.format(**places) for f in flags]])
+        test_draem.main(test_draem.parse_args(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--device", "cpu",
+                         *[f.format(**places) for f in flags]]))
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and expect.format(**places) in err and "Traceback" not in err
     assert load_checkpoint(ckpt).info.calibration["false_alarm_rate"] == 0.4  # nothing stored by a failed run

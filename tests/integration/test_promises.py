@@ -151,18 +151,17 @@ def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_sc
     import test_draem
     from scoring import results as results_module
     from training.checkpoint import save_training
-    from training.config import TrainConfig
     work, data, ckpt = tiny_run
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "a_damaged.pt").write_bytes(ckpt.read_bytes()[:1000])
     model, info = model_from_checkpoint(ckpt)
-    save_training(folder / "b_zebra.pt", model, TrainConfig.from_dict(info.config | {"category": "zebra"}))
+    save_training(folder / "b_zebra.pt", model, info.config | {"category": "zebra"})
     shutil.copy(ckpt, folder / "c_weave.pt")
     shutil.copy(ckpt, folder / "d_weave.pt")
     args = ["--checkpoint", str(folder), "--data_path", str(data), "--device", "cpu", "--no-save_images"]
     with pytest.raises(SystemExit) as stopped:
-        test_draem.main(args + ["--out", str(tmp_path / "res")])
+        test_draem.main(test_draem.parse_args(args + ["--out", str(tmp_path / "res")]))
     err = capsys.readouterr().err
     assert stopped.value.code == 1
     skipped_lines = [line for line in err.splitlines() if line.startswith("skipped ")]
@@ -181,5 +180,5 @@ def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_sc
         return real_evaluate(*a, **k)
     monkeypatch.setattr(results_module, "evaluate", interrupted_on_the_second_call)
     with pytest.raises(KeyboardInterrupt):
-        test_draem.main(args + ["--out", str(tmp_path / "stopped")])
+        test_draem.main(test_draem.parse_args(args + ["--out", str(tmp_path / "stopped")]))
     assert len(calls) == 2 and list(read_json(tmp_path / "stopped" / "results.json")["runs"]) == ["c_weave"]

@@ -9,10 +9,9 @@ from deploy import int8, qat
 from deploy.export import Int8Options, export_model
 from deploy.model_files import load_model
 from deploy.onnx_graph import ScoringGraph
-from helpers import tiny_dataset
+from helpers import run_settings, tiny_dataset
 from scoring.evaluate import predict
 from training.checkpoint import save_training
-from training.config import TrainConfig
 
 pytest.importorskip("openvino")
 from test_deploy import SIZE, info_metadata, informative_model  # noqa: E402
@@ -26,7 +25,7 @@ def setting(tmp_path_factory):
     work = tmp_path_factory.mktemp("qat")
     data = tiny_dataset(work / "data")
     ckpt = work / "weave.pt"
-    save_training(ckpt, informative_model(), TrainConfig(category="weave", data_path=str(data), image_size=SIZE,
+    save_training(ckpt, informative_model(), run_settings(category="weave", data_path=str(data), image_size=SIZE,
                                                          base_width=8, seg_base_width=8, bit_depth=8))
     teacher = ScoringGraph(informative_model().eval(), False).eval()
     good = load_images(list_images(data / "weave" / "train" / "good"), SIZE)
@@ -135,9 +134,9 @@ def test_float_layers_until_pass_writes_the_file_it_judged_last(setting, tmp_pat
     work, data, ckpt, teacher, good, held_out = setting
     out = tmp_path / "weave_int8.xml"
     try:
-        export_draem.main(["--checkpoint", str(ckpt), "--check", str(data), "--precision", "int8", "--out", str(out),
+        export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--check", str(data), "--precision", "int8", "--out", str(out),
                            "--format", "openvino", "--float_layers", "until_pass", "--float_budget", "0",
-                           "--calibration_count", "12"])
+                           "--calibration_count", "12"]))
         code = 0
     except SystemExit as stopped:
         code = stopped.code
@@ -149,6 +148,6 @@ def test_float_layers_until_pass_writes_the_file_it_judged_last(setting, tmp_pat
     assert props["quantizer"] == "draem-qdq" and props["float_layers_by"] == f"accuracy control, round {len(rounds)}"
     assert len([n for n in props["float_layers"].split(",") if n]) == len(rounds) - 1
     with pytest.raises(SystemExit):
-        export_draem.main(["--checkpoint", str(ckpt), "--precision", "int8", "--out", str(out),
-                           "--float_layers", "until_pass"])
+        export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--precision", "int8", "--out", str(out),
+                           "--float_layers", "until_pass"]))
     assert "--float_layers until_pass needs --precision int8 and --check DATA" in capsys.readouterr().err

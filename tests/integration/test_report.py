@@ -216,9 +216,9 @@ def test_a_threshold_the_file_cannot_give_fails_before_the_evaluation(scored, tm
     evaluated, real = [], results.evaluate
     monkeypatch.setattr(results, "evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
     with pytest.raises(SystemExit) as stopped:
-        test_draem.main(["--checkpoint", str(runs[0]), "--data_path", str(data), "--out", str(tmp_path / "c"),
-                         "--pixel_threshold", "calibrated", "--device", "cpu"])
+        test_draem.main(test_draem.parse_args(["--checkpoint", str(runs[0]), "--data_path", str(data), "--out", str(tmp_path / "c"),
+                         "--pixel_threshold", "calibrated", "--device", "cpu"]))
     assert stopped.value.code == 2 and evaluated == []
-    test_draem.main(["--checkpoint", str(runs[0]), "--data_path", str(data), "--out", str(tmp_path / "d"),
-                     "--device", "cpu", "--no-save_images"])
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(runs[0]), "--data_path", str(data), "--out", str(tmp_path / "d"),
+                     "--device", "cpu", "--no-save_images"]))
     assert evaluated == [1]  # the spy does see an evaluation when one runs

@@ -54,12 +54,7 @@ def test_resume_refuses_other_settings_and_extends_to_more_epochs(data, tmp_path
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert named in line and "other settings" in line, line
-    # A checkpoint written before TrainConfig (amp as given, no processes / sync_bn, metrics without mask
-    # coverage) still resumes, and its stored metrics are printed at the end when none are computed.
-    state = torch.load(one_epoch, weights_only=True)
-    state["config"]["amp"] = "auto"
-    del state["config"]["processes"], state["config"]["sync_bn"], state["metrics"]["mask_coverage"]
-    torch.save(state, one_epoch)
+    # A larger --epochs extends the run; its stored metrics are printed at the end when none are computed.
     proc = train(data, tmp_path / "a", "--epochs", "2", "--seed", "0", "--resume", one_epoch, "--eval_every", "-1")
     assert "metrics image_auroc=" in proc.stdout
     assert f"resumed from {one_epoch} at step 3" in proc.stdout and "extending a 1-epoch run to 2 epochs" in proc.stderr
