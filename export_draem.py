@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from data_loader import parse_size
-from deploy.export import MAX_CALIBRATION_IMAGES, PRECISIONS, Int8Options, export_model
+from deploy.export import FINETUNE_BUDGET, MAX_CALIBRATION_IMAGES, PRECISIONS, Int8Options, export_model
 from deploy.int8 import ANOMALY_SHARE, FLOAT_BUDGET
 from deploy.onnx_graph import OUTPUTS
 from scoring.accuracy_control import until_pass as until_pass_file
@@ -64,7 +64,11 @@ def get_args_parser() -> argparse.ArgumentParser:
            "layers, as QDQ pairs both runtimes read) after STEPS steps of quantization-aware fine-tuning "
            "against the fp32 model on the checkpoint's good images with fresh simulated anomalies; 0: as "
            "calibrated (default: the runtime's own post-training quantizer, no fine-tuning). With --precision auto: "
-           "the steps of the fine-tuned candidate tried when post-training int8 fails (default 300)")
+           "the steps of the fine-tuned candidate tried when post-training int8 and accuracy control both fail "
+           "(default 300)")
+    a("--finetune_budget", type=float, default=FINETUNE_BUDGET, metavar="MINUTES",
+      help=f"with --precision auto: fine-tune only when its time, measured on this machine before it starts, is at "
+           f"most this; else print the command that runs it (default {FINETUNE_BUDGET:g})")
     a("--image_size", type=parse_size,
       help="N or HxW the graph takes, sides multiples of 32 (default: the checkpoint's; 256 for official and "
            "anomalib checkpoints)")
@@ -109,7 +113,8 @@ def main(args: argparse.Namespace) -> None:
     layers = {"auto": None, "none": [], "until_pass": None}.get(args.float_layers,
                                                                [n for n in args.float_layers.split(",") if n])
     options = Int8Options(args.calibration_images, args.calibration_count, args.calibration_anomalies,
-                          args.anomaly_source_path, layers, args.float_budget, finetune=args.finetune)
+                          args.anomaly_source_path, layers, args.float_budget, finetune=args.finetune,
+                          finetune_budget=args.finetune_budget)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
         if args.precision == "auto" or until_pass:  # the gate's reference numbers, once

@@ -21,6 +21,7 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
 MAX_CALIBRATION_IMAGES = 300
+FINETUNE_BUDGET = 10.0  # minutes --precision auto may spend fine-tuning int8 (--finetune_budget)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Int8Options:
     quantizer: dict = field(default_factory=dict)  # passed to quantize_static or nncf.quantize (benchmarks)
     finetune: int | None = None  # None: the runtime's post-training quantizer; N: this project's QDQ graph after
     # N steps of quantization-aware fine-tuning (deploy/qat.py; 0: that graph as calibrated)
+    finetune_budget: float = FINETUNE_BUDGET  # --precision auto fine-tunes only when it takes at most this (minutes)
     float_layers_by: str = "as asked"  # who chose float_layers when they are given, for the console and metadata
 
 
@@ -112,6 +114,10 @@ def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options, 
         "float_layers_by": how}
 
 
+def device_for_finetuning() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.CalibrationSet, float_layers: list[str],
                    options: Int8Options, out: Path, say=print) -> dict[str, str]:
     """This project's QDQ int8 graph (deploy/qat.py) at the calibration's ranges, fine-tuned options.finetune
@@ -128,8 +134,8 @@ def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.Ca
     # at most FINETUNE_TEXTURES of them, evenly spaced: all of DTD at 256 px would hold a gigabyte
     textures = load_images(int8.evenly_spaced(list_images(sources, recursive=True), qat.FINETUNE_TEXTURES), size) \
         if sources is not None else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    record = qat.finetune(student, teacher, good, textures, props["recipe"], options.finetune, device, say=say)
+    record = qat.finetune(student, teacher, good, textures, props["recipe"], options.finetune, device_for_finetuning(),
+                          say=say)
     qat.export_onnx(student, size, out)
     return record | {"quantizer": "draem-qdq", "finetune_teacher": checkpoint.name,
                      "finetune_images": f"{len(good)} good, sources: {sources or 'Perlin noise'}"}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from deploy.int8 import fake_int8_weight, uint8_parameters, weight_scales
+from deploy.int8 import fake_int8_weight, input_ranges, uint8_parameters, weight_scales
 from deploy.onnx_graph import OUTPUTS, require
 from perlin import simulate_anomalies
 
@@ -121,6 +121,27 @@ def evaluated(student: nn.Module, teacher: nn.Module, images: Tensor) -> float:
         student.train()
         frozen_batchnorm(student)
     return loss
+
+
+def seconds_per_step(teacher: nn.Module, size: tuple[int, int], float_layers: list[str], device: torch.device
+                     ) -> float:
+    """What one fine-tuning step of this graph costs on this device, timed before any is run: a warm-up step, then
+    the mean of two, on random images at random-image ranges (the cost depends on neither)."""
+    images = torch.rand(BATCH, 3, *size)
+    student = int8_graph(teacher, input_ranges(teacher, images)[0], float_layers).to(device).train()
+    frozen_batchnorm(student)
+    teacher = teacher.to(device).eval()
+    optimizer = torch.optim.Adam(student.parameters(), lr=0.0)
+    images = images.to(device)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        loss = distillation_loss(student, teacher, images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return sum(times[1:]) / 2
 
 
 def finetune(student: nn.Module, teacher: nn.Module, good: Tensor, sources: Tensor | None, recipe: str, steps: int,

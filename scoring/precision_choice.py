@@ -1,5 +1,7 @@
-"""export_draem.py --precision auto: export int8, fine-tuned int8 where that fails, int8 with more convolutions in
-float where that fails too, bf16 (where the CPU has bf16) and fp32; gate each, keep the fastest that passes.
+"""export_draem.py --precision auto: the cheap candidates first, post-training int8, then int8 with more
+convolutions in float (accuracy control) where that fails the gate; quantization-aware fine-tuning only where both
+fail and its time, measured on this machine before it starts, fits --finetune_budget (else the command that runs it
+is printed); bf16 (where the CPU has bf16) and fp32. Each is gated; the fastest that passes is kept.
 
 Speed is measured here, on this CPU: batch-1 passes of every candidate and of PyTorch fp32, in interleaved
 rounds in this one process, the median per model. The CPU's instructions decide what is worth trying and are
@@ -14,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from deploy.export import SUFFIX, Int8Options, export_model
+from deploy.export import SUFFIX, Int8Options, device_for_finetuning, export_model, scoring_graph
 from deploy.model_files import load_model, move_model_file
 from deploy.onnx_graph import export
-from deploy.qat import FINETUNE_STEPS
+from deploy.qat import FINETUNE_STEPS, seconds_per_step
 from scoring.accuracy_control import until_pass
 from scoring.accuracy_gate import Reference, gate_lines, judge, passes, precision_of
 from scoring.evaluate import predict
@@ -36,12 +38,29 @@ def describe_cpu(has: dict[str, bool | None]) -> str:
     return f"this CPU: {listed}; {int8}; {bf16}"
 
 
-FINETUNED = "int8 fine-tuned"  # tried only when post-training int8 fails the gate
-CONTROLLED = "int8 more float"  # accuracy control (scoring/accuracy_control.py), when fine-tuned int8 fails too
+CONTROLLED = "int8 more float"  # accuracy control (scoring/accuracy_control.py), when post-training int8 fails
+FINETUNED = "int8 fine-tuned"  # when accuracy control fails too, within --finetune_budget
 
 
 def candidates(format: str, has: dict[str, bool]) -> list[str]:
-    return ["int8", FINETUNED, CONTROLLED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
+    return ["int8", CONTROLLED, FINETUNED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
+
+
+def finetune_fits(checkpoint: Path, format: str, options: Int8Options, steps: int, int8_seconds: float,
+                  size: tuple[int, int]) -> bool:
+    """Whether fine-tuning fits --finetune_budget: its steps timed on this machine now, plus what post-training
+    int8 took (the export and the gate it is followed by). Said either way; when it does not fit, with the
+    command that runs it alone."""
+    step = seconds_per_step(scoring_graph(checkpoint), size, options.float_layers or [], device_for_finetuning())
+    minutes = (steps * step + int8_seconds) / 60
+    fits = minutes <= options.finetune_budget
+    print(f"int8 fine-tuning: {steps} steps of {step:.2f} s (timed here) plus about {int8_seconds:.0f} s of export "
+          f"and gate: about {minutes:.1f} min, {'within' if fits else 'over'} --finetune_budget "
+          f"{options.finetune_budget:g} min")
+    if not fits:
+        print(f"skipped int8 fine-tuning; to run it alone: python export_draem.py --checkpoint {checkpoint} --format "
+              f"{format} --precision int8 --finetune {steps} --check DATA --out FILE (or raise --finetune_budget)")
+    return fits
 
 
 def images_per_second(runs: dict[str, callable], rounds: int = SPEED_ROUNDS) -> dict[str, float]:
@@ -62,38 +81,48 @@ def scorer(model, image: torch.Tensor, channel_order: str):
 
 
 def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: torch.device, options: Int8Options,
-           image_size: tuple[int, int] | None = None, batch_size: int = 16, say=print) -> bool:
+           image_size: tuple[int, int] | None = None, batch_size: int = 16) -> bool:
     """Write out at the fastest precision that passes the gate against ref (fp32 when none does); True when that
     is faster than fp32."""
     has = cpu_capabilities()
-    say(describe_cpu(has))
+    print(describe_cpu(has))
     steps = options.finetune if options.finetune is not None else FINETUNE_STEPS
+    size = image_size or model_from_checkpoint(checkpoint)[1].image_size
+    print(f"--precision auto: post-training int8 first; where it fails the gate, convolutions back to float "
+          f"(accuracy control); where that fails too, {steps} steps of int8 fine-tuning if they fit "
+          f"--finetune_budget {options.finetune_budget:g} min")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows, fp32 = {}, Path(tmp) / "graph.onnx"
         export(checkpoint, fp32, image_size)  # every candidate starts from this graph
+        int8_seconds = 0.0  # what post-training int8 took, the first candidate: the unit of the later estimates
         for precision in candidates(format, has):
             if precision in (FINETUNED, CONTROLLED) and any(r["passes"] for r in rows.values()):
                 continue  # an int8 file passes already
+            if precision == FINETUNED and not finetune_fits(checkpoint, format, options, steps, int8_seconds, size):
+                continue
             path = Path(tmp) / f"{precision.replace(' ', '_')}{SUFFIX[format]}"
-            say(f"--- {precision}" + {
-                FINETUNED: f": post-training int8 failed the gate; {steps} steps of quantization-aware fine-tuning "
-                           f"(the time it takes is printed after its first steps)",
-                CONTROLLED: ": fine-tuned int8 failed too; convolutions back to float until the gate passes"
+            print(f"--- {precision}" + {
+                CONTROLLED: f": post-training int8 failed the gate; convolutions back to float until it passes (each "
+                            f"round about {int8_seconds:.0f} s, as post-training int8 took)",
+                FINETUNED: ": accuracy control failed too; quantization-aware fine-tuning"
             }.get(precision, ""))
+            started = time.perf_counter()
             if precision == CONTROLLED:
                 result = until_pass(checkpoint, path, format, ref, dataclasses.replace(options, finetune=0), device,
-                                    image_size, batch_size, say)[1]
+                                    image_size, batch_size)[1]
             else:
                 finetune = steps if precision == FINETUNED else None
                 props = export_model(checkpoint, path, format, precision.split()[0], image_size,
-                                     options=dataclasses.replace(options, finetune=finetune), say=say, fp32=fp32)
+                                     options=dataclasses.replace(options, finetune=finetune), fp32=fp32)
                 if precision == "int8":  # the float layers it measured are the later candidates' too
                     options = dataclasses.replace(options, float_layers_by=props["float_layers_by"], float_layers=[
                         name for name in props["float_layers"].split(",") if name])
                 model, info = load_model(path, device)
                 result = judge(ref, model, precision_of(info), device, batch_size)
+            if precision == "int8":
+                int8_seconds = time.perf_counter() - started
             for line in gate_lines(result, path.name):
-                say(line)
+                print(line)
             rows[precision] = {"path": path, "passes": passes(result), "failures": result["failures"]}
         pytorch, info = model_from_checkpoint(checkpoint)
         image = torch.randint(0, 256, (1, 3, *(image_size or info.image_size)), dtype=torch.uint8)
@@ -102,12 +131,12 @@ def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: tor
         speed = images_per_second(runs)
         passing = [p for p, r in rows.items() if r["passes"]]
         chosen = max(passing, key=speed.get) if passing else "fp32"
-        say(f"{'precision':<14}{'images/s (batch 1)':>20}{'vs PyTorch fp32':>17}  gate")
-        say(f"{'pytorch fp32':<14}{speed['pytorch fp32']:>20.2f}{1:>16.2f}x  reference")
+        print(f"{'precision':<14}{'images/s (batch 1)':>20}{'vs PyTorch fp32':>17}  gate")
+        print(f"{'pytorch fp32':<14}{speed['pytorch fp32']:>20.2f}{1:>16.2f}x  reference")
         for p, r in rows.items():
             gate = "passes" if r["passes"] else "fails: " + "; ".join(r["failures"])[:120]
-            say(f"{format + ' ' + p:<14}{speed[p]:>20.2f}{speed[p] / speed['pytorch fp32']:>16.2f}x  {gate}")
+            print(f"{format + ' ' + p:<14}{speed[p]:>20.2f}{speed[p] / speed['pytorch fp32']:>16.2f}x  {gate}")
         move_model_file(rows[chosen]["path"], out)
     faster = chosen != "fp32" and speed[chosen] > speed["fp32"]
-    say(f"kept {chosen}: {out}" + ("" if faster else " (no faster precision passes the accuracy gate)"))
+    print(f"kept {chosen}: {out}" + ("" if faster else " (no faster precision passes the accuracy gate)"))
     return faster

@@ -369,13 +369,14 @@ def test_the_good_only_gate_passes_an_honest_export_fails_a_damaged_one_and_name
     assert code == 1 and "FAILS the accuracy gate" in out and "PASSES" not in out
 
 
-def test_precision_auto_tries_finetuned_int8_and_keeps_fp32_when_both_int8_fail(exported, tmp_path, capsys,
-                                                                               monkeypatch):
-    """int8 calibrated on black images (every range collapsed) fails the gate, and so do its fine-tuned graph and
-    the graph with convolutions returned to float (capped at 5 % of the multiply-adds); auto then writes fp32 and
-    exits 1, although int8 is reported fastest. A fine-tuned int8 that passes where post-training int8 fails is
-    kept, and so is the accuracy-controlled one where both fail; when post-training int8 passes, nothing is
-    fine-tuned."""
+def test_precision_auto_tries_the_cheap_int8_first_fine_tunes_within_its_budget_and_keeps_fp32_when_all_fail(
+        exported, tmp_path, capsys, monkeypatch):
+    """int8 calibrated on black images (every range collapsed) fails the gate, and so do the graph with
+    convolutions returned to float (capped at 5 % of the multiply-adds) and its fine-tuned graph; auto then writes
+    fp32 and exits 1, although int8 is reported fastest. Accuracy control comes before fine-tuning: where it
+    passes, nothing is fine-tuned; a fine-tuned int8 that passes where both fail is kept; fine-tuning over
+    --finetune_budget is skipped with the command that runs it; when post-training int8 passes, nothing else
+    int8 is tried."""
     from deploy import int8
     from scoring import accuracy_control, precision_choice
     work, data, ckpt, _ = exported
@@ -397,7 +398,7 @@ def test_precision_auto_tries_finetuned_int8_and_keeps_fp32_when_both_int8_fail(
     monkeypatch.setattr(precision_choice, "images_per_second", lambda runs: {k: speeds[k] for k in runs})
     out = tmp_path / "auto.onnx"
     args = ["--checkpoint", str(ckpt), "--check", str(data), "--precision", "auto", "--out", str(out),
-            "--finetune", "2"]
+            "--finetune", "2", "--finetune_budget", "60"]
     graph = tmp_path / "graph.onnx"  # the checkpoint's fp32 graph: exported by the first run, copied in the others
 
     def export_once(checkpoint, out, image_size=None):
@@ -406,25 +407,32 @@ def test_precision_auto_tries_finetuned_int8_and_keeps_fp32_when_both_int8_fail(
         shutil.copyfile(graph, out)
     real_export = precision_choice.export
     monkeypatch.setattr(precision_choice, "export", export_once)
-    code, printed = gate(args, capsys)  # both int8 files calibrated on black images: both fail
+    code, printed = gate(args, capsys)  # every int8 file calibrated on black images: all fail
     assert code == 1 and info_metadata(out)["precision"] == "fp32", printed[-3000:]
     assert "AVX2" in printed and "onnx int8 fine-tuned" in printed and "fails:" in printed and "kept fp32" in printed
-    assert "post-training int8 failed the gate; 2 steps of quantization-aware fine-tuning" in printed
     assert "onnx int8 more float" in printed and "accuracy control: still failing" in printed
-    judged = []  # both int8 files fail, the accuracy-controlled one passes
-    monkeypatch.setattr(precision_choice, "passes", lambda result: bool(judged.append(result)) or len(judged) > 2)
-    code, printed = gate(args, capsys)
-    assert code == 0 and "kept int8 more float" in printed
-    assert info_metadata(out)["float_layers_by"].startswith("accuracy control, round")
-    judged = []  # post-training int8 (judged first) fails, the fine-tuned one and fp32 pass
+    assert printed.index("--- int8 more float") < printed.index("--- int8 fine-tuned")  # the cheap one first
+    assert "int8 fine-tuning: 2 steps of" in printed and "within --finetune_budget 60 min" in printed
+    judged = []  # post-training int8 fails, the accuracy-controlled one passes: nothing is fine-tuned
     monkeypatch.setattr(precision_choice, "passes", lambda result: bool(judged.append(result)) or len(judged) > 1)
+    code, printed = gate(args, capsys)
+    assert code == 0 and "kept int8 more float" in printed and "--- int8 fine-tuned" not in printed
+    assert info_metadata(out)["float_layers_by"].startswith("accuracy control, round")
+    judged = []  # post-training int8 and accuracy control fail, the fine-tuned one and fp32 pass
+    monkeypatch.setattr(precision_choice, "passes", lambda result: bool(judged.append(result)) or len(judged) > 2)
     code, printed = gate(args, capsys)
     assert code == 0 and "kept int8 fine-tuned" in printed
     assert info_metadata(out)["precision"] == "int8" and info_metadata(out)["finetune_steps"] == "2"
+    judged = []  # the same, with no time for fine-tuning: skipped, and the command that runs it is printed
+    code, printed = gate(args[:-1] + ["0"], capsys)
+    assert "over --finetune_budget 0 min" in printed and "--- int8 fine-tuned" not in printed
+    [skipped] = [line for line in printed.splitlines() if line.startswith("skipped int8 fine-tuning")]
+    assert f"--checkpoint {ckpt} --format onnx --precision int8 --finetune 2" in skipped, skipped
     monkeypatch.setattr(precision_choice, "passes", lambda result: True)
-    code, printed = gate(args, capsys)  # post-training int8 passes: nothing is fine-tuned
+    code, printed = gate(args, capsys)  # post-training int8 passes: nothing else int8 is tried
     assert code == 0 and info_metadata(out)["precision"] == "int8" and "kept int8:" in printed
     assert "finetune_steps" not in info_metadata(out) and "--- int8 fine-tuned" not in printed
+    assert "--- int8 more float" not in printed
 
 
 def test_int8_flags_give_one_line_errors(exported, tmp_path, capsys):
