@@ -28,6 +28,7 @@ from scoring.visualize import sample_grid, write_png
 from training.checkpoint import load_checkpoint, save_training
 from training.defects import (RealDefects, choose_defects, draw_real, load_real_defects, paste, pasted_per_step,
                               real_per_step)
+from training.cli import UsageError
 from training.processes import Launch
 from training.settings import check_resumable, resume_path
 
@@ -73,7 +74,7 @@ def calibration_holdout(n: int, share: float, seed: int) -> tuple[list[int], lis
         return list(range(n)), []
     held = round(share * n)
     if not 0 < held < n:
-        raise DataError(f"--calibration_split {share:g} of {n} training images holds out {held}: it must leave at "
+        raise UsageError(f"--calibration_split {share:g} of {n} training images holds out {held}: it must leave at "
                         f"least one image for each of training and calibration")
     g = torch.Generator().manual_seed(stream_seed(seed, "calibration"))
     order = torch.randperm(n, generator=g)

@@ -26,7 +26,7 @@ from deploy.onnx_graph import OUTPUTS
 from scoring.accuracy_control import until_pass as until_pass_file
 from scoring.accuracy_gate import compare, gate_lines, passes, reference
 from scoring.precision_choice import choose
-from training.cli import one_line_errors, pick_device
+from training.cli import add_shared_flags, one_line_errors, pick_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,8 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--compare", type=Path, metavar="FILE", help="with --check: gate this earlier export instead of exporting")
     a("--obj_id", help="with --check: the category to score (default: the checkpoint's)")
     a("--batch_size", type=int, default=16, help="with --check: images per forward pass (default 16)")
-    a("--device", default="cpu", help="with --check: where PyTorch scores (default cpu)")
-    a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_shared_flags(p, "--device", "--debug")
     return p
 
 

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_loader import BIT_DEPTHS, parse_size
+from data_loader import parse_size
 from scoring.detector import Scoring
 from scoring.evaluate import MASK_PROTOCOLS
 from scoring.inference import calibrate_on_folder, score_images
@@ -30,7 +30,7 @@ from scoring.protocols import PROTOCOLS
 from scoring.results import score_test_sets
 from scoring.thresholds import threshold_value
 from scoring.tiling import parse_overlap
-from training.cli import check_amp, false_alarm_rate, one_line_errors, pick_device
+from training.cli import add_shared_flags, check_amp, false_alarm_rate, one_line_errors, pick_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,8 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
            "them in the checkpoint (.pt or .onnx, rewritten atomically in place)")
     a("--false_alarm_rate", type=false_alarm_rate, default=0.01,
       help="with --calibrate: the share of good images that may be flagged (default 0.01)")
-    a("--bit_depth", type=int, choices=BIT_DEPTHS,
-      help="bits per sample of 16-bit images (default: the depth the checkpoint records; full range when it has none)")
+    add_shared_flags(p, "--bit_depth")
     a("--tile", type=parse_size, metavar="HxW",
       help="score each image (at its own size, or at --image_size) in tiles of this size, blended where they "
            "overlap; --batch_size then counts tiles per pass. For .onnx files: the size they were exported for")
@@ -81,12 +80,11 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="MVTec AD 2: score each checkpoint's object's test_private and test_private_mixed images and write the "
            "upload folder (float16 TIFFs, PNGs at the validation mean + 3 sigma), checked before it says ready")
     a("--batch_size", type=int, default=16, help="images per forward pass, and per chunk with --images (default 16)")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_shared_flags(p, "--device")
     a("--amp", choices=("off", "bf16", "fp16"), default="off",
       help="PyTorch checkpoints under autocast: bf16 on CPUs with bf16 instructions and GPUs, fp16 on GPUs; "
            "exported files run at their own precision (default off: fp32)")
-    a("--workers", type=int, default=0, help="threads that decode images (default: up to 8)")
-    a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_shared_flags(p, "--workers", "--debug")
     return p
 
 
@@ -107,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    scoring = Scoring(args.image_size, args.bit_depth, args.tile, args.tile_overlap, args.batch_size,
+    scoring = Scoring(args.image_size, None if args.bit_depth == "auto" else args.bit_depth, args.tile, args.tile_overlap, args.batch_size,
                       args.workers or None, args.amp, args.threshold, args.pixel_threshold, args.mask_protocol,
                       args.save_images, args.protocol, args.tiff_maps)
     with one_line_errors(args.debug):

@@ -24,7 +24,7 @@ import data_loader
 import engine
 from recipe import RECIPES
 from scoring.results import score_test_sets
-from training.cli import AMP_DTYPES, false_alarm_rate, one_line_errors, pick_device, resolve_amp
+from training.cli import AMP_DTYPES, add_shared_flags, false_alarm_rate, one_line_errors, pick_device, resolve_amp
 from training.demo import DEMO_CATEGORY, DEMO_ROOT, make_demo_dataset
 from training.processes import Launch, StopRequest, TrainingStopped, ensure_writable, start_processes, stop_on_signals
 from training.settings import plain_settings, run_name
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="; ".join(f"{name}: {r.describe()}" for name, r in RECIPES.items()).replace("%", "%%")
            + " (default official)")
     a("--sspcab", action="store_true", help="replace encoder block5 with SSPCAB and add its loss (x0.1)")
-    a("--bs", type=int, default=8, help="batch size per process (default 8)")
+    a("--bs", "--batch_size", type=int, default=8, dest="bs", help="batch size per process (default 8)")
     a("--lr", type=float, default=1e-4, help="Adam learning rate (default 0.0001)")
     a("--epochs", type=int, default=700, help="passes over the training images (default 700)")
     a("--seed", type=int, default=0, help="seed for initialisation, batch order and anomaly simulation (default 0)")
@@ -63,10 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="mixed precision: auto = bf16 on a GPU that supports it and on a CPU with bf16 instructions (AVX512_BF16 "
            "or AMX), else off; the checkpoint records what auto chose (default auto)")
     a("--sync_bn", action="store_true", help="with --ddp on GPUs: synchronise BatchNorm statistics across ranks")
-    a("--bit_depth", type=data_loader.parse_bit_depth, default="auto",
-      help=f"bits per sample of 16-bit training images ({', '.join(map(str, data_loader.BIT_DEPTHS))}): the top 8 bits are kept; "
-           "auto = from the largest value in train/good (8-bit files are read as they are); the checkpoint records "
-           "the depth, and scoring reads images the same way (default auto)")
+    add_shared_flags(p, "--bit_depth")
     a("--calibration_split", type=float,
       help="share of train/good held out from training (chosen by --seed) to set thresholds on at the end (see "
            f"--false_alarm_rate); 0 = train on all (default: {DEFAULT_CALIBRATION_SPLIT:g} when the category has "
@@ -99,8 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--log_path", type=Path, default=Path("logs"), help="folder for TensorBoard runs (default ./logs)")
     a("--visualize", action="store_true", help="also log image grids (input, reconstruction, masks) to TensorBoard")
     a("--gpu_id", type=int, help="CUDA device index (official flag; same as --device cuda:N)")
-    a("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    a("--workers", type=int, default=0, help="threads that decode images (default: up to 8)")
+    add_shared_flags(p, "--device", "--workers")
     a("--compile", action="store_true", help="torch.compile the model (first steps are slower)")
     a("--log_every", type=int, default=50, help="log losses every N steps (default 50)")
     a("--save_every", type=int, default=1, help="save a checkpoint every N epochs (default 1)")
@@ -119,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                          "processes) instead of spreading the categories over the processes")
     a("--demo", action="store_true", help="build ./datasets/demo and train a small model on it, then score it; "
                                           "its settings (DEMO) are defaults that any flag given overrides")
-    a("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_shared_flags(p, "--debug")
     return p
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training import cli
-from training.cli import DataError, check_amp, cpu_capabilities
+from training.cli import UsageError, check_amp, cpu_capabilities
 
 CPU = torch.device("cpu")
 
@@ -59,14 +59,14 @@ def test_amp_bf16_is_refused_only_where_the_cpu_is_known_to_lack_it(monkeypatch)
         monkeypatch.setattr(cli, "cpu_capabilities", lambda: {"bf16": bf16})
         check_amp("bf16", CPU)
     monkeypatch.setattr(cli, "cpu_capabilities", lambda: {"bf16": False})
-    with pytest.raises(DataError, match="--amp bf16: this CPU has no bf16 instructions"):
+    with pytest.raises(UsageError, match="--amp bf16: this CPU has no bf16 instructions"):
         check_amp("bf16", CPU)
 
 
 def test_precision_auto_tries_bf16_where_the_capability_says_so():
     from scoring.precision_choice import candidates, describe_cpu
     has = {"AVX2": True, "AVX-512": True, "VNNI": None, "bf16": True, "AMX": None}
-    assert candidates("openvino", has) == ["int8", "int8 fine-tuned", "int8 more float", "bf16", "fp32"]
-    assert candidates("onnx", has) == ["int8", "int8 fine-tuned", "int8 more float", "fp32"]
-    assert candidates("openvino", has | {"bf16": False}) == ["int8", "int8 fine-tuned", "int8 more float", "fp32"]
+    assert candidates("openvino", has) == ["int8", "int8 more float", "int8 fine-tuned", "bf16", "fp32"]
+    assert candidates("onnx", has) == ["int8", "int8 more float", "int8 fine-tuned", "fp32"]
+    assert candidates("openvino", has | {"bf16": False}) == ["int8", "int8 more float", "int8 fine-tuned", "fp32"]
     assert "VNNI unknown" in describe_cpu(has) and "bf16 is native" in describe_cpu(has)

@@ -128,3 +128,23 @@ def test_the_glossary_explains_every_term_it_is_linked_for():
     glossary = (ROOT / "docs" / "faq.md").read_text().split("## Glossary", 1)[1]
     for term in ("DTD", "AUPRO", "VNNI", "AMX", "QDQ", "NNCF", "Clopper-Pearson", "bf16"):
         assert f"- **{term}" in glossary, term
+
+
+# Shared flags whose defaults differ on purpose: in scoring, "what the checkpoint records" (None) rather than a
+# training setting's default; fp32 (--amp off) so that metrics do not depend on the precision a run trained in;
+# --out is a results folder for scoring and the exported file for export.
+OWN_DEFAULTS = {"--image_size", "--obj_id", "--batch_size", "--amp", "--out"}
+
+
+def test_flags_the_scripts_share_are_spelled_parsed_and_defaulted_alike():
+    seen = {}
+    for script, make in PARSERS.items():
+        for action in make()._actions:
+            for flag in action.option_strings:
+                seen.setdefault(flag, []).append((script, action))
+    shared = {flag: found for flag, found in seen.items() if len(found) > 1 and flag not in ("-h", "--help")}
+    assert {"--device", "--debug", "--bit_depth", "--workers", "--batch_size"} <= set(shared)
+    for flag, found in shared.items():
+        assert len({a.type for _, a in found}) == 1, flag
+        if flag not in OWN_DEFAULTS:
+            assert len({repr(a.default) for _, a in found}) == 1, (flag, [(s, a.default) for s, a in found])

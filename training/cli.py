@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from data_loader import DataError
+from data_loader import BIT_DEPTHS, DataError, parse_bit_depth
 from training.checkpoint import CheckpointError
 
 
@@ -24,12 +24,34 @@ def pick_device(name: str = "auto", gpu_id: int | None = None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+        raise UsageError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DataError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+class UsageError(ValueError):
+    """A flag's value that cannot be used here (a device, a folder, a precision this machine lacks): one line."""
+
+
+# The flags the scripts share, spelled, parsed and defaulted alike wherever they appear.
+SHARED_FLAGS = {
+    "--device": {"default": "auto", "help": "auto (cuda when available, else cpu), cpu, cuda or cuda:N (default auto)"},
+    "--workers": {"type": int, "default": 0, "help": "threads that decode images (default: up to 8)"},
+    "--bit_depth": {"type": parse_bit_depth, "default": "auto",
+                    "help": f"bits per sample of 16-bit images ({', '.join(map(str, BIT_DEPTHS))}): the top 8 bits are "
+                            "kept (8-bit files are read as they are); auto = in training, from the largest value in "
+                            "train/good, recorded in the checkpoint; in scoring, the depth the checkpoint records "
+                            "(full range when it has none) (default auto)"},
+    "--debug": {"action": "store_true", "help": "show tracebacks instead of one-line errors"},
+}
+
+
+def add_shared_flags(parser: argparse.ArgumentParser, *names: str) -> None:
+    for name in names:
+        parser.add_argument(name, **SHARED_FLAGS[name])
 
 
 def false_alarm_rate(text: str) -> float:
@@ -90,19 +112,19 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def check_amp(amp: str, device: torch.device) -> None:
     """--amp for scoring: bf16 where the device computes it natively, fp16 on GPUs only."""
     if device.type == "cpu" and amp == "fp16":
-        raise DataError("--amp fp16 is for GPUs; on the CPU use --amp bf16 (where the CPU has it) or off")
+        raise UsageError("--amp fp16 is for GPUs; on the CPU use --amp bf16 (where the CPU has it) or off")
     if device.type == "cpu" and amp == "bf16" and cpu_capabilities()["bf16"] is False:
-        raise DataError("--amp bf16: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16); bf16 would be "
+        raise UsageError("--amp bf16: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16); bf16 would be "
                         "emulated, slower than fp32: use --amp off")
 
 
 @contextmanager
 def one_line_errors(debug: bool = False) -> Iterator[None]:
-    """Known problems (bad data, flags or checkpoints) become one line on stderr and exit status 2;
+    """Known problems (bad data, flags, checkpoints or a non-finite loss) become one line on stderr and exit status 2;
     with debug (the parsed --debug), the traceback instead."""
     try:
         yield
-    except (DataError, CheckpointError, FloatingPointError) as exc:
+    except (DataError, UsageError, CheckpointError, FloatingPointError) as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_loader import DataError
+from training.cli import UsageError
 
 
 @dataclass(frozen=True)
@@ -92,4 +92,4 @@ def ensure_writable(folder: Path, flag: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise DataError(f"{flag} {folder} cannot be written ({exc.strerror or exc})")
+        raise UsageError(f"{flag} {folder} cannot be written ({exc.strerror or exc})")

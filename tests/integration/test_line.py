@@ -199,7 +199,7 @@ def test_twelve_bit_camera_images_train_and_score_like_their_eight_bit_originals
     (["--images", "{good}", "--tile", "256"], "could be read or scored ({good}/000.png (160x160) is smaller than --tile 256x256"),
     (["--data_path", "{data}", "--tile", "256"], "error: --tile 256x256 is larger than the test images (160x160)"),
     (["--images", "{good}", "--tile", "32", "--tile_overlap", "32"], "error: --tile_overlap 32 is not smaller"),
-    (["--images", "{good}", "--bit_depth", "9"], "argument --bit_depth: invalid choice: 9")])
+    (["--images", "{good}", "--bit_depth", "9"], "argument --bit_depth: expected auto or one of 8, 10, 12, 14, 16")])
 def test_bad_scoring_input_gets_one_line(calibrated, tmp_path, capsys, flags, expect):
     import test_draem
     work, data, ckpt = calibrated
