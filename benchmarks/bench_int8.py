@@ -121,7 +121,7 @@ def main() -> None:
             options.calibration, options.anomaly_sources = args.calibration_images, args.anomaly_source_path
             out = Path(tmp) / f"model{'.onnx' if fmt == 'onnx' else '.xml'}"
             try:
-                props = export_model(args.checkpoint, out, fmt, "int8", options=options, say=lambda line: None)
+                props = export_model(args.checkpoint, out, fmt, "int8", options=options)
             except Exception as exc:  # a setting the quantizer cannot apply to this graph is a row too
                 row = {"format": fmt, "setting": name, "error": f"{type(exc).__name__}: {exc}"[:200]}
             else:

@@ -68,14 +68,13 @@ def anomaly_sources(config: dict, given: Path | None) -> Path | None:
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def int8_calibration(checkpoint: Path, size: tuple[int, int], bit_depth: int, recipe: str, options: Int8Options,
-                     say=print) -> int8.CalibrationSet:
+def int8_calibration(checkpoint: Path, size: tuple[int, int], bit_depth: int, recipe: str, options: Int8Options) -> int8.CalibrationSet:
     config = checkpoint_config(checkpoint)
     sources = anomaly_sources(config, options.anomaly_sources)
     calibration = int8.calibration_set(calibration_folder(config, options.calibration), size, bit_depth,
                                        options.count, options.anomaly_share, recipe, sources)
-    say(f"int8 calibration: {calibration.good} good images and {calibration.simulated} simulated anomalies "
-        f"({calibration.sources})")
+    print(f"int8 calibration: {calibration.good} good images and {calibration.simulated} simulated anomalies "
+          f"({calibration.sources})")
     return calibration
 
 
@@ -90,11 +89,11 @@ def float_share(macs: dict[str, int], layers: list[str]) -> float:
     return 100 * sum(macs[name] for name in layers) / sum(macs.values())
 
 
-def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options, say=print
+def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options
                  ) -> tuple[int8.CalibrationSet, list[str], dict[str, str]]:
     """The calibration set, the layers kept in float and the metadata that records both."""
     size = tuple(int(s) for s in props["image_size"].split("x"))
-    calibration = int8_calibration(checkpoint, size, int(props["bit_depth"]), props["recipe"], options, say)
+    calibration = int8_calibration(checkpoint, size, int(props["bit_depth"]), props["recipe"], options)
     graph = scoring_graph(checkpoint)
     macs = int8.multiply_adds(graph, calibration.images[0])
     if options.float_layers is None:
@@ -108,7 +107,7 @@ def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options, 
                             f"lists them, e.g. {next(iter(macs))})")
         kept, how = options.float_layers, options.float_layers_by
     share = float_share(macs, kept)
-    say(f"kept in float ({how}): {', '.join(kept) or 'none'}; {share:.2f} % of the multiply-adds")
+    print(f"kept in float ({how}): {', '.join(kept) or 'none'}; {share:.2f} % of the multiply-adds")
     return calibration, kept, calibration.metadata() | {
         "precision": "int8", "float_layers": ",".join(kept), "float_share_percent": f"{share:.2f}",
         "float_layers_by": how}
@@ -119,7 +118,7 @@ def device_for_finetuning() -> torch.device:
 
 
 def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.CalibrationSet, float_layers: list[str],
-                   options: Int8Options, out: Path, say=print) -> dict[str, str]:
+                   options: Int8Options, out: Path) -> dict[str, str]:
     """This project's QDQ int8 graph (deploy/qat.py) at the calibration's ranges, fine-tuned options.finetune
     steps against the fp32 model on the checkpoint's good images with fresh simulated anomalies, written to out
     (ONNX); returns what the metadata records of it."""
@@ -134,8 +133,7 @@ def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.Ca
     # at most FINETUNE_TEXTURES of them, evenly spaced: all of DTD at 256 px would hold a gigabyte
     textures = load_images(int8.evenly_spaced(list_images(sources, recursive=True), qat.FINETUNE_TEXTURES), size) \
         if sources is not None else None
-    record = qat.finetune(student, teacher, good, textures, props["recipe"], options.finetune, device_for_finetuning(),
-                          say=say)
+    record = qat.finetune(student, teacher, good, textures, props["recipe"], options.finetune, device_for_finetuning())
     qat.export_onnx(student, size, out)
     return record | {"quantizer": "draem-qdq", "finetune_teacher": checkpoint.name,
                      "finetune_images": f"{len(good)} good, sources: {sources or 'Perlin noise'}"}
@@ -143,7 +141,7 @@ def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.Ca
 
 def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: str = "fp32",
                  image_size: tuple[int, int] | None = None, options: Int8Options | None = None,
-                 say=print, fp32: Path | None = None) -> dict[str, str]:
+                 fp32: Path | None = None) -> dict[str, str]:
     """Write out in the format and precision asked for; return its metadata. fp32: this checkpoint's fp32 ONNX
     export at this size, when there is one already (exporting takes seconds; --precision auto exports once)."""
     if precision not in PRECISIONS[format]:
@@ -160,9 +158,9 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
     with tempfile.TemporaryDirectory() as tmp:
         if precision == "int8" and options.finetune is not None:  # this project's own graph: no fp32 file needed
             props = checkpoint_metadata(checkpoint, image_size)
-            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options, say)
+            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options)
             qdq = Path(tmp) / "int8.onnx"
-            recorded |= finetuned_int8(checkpoint, props, calibration, float_layers, options, qdq, say)
+            recorded |= finetuned_int8(checkpoint, props, calibration, float_layers, options, qdq)
             if format == "onnx":
                 save_with_metadata(require("onnx").load(qdq), props | recorded, out)
                 return props | recorded
@@ -175,7 +173,7 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
         else:
             props = read_metadata(require("onnx").load(fp32))
         if precision == "int8":
-            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options, say)
+            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options)
         if format == "onnx":
             int8.quantize_onnx(fp32, out, calibration, float_layers, recorded, **options.quantizer)
             return read_metadata(require("onnx").load(out))

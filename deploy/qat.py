@@ -145,7 +145,7 @@ def seconds_per_step(teacher: nn.Module, size: tuple[int, int], float_layers: li
 
 
 def finetune(student: nn.Module, teacher: nn.Module, good: Tensor, sources: Tensor | None, recipe: str, steps: int,
-             device: torch.device, seed: int = 0, lr: float = LEARNING_RATE, say=print) -> dict:
+             device: torch.device, seed: int = 0, lr: float = LEARNING_RATE) -> dict:
     """steps of Adam on the student, each on BATCH good images (uint8, N x 3 x H x W) with fresh simulated
     anomalies; returns what the file's metadata records. The teacher is the fp32 graph."""
     student.to(device).train()
@@ -170,10 +170,10 @@ def finetune(student: nn.Module, teacher: nn.Module, good: Tensor, sources: Tens
             bar.update(1)
             if step == 1 and device.type == "cpu":
                 each = (time.perf_counter() - started) / 2
-                say(f"int8 fine-tuning: about {each * steps / 60:.1f} min on this CPU ({steps} steps of {BATCH})")
+                print(f"int8 fine-tuning: about {each * steps / 60:.1f} min on this CPU ({steps} steps of {BATCH})")
     student.eval()
     after = evaluated(student, teacher, probe)
-    say(f"int8 fine-tuning: distillation loss on {PROBE_IMAGES} probe images {before:.4g} -> {after:.4g}")
+    print(f"int8 fine-tuning: distillation loss on {PROBE_IMAGES} probe images {before:.4g} -> {after:.4g}")
     return {"finetune_steps": str(steps), "finetune_loss_before": f"{before:.6g}", "finetune_loss_after": f"{after:.6g}",
             "finetune_seconds": f"{time.perf_counter() - started:.1f}"}
 

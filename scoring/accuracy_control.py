@@ -9,7 +9,9 @@ round, the most sensitive of the rest, until the gate passes or the next one wou
 MAX_FLOAT_SHARE of the multiply-adds in float.
 """
 import dataclasses
+import io
 import tempfile
+from contextlib import redirect_stdout
 from itertools import count
 from pathlib import Path
 
@@ -23,13 +25,13 @@ from scoring.accuracy_gate import Reference, judge, passes
 MAX_FLOAT_SHARE = 50.0  # percent of the multiply-adds: beyond it int8 would buy little over bf16 or fp32
 
 
-def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options, say=print
+def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options
                   ) -> tuple[list[str], list[str], dict[str, int]]:
     """The convolutions to start with in float, the rest from the most sensitive down, and each one's
     multiply-adds."""
     info = ref.info
     calibration = int8_calibration(checkpoint, tuple(ref.images.shape[-2:]), info.bit_depth,
-                                   info.config["recipe"], options, say)
+                                   info.config["recipe"], options)
     graph = scoring_graph(checkpoint)
     layers = sorted(int8.measure_layers(graph, calibration), key=lambda layer: -layer.sensitivity)
     start = [layer.name for layer in int8.choose_float_layers(layers, options.float_budget)] \
@@ -38,26 +40,27 @@ def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options, say=pr
 
 
 def until_pass(checkpoint: Path, out: Path, format: str, ref: Reference, options: Int8Options, device: torch.device,
-               image_size: tuple[int, int] | None = None, batch_size: int = 16, say=print) -> tuple[dict, dict]:
+               image_size: tuple[int, int] | None = None, batch_size: int = 16) -> tuple[dict, dict]:
     """Write out (this project's int8 graph, options.finetune steps of fine-tuning each round, 0 by default) with
     convolutions returned to float until it passes the gate; return its metadata and its gate result."""
-    kept, rest, macs = ranked_layers(checkpoint, ref, options, say)
+    kept, rest, macs = ranked_layers(checkpoint, ref, options)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         for round in count(1):
             path = Path(tmp) / f"round{round}{out.suffix}"
             settings = dataclasses.replace(options, float_layers=list(kept), finetune=options.finetune or 0,
                                            float_layers_by=f"accuracy control, round {round}")
-            props = export_model(checkpoint, path, format, "int8", image_size, settings, say=lambda line: None)
+            with redirect_stdout(io.StringIO()):  # a round's export says what the round's line below sums up
+                props = export_model(checkpoint, path, format, "int8", image_size, settings)
             model, info = load_model(path, device)
             result = judge(ref, model, "int8", device, batch_size)
             passed = passes(result)
-            say(f"accuracy control, round {round}: {len(kept)} convolutions in float ({float_share(macs, kept):.2f} "
-                f"% of the multiply-adds): " + ("passes" if passed else "fails: " + "; ".join(result["failures"])))
+            print(f"accuracy control, round {round}: {len(kept)} convolutions in float ({float_share(macs, kept):.2f} "
+                  f"% of the multiply-adds): " + ("passes" if passed else "fails: " + "; ".join(result["failures"])))
             if passed or not rest or float_share(macs, kept + rest[:1]) > MAX_FLOAT_SHARE:
                 break
             kept.append(rest.pop(0))
         move_model_file(path, out)
     if not passed:
-        say(f"accuracy control: still failing with {float_share(macs, kept):.2f} % in float (at most "
-            f"{MAX_FLOAT_SHARE:g} %)")
+        print(f"accuracy control: still failing with {float_share(macs, kept):.2f} % in float (at most "
+              f"{MAX_FLOAT_SHARE:g} %)")
     return props, result

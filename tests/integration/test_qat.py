@@ -72,7 +72,7 @@ def test_finetuning_shrinks_the_gap_to_fp32_on_images_it_did_not_train_on(settin
     batchnorm = student.model.discriminative_subnetwork.encoder_segment.block1[1]
     statistics = [t.clone() for t in (batchnorm.running_mean, batchnorm.running_var, batchnorm.weight)]
     before = (maps(student, held_out) - maps(teacher, held_out)).abs().mean().item()
-    record = qat.finetune(student, teacher, good, None, "official", 60, CPU, lr=1e-3, say=lambda _: None)
+    record = qat.finetune(student, teacher, good, None, "official", 60, CPU, lr=1e-3)
     after = (maps(student, held_out) - maps(teacher, held_out)).abs().mean().item()
     assert isinstance(batchnorm, torch.nn.BatchNorm2d)  # frozen: batches of 8 must not rewrite its statistics
     assert all(torch.equal(a, b) for a, b in zip(statistics, (batchnorm.running_mean, batchnorm.running_var,
@@ -88,7 +88,7 @@ def test_a_finetuned_file_is_the_network_that_was_finetuned_and_says_so(setting,
     monkeypatch.setattr(qat, "export_onnx", lambda student, *a: (students.append(student), real_export(student, *a)))
     for out in (tmp_path / "weave_int8.onnx", tmp_path / "weave_int8.xml"):
         props = export_model(ckpt, out, "openvino" if out.suffix == ".xml" else "onnx", "int8",
-                             options=Int8Options(count=12, finetune=3), say=lambda _: None)
+                             options=Int8Options(count=12, finetune=3))
         assert props["finetune_steps"] == "3" and props["finetune_teacher"] == "weave.pt"
         assert props["quantizer"] == "draem-qdq" and props["precision"] == "int8"
         model, info = load_model(out, CPU)
@@ -101,7 +101,7 @@ def test_a_finetuned_file_is_the_network_that_was_finetuned_and_says_so(setting,
 
 
 def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until_the_cap(setting, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, capsys):
     """A gate no int8 file can pass (image AUROC must rise by 100 points): each round writes and judges a file
     with one more convolution in float, the most sensitive of the rest first, and the loop stops before the next
     one would put more than MAX_FLOAT_SHARE of the multiply-adds in float, saying that the gate still fails."""
@@ -110,16 +110,18 @@ def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until
     ref = accuracy_gate.reference(ckpt, data, CPU)
     monkeypatch.setattr(accuracy_gate, "IMAGE_AUROC_DROP", -1.0)
     monkeypatch.setattr(accuracy_control, "MAX_FLOAT_SHARE", 10.0)
-    said, out = [], tmp_path / "weave_int8.onnx"
+    out = tmp_path / "weave_int8.onnx"
     options = Int8Options(count=12, float_budget=0.0)
-    props, result = accuracy_control.until_pass(ckpt, out, "onnx", ref, options, CPU, say=said.append)
+    capsys.readouterr()
+    props, result = accuracy_control.until_pass(ckpt, out, "onnx", ref, options, CPU)
+    said = capsys.readouterr().out.splitlines()
     kept = [name for name in props["float_layers"].split(",") if name]
     rounds = [line for line in said if line.startswith("accuracy control, round")]
     assert len(rounds) == len(kept) + 1 and all("fails: image AUROC" in line for line in rounds)
     assert result["failures"] and "still failing" in said[-1]
     assert info_metadata(out)["float_layers"] == props["float_layers"]  # the last round's file is the one written
     assert props["float_layers_by"] == f"accuracy control, round {len(rounds)}" and props["quantizer"] == "draem-qdq"
-    calibration = accuracy_control.int8_calibration(ckpt, SIZE, 8, "official", options, say=lambda _: None)
+    calibration = accuracy_control.int8_calibration(ckpt, SIZE, 8, "official", options)
     ranked = sorted(int8.measure_layers(teacher, calibration), key=lambda layer: -layer.sensitivity)
     assert kept == [layer.name for layer in ranked[:len(kept)]]  # budget 0: all of them added, in this order
     macs = {layer.name: layer.macs for layer in ranked}
