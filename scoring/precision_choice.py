@@ -131,11 +131,12 @@ def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: tor
         speed = images_per_second(runs)
         passing = [p for p, r in rows.items() if r["passes"]]
         chosen = max(passing, key=speed.get) if passing else "fp32"
-        print(f"{'precision':<14}{'images/s (batch 1)':>20}{'vs PyTorch fp32':>17}  gate")
-        print(f"{'pytorch fp32':<14}{speed['pytorch fp32']:>20.2f}{1:>16.2f}x  reference")
+        width = max(len(f"{format} {p}") for p in rows) + 2
+        print(f"{'precision':<{width}}{'images/s (batch 1)':>20}{'vs PyTorch fp32':>17}  gate")
+        print(f"{'pytorch fp32':<{width}}{speed['pytorch fp32']:>20.2f}{1:>16.2f}x  reference")
         for p, r in rows.items():
             gate = "passes" if r["passes"] else "fails: " + "; ".join(r["failures"])[:120]
-            print(f"{format + ' ' + p:<14}{speed[p]:>20.2f}{speed[p] / speed['pytorch fp32']:>16.2f}x  {gate}")
+            print(f"{format + ' ' + p:<{width}}{speed[p]:>20.2f}{speed[p] / speed['pytorch fp32']:>16.2f}x  {gate}")
         move_model_file(rows[chosen]["path"], out)
     faster = chosen != "fp32" and speed[chosen] > speed["fp32"]
     print(f"kept {chosen}: {out}" + ("" if faster else " (no faster precision passes the accuracy gate)"))
