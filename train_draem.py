@@ -47,8 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                "images/); without it the Perlin noise itself is the source")
     a("--image_size", type=data_loader.parse_size, default=(256, 256),
       help="training size: N (square) or HxW such as 256x640, each side a multiple of 32 (default 256)")
-    a("--train_crop", type=data_loader.parse_size, help="train on a random crop of this size (N or HxW) of each image cached at "
-                                            "--image_size; evaluation runs on the whole image (default: no crop)")
+    a("--train_crop", type=data_loader.parse_size,
+      help="train on a random crop of this size (N or HxW) of each image cached at --image_size; evaluation runs on "
+           "the whole image (default: no crop)")
     a("--base_width", type=int, default=128, help="reconstructive sub-network width (default 128)")
     a("--seg_base_width", type=int, default=64, help="discriminative sub-network width (default 64)")
     a("--recipe", choices=sorted(RECIPES), default="official",
