@@ -7,7 +7,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,13 +19,13 @@ from tqdm import tqdm
 from data_loader import DataError, Layout, TestSet, load_test_set
 from loss import FocalLoss, draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
-from perlin import SyntheticBatch, random_crops, simulate_anomalies
+from perlin import Batch, random_crops, simulate_anomalies
 from recipe import RECIPES
 from scoring.calibration import calibrate, describe, map_statistics
 from scoring.evaluate import evaluate, predict
 from scoring.metrics import METRICS
 from scoring.visualize import sample_grid, write_png
-from training.checkpoint import load_checkpoint, save_training
+from training.checkpoint import load_checkpoint, load_weights, save_training
 from training.defects import (RealDefects, choose_defects, draw_real, load_real_defects, paste, pasted_per_step,
                               real_per_step)
 from training.cli import UsageError
@@ -33,15 +33,9 @@ from training.processes import Launch
 from training.settings import check_resumable, resume_path
 
 
-@dataclass
-class Training:
-    """What the optimisation updates and a checkpoint restores."""
-    model: DraemModel
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-
-
-def build_training(args: argparse.Namespace, device: torch.device) -> Training:
+def build_training(args: argparse.Namespace, device: torch.device
+                   ) -> tuple[DraemModel, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model (seeded), its optimiser and the fp16 loss scaler (a no-op otherwise): what a checkpoint restores."""
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(args.seed)
         model = DraemModel(args.base_width, args.seg_base_width, args.sspcab)
@@ -49,7 +43,7 @@ def build_training(args: argparse.Namespace, device: torch.device) -> Training:
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    return Training(model, optimizer, scaler)
+    return model, optimizer, scaler
 
 
 def stream_seed(seed: int, *place: object) -> int:
@@ -81,16 +75,6 @@ def calibration_holdout(n: int, share: float, seed: int) -> tuple[list[int], lis
     return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
-@dataclass
-class Batch(SyntheticBatch):
-    """What one step trains on: simulated samples, the last `pasted` of them real defects pasted onto good images
-    (clean target: the good image), then `real` real defect images as they are (image = their input: no clean
-    target, so no reconstruction loss), whose pixel labels are known where has_mask is true."""
-    real: int = 0
-    has_mask: torch.Tensor | None = None  # (B,) bool, with real defects only
-    pasted: int = 0
-
-
 def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: torch.Tensor | None,
                args: argparse.Namespace, launch: Launch, generator: torch.Generator,
                defects: RealDefects | None = None) -> Batch:
@@ -107,7 +91,7 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
         normal = random_crops(normal, args.train_crop, generator)
     simulated = simulate_anomalies(normal, sources, args.recipe, generator)
     if not real:
-        return Batch(simulated.image, simulated.augmented, simulated.mask)
+        return simulated
     generator.manual_seed(stream_seed(args.seed, "real defects", launch.dp_rank, step))
     recipe = RECIPES[args.recipe]
     augmented, mask = simulated.augmented, simulated.mask
@@ -125,14 +109,14 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
 
 
 def first_samples(images: torch.Tensor, sources: torch.Tensor | None, args: argparse.Namespace, count: int,
-                  steps_per_epoch: int, defects: RealDefects | None = None) -> SyntheticBatch:
+                  steps_per_epoch: int, defects: RealDefects | None = None) -> Batch:
     """The first count samples the first steps train on (--preview), drawn exactly as the loop draws them (real
     defects, when the run has them, last in each batch: their image is their input, their mask the target)."""
     generator, parts, launch = torch.Generator(images.device), [], Launch()
     for step in range(math.ceil(count / args.bs)):
         order = epoch_order(len(images), args.bs * launch.dp_size, args.seed, step // steps_per_epoch, images.device)
         parts.append(step_batch(images, order, step, sources, args, launch, generator, defects))
-    return SyntheticBatch(*(torch.cat([getattr(b, f.name) for b in parts])[:count] for f in fields(SyntheticBatch)))
+    return Batch(*(torch.cat([getattr(b, name) for b in parts])[:count] for name in ("image", "augmented", "mask")))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -161,8 +145,8 @@ def parameter_fingerprint(model: nn.Module) -> str:
 FOCAL = FocalLoss()  # no parameters and no state: one serves every step
 
 
-def train_step(net: nn.Module, batch: Batch, training: Training, autocast,
-               sspcab: bool) -> tuple[DraemOutput, torch.Tensor, dict]:
+def train_step(net: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               autocast, sspcab: bool) -> tuple[DraemOutput, torch.Tensor, dict]:
     """One optimisation step on both sub-networks; the loss is computed in fp32 outside autocast."""
     with autocast:
         # channels_last (NHWC) is faster for these convolutions on GPUs (tensor cores) and on the CPU (oneDNN)
@@ -170,10 +154,10 @@ def train_step(net: nn.Module, batch: Batch, training: Training, autocast,
     total, parts = draem_loss(out.reconstruction.float(), batch.image, out.logits.float(), batch.mask,
                               *((out.block5_input.float(), out.block5_output.float()) if sspcab else ()), focal=FOCAL,
                               real=batch.real, has_mask=batch.has_mask, pasted=batch.pasted)
-    training.optimizer.zero_grad(set_to_none=True)
-    training.scaler.scale(total).backward()
-    training.scaler.step(training.optimizer)
-    training.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return out, total, parts
 
 
@@ -228,7 +212,7 @@ def to_rgb_grid(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.flip(1)
 
 
-def log_image_grid(writer: SummaryWriter, batch: SyntheticBatch, out: DraemOutput, step: int) -> None:
+def log_image_grid(writer: SummaryWriter, batch: Batch, out: DraemOutput, step: int) -> None:
     predicted = out.anomaly_map[:, None]
     grid = torch.cat([to_rgb_grid(t) for t in (batch.augmented, out.reconstruction, batch.mask, predicted)])
     writer.add_images("train/augmented_reconstruction_target_predicted", grid, step)
@@ -300,22 +284,22 @@ def scoring_set(run: Run) -> TestSet | None:
     return test_set
 
 
-def resume(run: Run, training: Training) -> int:
+def resume(run: Run, model: DraemModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> int:
     """Load --resume's checkpoint into the model, optimiser and run; the step to continue from (0: afresh)."""
     path = resume_path(run.config.resume, run.settings, run.checkpoint)
     if path is None:
         return 0
-    checkpoint = load_checkpoint(path)
-    check_resumable(checkpoint.info, run.settings, path, run.total_steps)
+    state, info = load_checkpoint(path)
+    check_resumable(info, run.settings, path, run.total_steps)
     trained = run.defects.digests if run.defects else frozenset()
-    if checkpoint.info.trained_digests != trained:
-        raise DataError(f"--resume {path}: it trained on {len(checkpoint.info.trained_defects)} real defect image(s), "
+    if info.trained_digests != trained:
+        raise DataError(f"--resume {path}: it trained on {len(info.trained_defects)} real defect image(s), "
                         f"this run has {len(trained)} (other files in train/<type>/ or another --train_defects draw): "
                         f"start a new run")
-    checkpoint.load_into(training.model, training.optimizer, training.scaler)
-    run.metrics, run.calibration = checkpoint.info.metrics, checkpoint.info.calibration
-    print(f"[{run.config.category}] resumed from {path} at step {checkpoint.info.step}")
-    return checkpoint.info.step
+    load_weights(model, state, path, optimizer, scaler)
+    run.metrics, run.calibration = info.metrics, info.calibration
+    print(f"[{run.config.category}] resumed from {path} at step {info.step}")
+    return info.step
 
 
 def describe_run(run: Run, device: torch.device, amp_was_auto: bool) -> str:
@@ -388,13 +372,15 @@ def format_metrics(metrics: dict) -> str:
     return " ".join(f"{k}={metrics[k]:.3f}" for k in METRICS) + masks + scored
 
 
-def save(run: Run, training: Training, done: int) -> None:
-    save_training(run.checkpoint, training.model, run.settings, done, done // run.steps_per_epoch,
-                  run.metrics, training.optimizer, training.scaler, run.calibration,
-                  run.defects.files if run.defects else [])
+def save(run: Run, model: DraemModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+         done: int) -> None:
+    progress = {"step": done, "epoch": done // run.steps_per_epoch, "metrics": run.metrics,
+                "calibration": run.calibration, "trained_defects": run.defects.files if run.defects else []}
+    save_training(run.checkpoint, model, run.settings, progress, optimizer, scaler)
 
 
-def end_of_epoch(run: Run, training: Training, epoch: int, writer: SummaryWriter, device: torch.device) -> None:
+def end_of_epoch(run: Run, model: DraemModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 epoch: int, writer: SummaryWriter, device: torch.device) -> None:
     """Save when due, then score the test set and calibrate on the held-out (or validation) images when due, and
     save again (saving first: a failure in scoring never costs the weights)."""
     config = run.config
@@ -403,16 +389,16 @@ def end_of_epoch(run: Run, training: Training, epoch: int, writer: SummaryWriter
     evaluate_now = run.test_set is not None and due
     calibrate_now = run.calibration_images is not None and last
     if (epoch + 1) % config.save_every == 0 or last or evaluate_now:
-        save(run, training, done)
+        save(run, model, optimizer, scaler, done)
     if evaluate_now or calibrate_now:
-        training.model.eval()
+        model.eval()
     if evaluate_now:
-        scored = evaluate_category(training.model, run.test_set, device, config.channel_order)
+        scored = evaluate_category(model, run.test_set, device, config.channel_order)
         run.metrics = {"epoch": epoch + 1, **scored}
         for key in METRICS:
             writer.add_scalar(f"test/{key}", run.metrics[key], done)
     if calibrate_now:
-        run.calibration = calibrate_at_end(training.model, run, config.false_alarm_rate, device)
+        run.calibration = calibrate_at_end(model, run, config.false_alarm_rate, device)
     if evaluate_now or calibrate_now:
-        save(run, training, done)
-        training.model.train()
+        save(run, model, optimizer, scaler, done)
+        model.train()

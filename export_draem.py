@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 from data_loader import parse_size
+from deploy.accuracy_control import until_pass as until_pass_file
+from deploy.accuracy_gate import compare, gate_lines, passes, reference
 from deploy.export import FINETUNE_BUDGET, MAX_CALIBRATION_IMAGES, PRECISIONS, Int8Options, export_model
 from deploy.int8 import ANOMALY_SHARE, FLOAT_BUDGET
-from deploy.onnx_graph import OUTPUTS
-from scoring.accuracy_control import until_pass as until_pass_file
-from scoring.accuracy_gate import compare, gate_lines, passes, reference
-from scoring.precision_choice import choose
+from deploy.precision_choice import choose
+from scoring.model_files import OUTPUTS
 from training.cli import add_shared_flags, one_line_errors, pick_device
 
 

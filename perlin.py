@@ -31,10 +31,17 @@ MAX_LOG_RES = 5  # lattice resolutions 2^0 .. 2^5 per axis
 
 
 @dataclass
-class SyntheticBatch:
+class Batch:
+    """What one training step trains on. simulate_anomalies makes simulated samples alone; with real defects
+    (engine.step_batch) the last `pasted` simulated places hold real defects pasted onto good images (clean target:
+    the good image), then come `real` real defect images as they are (image = their input: no clean target, so no
+    reconstruction loss), whose pixel labels are known where has_mask is true."""
     image: Tensor  # (B, 3, H, W) float in [0, 1]: the clean target (rotated when the normal image was)
     augmented: Tensor  # (B, 3, H, W): the network input
     mask: Tensor  # (B, 1, H, W) float {0, 1}
+    real: int = 0
+    has_mask: Tensor | None = None  # (B,) bool, with real defects only
+    pasted: int = 0
 
 
 def uniform(shape: tuple[int, ...], low: float, high: float, g: torch.Generator | None, device) -> Tensor:
@@ -244,7 +251,7 @@ def augment_sources(sources: Tensor, g: torch.Generator | None, ops_per_sample: 
 
 
 def simulate_anomalies(images: Tensor, sources: Tensor | None, recipe: Recipe | str = "official",
-                       g: torch.Generator | None = None) -> SyntheticBatch:
+                       g: torch.Generator | None = None) -> Batch:
     """Simulated anomalies for a batch of normal images.
 
     images: (B, 3, H, W) uint8 (or float in [0, 1]); sources: (N, 3, H, W) anomaly-source images of
@@ -273,4 +280,4 @@ def simulate_anomalies(images: Tensor, sources: Tensor | None, recipe: Recipe | 
     anomaly_free = (torch.rand(batch, generator=g, device=device) < recipe.anomaly_free_p)[:, None, None, None]
     mask = mask.masked_fill(anomaly_free, 0.0)
     augmented = torch.where(anomaly_free, image, augmented)
-    return SyntheticBatch(image, augmented, mask)
+    return Batch(image, augmented, mask)

@@ -257,9 +257,9 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     if args.preview:
         return engine.write_preview(run, sources)
     config, images, steps_per_epoch = run.config, run.images, run.steps_per_epoch
-    training = engine.build_training(config, device)
-    start = engine.resume(run, training)
-    net = engine.prepare_network(training.model, config, launch, device)
+    model, optimizer, scaler = engine.build_training(config, device)
+    start = engine.resume(run, model, optimizer, scaler)
+    net = engine.prepare_network(model, config, launch, device)
     writes = launch.writes_outputs
     if writes:
         print(engine.describe_run(run, device, args.amp == "auto"))
@@ -271,20 +271,20 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
     simulation_g = torch.Generator(device)
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss, read at log points only
     order = None
-    training.model.train()
+    model.train()
     for step in range(start, run.total_steps):
         # schedule: the epoch's batch order and learning rate
         epoch, index = divmod(step, steps_per_epoch)
         if order is None or index == 0:
             order = engine.epoch_order(len(images), config.bs * launch.dp_size, config.seed, epoch, device)
-            engine.set_learning_rate(training.optimizer, RECIPES[config.recipe].learning_rate(config.lr, epoch,
+            engine.set_learning_rate(optimizer, RECIPES[config.recipe].learning_rate(config.lr, epoch,
                                                                                              config.epochs))
 
         # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
         batch = engine.step_batch(images, order, step, sources, config, launch, simulation_g, run.defects)
 
         # step: forward under autocast, L2 + SSIM + focal loss in fp32, backward, Adam
-        out, total, parts = engine.train_step(net, batch, training, autocast, config.sspcab)
+        out, total, parts = engine.train_step(net, batch, optimizer, scaler, autocast, config.sspcab)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total), step, first_bad)
         done = step + 1
         progress.advance()
@@ -295,7 +295,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         stopping = stop.agreed(device) if launch.data_parallel and log_now else stop.requested and not launch.data_parallel
         if log_now or stopping:
             engine.check_finite(first_bad, run.checkpoint)
-            engine.log_step(writer, progress, done, total, parts, training.optimizer)
+            engine.log_step(writer, progress, done, total, parts, optimizer)
 
         # end of an epoch: visualise, save, evaluate, calibrate
         if index + 1 == steps_per_epoch:
@@ -303,17 +303,17 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             if args.visualize and writer:
                 engine.log_image_grid(writer, batch, out, done)
             if writes:
-                engine.end_of_epoch(run, training, epoch, writer, device)
+                engine.end_of_epoch(run, model, optimizer, scaler, epoch, writer, device)
 
         if stopping:
             if writes:
-                engine.save(run, training, done)
+                engine.save(run, model, optimizer, scaler, done)
                 writer.close()
             progress.close()
             raise TrainingStopped(f"[{category}] stopped at step {done}; resume with --resume")
     progress.close()
     if launch.data_parallel:
-        print(f"[{category}] rank {launch.rank} parameter fingerprint {engine.parameter_fingerprint(training.model)}")
+        print(f"[{category}] rank {launch.rank} parameter fingerprint {engine.parameter_fingerprint(model)}")
     if writer:
         writer.close()
         print(f"[{category}] checkpoint {run.checkpoint}"

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import memory_mib, random_checkpoint, report, reset_peak_memory  # noqa: E402
 from deploy.export import Int8Options, export_model  # noqa: E402
-from deploy.model_files import load_model  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
+from scoring.model_files import load_model  # noqa: E402
 from training.cli import cpu_has_bf16  # noqa: E402
 
 # int8-qdq: this project's own int8 graph (deploy/qat.py, --finetune 0); int8: the runtime's own quantizer

@@ -21,12 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import train_step  # noqa: E402
 from loss import draem_loss  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
 from perlin import simulate_anomalies  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
 from training.cli import pick_device  # noqa: E402
-from engine import Batch, Training, train_step  # noqa: E402
 
 PRESETS = {
     "tiny": {"image_size": 32, "base_width": 8, "seg_base_width": 8, "bs": 2, "amp": "off", "steps": 1},  # a smoke run
@@ -96,8 +96,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    batch = Batch(**vars(batch_of()))  # simulated samples only
-    step = lambda net: train_step(net, batch, Training(model, optimizer, scaler), autocast, False)
+    batch = batch_of()  # simulated samples only
+    step = lambda net: train_step(net, batch, optimizer, scaler, autocast, False)
     with FlopCounterMode(display=False) as counter:
         step(model)
     flops_per_step = counter.get_total_flops()

@@ -6,7 +6,7 @@
 Rows: naive int8 (calibrated on good images, the discriminator's last convolution in float), then one change
 at a time: simulated anomalies in the calibration, float layers chosen by measurement (the default), then the
 quantizers' own settings on top of the default. Each row is exported and judged against one PyTorch reference
-(scoring/accuracy_gate.py). --seed_spread scores a second checkpoint, trained with another seed, against the
+(deploy/accuracy_gate.py). --seed_spread scores a second checkpoint, trained with another seed, against the
 first on the same images: how far fp32 itself moves, the scale the gate's tolerances are set against.
 """
 import argparse
@@ -20,12 +20,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deploy.accuracy_gate import judge, mask_iou, passes, reference, scored  # noqa: E402
 from deploy.export import Int8Options, export_model  # noqa: E402
-from deploy.model_files import load_model  # noqa: E402
-from deploy.onnx_graph import require  # noqa: E402
-from scoring.accuracy_gate import judge, mask_iou, passes, reference, scored  # noqa: E402
 from scoring.evaluate import evaluate  # noqa: E402
 from scoring.metrics import auroc  # noqa: E402
+from scoring.model_files import load_model  # noqa: E402
+from scoring.model_files import require  # noqa: E402
 from training.checkpoint import model_from_checkpoint  # noqa: E402
 
 LAST = "discriminative_subnetwork.decoder_segment.fin_out.0"
@@ -63,11 +63,11 @@ def variants(measured: list[str]) -> list[tuple[str, str, Int8Options]]:
 
 
 def numbers(result: dict) -> dict:
-    checks = {c.name: c for c in result["checks"]}
+    checks = {c["name"]: c for c in result["checks"]}
     labelled = result["labelled"] or {}
     exported = labelled.get("exported", {})
     return {**{m: exported.get(m) for m in ("image_auroc", "pixel_ap", "aupro")},
-            **{name: checks[name].value for name in checks},
+            **{name: checks[name]["value"] for name in checks},
             "passes": passes(result), "failures": result["failures"]}
 
 

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import random_checkpoint, report  # noqa: E402
-from deploy.onnx_graph import export, load_onnx  # noqa: E402
+from deploy.export import export_onnx  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
+from scoring.model_files import load_onnx  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, onnx_path = Path(tmp) / "bench.pt", Path(tmp) / "bench.onnx"
         model = random_checkpoint(ckpt, args.base_width, args.seg_base_width, args.image_size)
-        export(ckpt, onnx_path)
+        export_onnx(ckpt, onnx_path)
         exported, _ = load_onnx(onnx_path)
         for batch in args.batches:
             images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8)

@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import train_step  # noqa: E402
 from model_unet import DraemModel, init_weights  # noqa: E402
 from perlin import simulate_anomalies  # noqa: E402
 from training.cli import cpu_capabilities  # noqa: E402
-from engine import Batch, Training, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
-    batch = Batch(**vars(simulate_anomalies(images[: args.bs], images[-8:], "official", g)))  # no real defects
+    batch = simulate_anomalies(images[: args.bs], images[-8:], "official", g)  # no real defects
     steps = {}
     for name, autocast in (("fp32", nullcontext()), ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
         torch.manual_seed(0)
@@ -44,7 +44,7 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        steps[name] = lambda m=model, t=Training(model, optimizer, scaler), a=autocast: train_step(m, batch, t, a, False)
+        steps[name] = lambda m=model, o=optimizer, s=scaler, a=autocast: train_step(m, batch, o, s, a, False)
     times = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up

@@ -1,6 +1,7 @@
 """Exporting for inspection PCs: ONNX (fp32, int8) and OpenVINO IR (fp32, bf16, int8), from one checkpoint.
 
-Every format starts from the fp32 ONNX graph of onnx_graph.py. int8 is post-training static quantization
+Every format starts from the fp32 ONNX graph (ScoringGraph: the whole scoring inside; the files' format and
+metadata are scoring/model_files.py's). int8 is post-training static quantization
 (deploy/int8.py: calibrated on good images plus simulated anomalies, the convolutions it hurts most kept in
 float): ONNX Runtime's QDQ quantization, or NNCF's for OpenVINO. bf16 is OpenVINO's inference precision on
 CPUs with bf16 instructions; the file holds fp32 weights.
@@ -10,12 +11,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
 from data_loader import DataError, category_layout, list_images, load_images
 from deploy import int8, qat
-from deploy.onnx_graph import ScoringGraph, checkpoint_metadata, export, read_metadata, require, save_with_metadata
-from deploy.openvino_model import DEPLOY_REQUIREMENTS, FORMAT as OPENVINO_FORMAT, save_ir
+from model_unet import DraemModel, image_scores
+from scoring.model_files import (DEPLOY_REQUIREMENTS, OPENVINO_FORMAT, OUTPUTS, metadata, read_metadata, require,
+                                 save_ir, save_with_metadata)
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
 PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
@@ -39,8 +43,48 @@ class Int8Options:
     float_layers_by: str = "as asked"  # who chose float_layers when they are given, for the console and metadata
 
 
+class ScoringGraph(nn.Module):
+    """What an exported file computes: BGR images in, anomaly map, image score and reconstruction out."""
+
+    def __init__(self, model: DraemModel, rgb_model: bool):
+        super().__init__()
+        self.model, self.rgb_model = model, rgb_model  # anomalib's networks were trained on RGB
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(images.flip(1) if self.rgb_model else images)
+        reconstruction = out.reconstruction.flip(1) if self.rgb_model else out.reconstruction
+        return out.anomaly_map, image_scores(out.anomaly_map), reconstruction
+
+
+def checkpoint_metadata(checkpoint: Path, image_size: tuple[int, int] | None = None) -> dict[str, str]:
+    """What an export of this checkpoint at image_size (default its own) records, without exporting."""
+    _, info = model_from_checkpoint(checkpoint)
+    return metadata(info, image_size or info.image_size, checkpoint)
+
+
+def export_onnx(checkpoint: Path, out: Path, image_size: tuple[int, int] | None = None) -> dict[str, str]:
+    """Write the fp32 ONNX file (checked by onnx.checker); return its metadata."""
+    onnx = require("onnx")
+    require("onnxscript")  # torch.onnx's exporter builds the graph with it
+    model, info = model_from_checkpoint(checkpoint)
+    size = image_size or info.image_size
+    graph = ScoringGraph(model.eval(), info.channel_order == "RGB").eval()
+    example = torch.rand(2, 3, *size)
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(graph, (example,), tmp, input_names=["images"], output_names=OUTPUTS, dynamo=True,
+                          dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                          external_data=False, verbose=False)
+    proto = onnx.load(tmp)
+    tmp.unlink()
+    props = metadata(info, size, checkpoint)
+    save_with_metadata(proto, props, out)
+    return props
+
+
 def checkpoint_config(checkpoint: Path) -> dict:
-    return load_checkpoint(checkpoint).info.config if checkpoint.suffix != ".pckl" else {}
+    return load_checkpoint(checkpoint)[1].config if checkpoint.suffix != ".pckl" else {}
 
 
 def calibration_folder(config: dict, given: Path | None) -> Path:
@@ -68,14 +112,16 @@ def anomaly_sources(config: dict, given: Path | None) -> Path | None:
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def int8_calibration(checkpoint: Path, size: tuple[int, int], bit_depth: int, recipe: str, options: Int8Options) -> int8.CalibrationSet:
+def int8_calibration(checkpoint: Path, size: tuple[int, int], bit_depth: int, recipe: str, options: Int8Options
+                     ) -> tuple[np.ndarray, dict[str, str]]:
+    """int8.calibration_set for this checkpoint, from the options or what it records."""
     config = checkpoint_config(checkpoint)
     sources = anomaly_sources(config, options.anomaly_sources)
-    calibration = int8.calibration_set(calibration_folder(config, options.calibration), size, bit_depth,
-                                       options.count, options.anomaly_share, recipe, sources)
-    print(f"int8 calibration: {calibration.good} good images and {calibration.simulated} simulated anomalies "
-          f"({calibration.sources})")
-    return calibration
+    images, recorded = int8.calibration_set(calibration_folder(config, options.calibration), size, bit_depth,
+                                            options.count, options.anomaly_share, recipe, sources)
+    print(f"int8 calibration: {recorded['calibration_good']} good images and {recorded['calibration_simulated']} "
+          f"simulated anomalies ({recorded['calibration_sources']})")
+    return images, recorded
 
 
 def scoring_graph(checkpoint: Path) -> ScoringGraph:
@@ -90,16 +136,16 @@ def float_share(macs: dict[str, int], layers: list[str]) -> float:
 
 
 def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options
-                 ) -> tuple[int8.CalibrationSet, list[str], dict[str, str]]:
-    """The calibration set, the layers kept in float and the metadata that records both."""
+                 ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """The calibration images, the layers kept in float and the metadata that records both."""
     size = tuple(int(s) for s in props["image_size"].split("x"))
-    calibration = int8_calibration(checkpoint, size, int(props["bit_depth"]), props["recipe"], options)
+    calibration, recorded = int8_calibration(checkpoint, size, int(props["bit_depth"]), props["recipe"], options)
     graph = scoring_graph(checkpoint)
-    macs = int8.multiply_adds(graph, calibration.images[0])
+    macs = int8.multiply_adds(graph, calibration[0])
     if options.float_layers is None:
-        layers = int8.measure_layers(graph, calibration)
-        kept = [layer.name for layer in int8.choose_float_layers(layers, options.float_budget)]
-        how = f"the most sensitive of {len(layers)} convolutions, budget {100 * options.float_budget:g} %"
+        sensitivity, _ = int8.measure_layers(graph, calibration, int(recorded["calibration_good"]))
+        kept = int8.choose_float_layers(sensitivity, macs, options.float_budget)
+        how = f"the most sensitive of {len(macs)} convolutions, budget {100 * options.float_budget:g} %"
     else:
         unknown = [name for name in options.float_layers if name not in macs]
         if unknown:
@@ -108,7 +154,7 @@ def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options
         kept, how = options.float_layers, options.float_layers_by
     share = float_share(macs, kept)
     print(f"kept in float ({how}): {', '.join(kept) or 'none'}; {share:.2f} % of the multiply-adds")
-    return calibration, kept, calibration.metadata() | {
+    return calibration, kept, recorded | {
         "precision": "int8", "float_layers": ",".join(kept), "float_share_percent": f"{share:.2f}",
         "float_layers_by": how}
 
@@ -117,7 +163,7 @@ def device_for_finetuning() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.CalibrationSet, float_layers: list[str],
+def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: np.ndarray, float_layers: list[str],
                    options: Int8Options, out: Path) -> dict[str, str]:
     """This project's QDQ int8 graph (deploy/qat.py) at the calibration's ranges, fine-tuned options.finetune
     steps against the fp32 model on the checkpoint's good images with fresh simulated anomalies, written to out
@@ -125,7 +171,7 @@ def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: int8.Ca
     config = checkpoint_config(checkpoint)
     size = tuple(int(s) for s in props["image_size"].split("x"))
     teacher = scoring_graph(checkpoint)
-    ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration.images))
+    ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration))
     student = qat.int8_graph(teacher, ranges, float_layers)
     good = load_images(list_images(calibration_folder(config, options.calibration), recursive=True), size,
                        bit_depth=int(props["bit_depth"]))
@@ -150,7 +196,7 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
         raise DataError(f"--out {out}: a {format} file ends in {SUFFIX[format]}")
     if format == "onnx" and precision == "fp32":
         if fp32 is None:
-            return export(checkpoint, out, image_size)
+            return export_onnx(checkpoint, out, image_size)
         shutil.copyfile(fp32, out)
         return read_metadata(require("onnx").load(out))
     ov = require("openvino", DEPLOY_REQUIREMENTS) if format == "openvino" else None
@@ -169,7 +215,7 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
             return props
         if fp32 is None:
             fp32 = Path(tmp) / "fp32.onnx"
-            props = export(checkpoint, fp32, image_size)
+            props = export_onnx(checkpoint, fp32, image_size)
         else:
             props = read_metadata(require("onnx").load(fp32))
         if precision == "int8":

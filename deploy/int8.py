@@ -15,7 +15,6 @@ quantize every other convolution; the softmax and the image score run in float i
 import dataclasses
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,35 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from data_loader import DataError, list_images, load_images
-from deploy.onnx_graph import read_metadata, require, save_with_metadata
-from deploy.openvino_model import DEPLOY_REQUIREMENTS
 from perlin import simulate_anomalies
 from recipe import RECIPES
+from scoring.model_files import DEPLOY_REQUIREMENTS, read_metadata, require, save_with_metadata
 
 ANOMALY_SHARE = 0.5  # training's own mix: recipe.anomaly_free_p of its samples are good
 FLOAT_BUDGET = 0.10  # at most this share of the multiply-adds stays in float
 MIN_SENSITIVITY = 0.05  # convolutions this much less sensitive than the worst are quantized whatever the budget
 SENSITIVITY_IMAGES = 16  # calibration images (half of them simulated anomalies) the sensitivity is measured on
 SEED = 0
-
-
-@dataclass
-class CalibrationSet:
-    images: np.ndarray  # (N, 3, H, W) float32 BGR in [0, 1], as the graph takes them
-    good: int
-    simulated: int
-    sources: str  # what the simulated anomalies were made of, in words
-
-    def metadata(self) -> dict[str, str]:
-        return {"calibration_images": str(self.good + self.simulated), "calibration_good": str(self.good),
-                "calibration_simulated": str(self.simulated), "calibration_sources": self.sources}
-
-
-@dataclass
-class Layer:
-    name: str  # the PyTorch module's name inside DraemModel, as the console and metadata show it
-    macs: int  # multiply-adds per image
-    sensitivity: float = 0.0  # mean |anomaly-map change| when quantized alone
 
 
 def evenly_spaced(items: list, count: int) -> list:
@@ -72,18 +51,21 @@ def simulated_anomalies(bases: Tensor, sources: Path | None, recipe: str, seed: 
 
 
 def calibration_set(folder: Path, size: tuple[int, int], bit_depth: int, count: int, anomaly_share: float,
-                    recipe: str, sources: Path | None) -> CalibrationSet:
-    """count images: good ones evenly spaced through the folder, then anomaly_share of count simulated from them."""
+                    recipe: str, sources: Path | None) -> tuple[np.ndarray, dict[str, str]]:
+    """count images, (N, 3, H, W) float32 BGR in [0, 1] as the graph takes them: good ones evenly spaced through
+    the folder, then anomaly_share of count simulated from them; and what the metadata records of them."""
     paths = list_images(folder, recursive=True)
     if not paths:
         raise DataError(f"--calibration_images {folder} holds no images")
     simulated = round(count * anomaly_share)
     good = load_images(evenly_spaced(paths, count - simulated), size, bit_depth=bit_depth).float() / 255
-    if not simulated:
-        return CalibrationSet(good.numpy(), len(good), 0, "none")
-    bases = load_images(evenly_spaced(paths, simulated), size, bit_depth=bit_depth)
-    anomalies, described = simulated_anomalies(bases, sources, recipe)
-    return CalibrationSet(torch.cat((good, anomalies)).numpy(), len(good), simulated, described)
+    anomalies, described = torch.empty(0, *good.shape[1:]), "none"
+    if simulated:
+        bases = load_images(evenly_spaced(paths, simulated), size, bit_depth=bit_depth)
+        anomalies, described = simulated_anomalies(bases, sources, recipe)
+    return torch.cat((good, anomalies)).numpy(), {
+        "calibration_images": str(len(good) + simulated), "calibration_good": str(len(good)),
+        "calibration_simulated": str(simulated), "calibration_sources": described}
 
 
 def convolutions(graph: nn.Module) -> dict[str, nn.Conv2d]:
@@ -130,41 +112,46 @@ def input_ranges(graph: nn.Module, images: Tensor) -> tuple[dict[str, tuple[floa
     return ranges, macs
 
 
-def sensitivities(graph: nn.Module, images: Tensor) -> list[Layer]:
-    """Every convolution, with its multiply-adds and the anomaly-map change when it alone is int8."""
+def sensitivities(graph: nn.Module, images: Tensor) -> tuple[dict[str, float], dict[str, int]]:
+    """Every convolution by its module name inside DraemModel: the mean |anomaly-map change| when it alone is int8,
+    and its multiply-adds per image."""
     ranges, macs = input_ranges(graph, images)
     with torch.no_grad():
         reference = graph(images)[0]
-        layers = []
+        changes = {}
         for name, conv in convolutions(graph).items():
             weight = conv.weight.data.clone()
             conv.weight.data = fake_int8_weight(weight)
             hook = conv.register_forward_pre_hook(lambda m, inputs, r=ranges[name]: (fake_uint8(inputs[0], *r),))
-            change = (graph(images)[0] - reference).abs().mean().item()
+            changes[name] = (graph(images)[0] - reference).abs().mean().item()
             hook.remove()
             conv.weight.data = weight
-            layers.append(Layer(name, macs[name], change))
-    return layers
+    return changes, macs
 
 
-def choose_float_layers(layers: list[Layer], budget: float = FLOAT_BUDGET) -> list[Layer]:
-    """The most sensitive layers whose multiply-adds fit the budget; none below MIN_SENSITIVITY of the worst."""
-    total = sum(layer.macs for layer in layers)
-    worst = max(layer.sensitivity for layer in layers)
+def by_sensitivity(sensitivity: dict[str, float]) -> list[str]:
+    return sorted(sensitivity, key=lambda name: -sensitivity[name])
+
+
+def choose_float_layers(sensitivity: dict[str, float], macs: dict[str, int], budget: float = FLOAT_BUDGET
+                        ) -> list[str]:
+    """The most sensitive convolutions whose multiply-adds fit the budget; none below MIN_SENSITIVITY of the worst."""
+    total, worst = sum(macs.values()), max(sensitivity.values())
     kept, spent = [], 0
-    for layer in sorted(layers, key=lambda layer: -layer.sensitivity):
-        if layer.sensitivity < MIN_SENSITIVITY * worst:
+    for name in by_sensitivity(sensitivity):
+        if sensitivity[name] < MIN_SENSITIVITY * worst:
             break
-        if spent + layer.macs <= budget * total:
-            kept.append(layer)
-            spent += layer.macs
+        if spent + macs[name] <= budget * total:
+            kept.append(name)
+            spent += macs[name]
     return kept
 
 
-def measure_layers(graph: nn.Module, calibration: CalibrationSet) -> list[Layer]:
-    """sensitivities() on SENSITIVITY_IMAGES of the calibration set, half good, half simulated anomalies."""
-    images = torch.from_numpy(calibration.images)
-    good, simulated = images[:calibration.good], images[calibration.good:]
+def measure_layers(graph: nn.Module, calibration: np.ndarray, good: int) -> tuple[dict[str, float], dict[str, int]]:
+    """sensitivities() on SENSITIVITY_IMAGES of the calibration set (its first `good` images good, the rest
+    simulated anomalies), half good, half simulated."""
+    images = torch.from_numpy(calibration)
+    good, simulated = images[:good], images[good:]
     half = SENSITIVITY_IMAGES // 2 if len(simulated) else SENSITIVITY_IMAGES
     picked = [good[evenly_spaced(list(range(len(good))), half)]]
     if len(simulated):
@@ -182,13 +169,12 @@ def onnx_conv_names(proto, layers: list[str]) -> dict[str, str]:
     return {name: by_weight[f"model.{name}.weight"] for name in layers}
 
 
-def quantize_onnx(source: Path, out: Path, calibration: CalibrationSet, float_layers: list[str],
+def quantize_onnx(source: Path, out: Path, images: np.ndarray, float_layers: list[str],
                   metadata: dict[str, str], **options) -> None:
     """ONNX Runtime static QDQ int8: every convolution but float_layers; per-channel weights, uint8 activations."""
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
     proto = onnx.load(source)
-    images = calibration.images
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self):
@@ -216,14 +202,13 @@ def quantize_onnx(source: Path, out: Path, calibration: CalibrationSet, float_la
     save_with_metadata(result, read_metadata(proto) | metadata, out)
 
 
-def quantize_openvino(model, source: Path, calibration: CalibrationSet, float_layers: list[str], **options):
+def quantize_openvino(model, source: Path, images: np.ndarray, float_layers: list[str], **options):
     """NNCF int8 of an OpenVINO model converted from source (ONNX): every convolution but float_layers."""
     nncf = require("nncf", DEPLOY_REQUIREMENTS)
     nncf.set_log_level(logging.ERROR)  # its per-layer INFO lines would bury the console's own
     names = set(onnx_conv_names(require("onnx").load(source), float_layers).values())
     ignored = [op.get_friendly_name() for op in model.get_ordered_ops()
                if op.get_type_name() == "Convolution" and op.get_friendly_name().split("/")[0] in names]
-    images = calibration.images
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
     # AvgPool: the image score's mean filter reads the float map (NNCF would quantize the map to 256 levels)
     return nncf.quantize(model, dataset, subset_size=len(images),

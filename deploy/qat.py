@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from deploy.int8 import fake_int8_weight, input_ranges, uint8_parameters, weight_scales
-from deploy.onnx_graph import OUTPUTS, require
 from perlin import simulate_anomalies
+from scoring.model_files import OUTPUTS, require
 
 MAP_WEIGHT = 10.0  # the anomaly map is what decides verdicts and masks; the reconstruction only feeds it
 LEARNING_RATE = 1e-6  # measured: 1e-5 raised the distillation loss on a trained model, 1e-6 lowered it

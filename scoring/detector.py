@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from data_loader import decode, list_images, load_images, resize, to_bgr8, to_tensor, warn
-from deploy.model_files import load_model
 from model_unet import image_scores
 from scoring import thresholds
 from scoring.evaluate import predict
 from scoring.metrics import verdict
+from scoring.model_files import load_model
 from scoring.tiling import TiledModel
 from training.checkpoint import CheckpointError, ModelInfo
 

@@ -5,6 +5,7 @@ AUROC / AP / AUPRO over the pixels of every image whose pixel labels are known (
 images with a mask), pooled. One sort for the images and one for the pixels serve every metric.
 """
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +24,13 @@ MASK_PROTOCOLS = {
 }
 
 
+class MapOutput(NamedTuple):
+    """What a scoring model that is not a DraemModel returns (an exported file, a tiled model): what predict reads
+    of a DraemOutput."""
+    anomaly_map: torch.Tensor  # (N, H, W)
+    reconstruction: torch.Tensor  # (N, 3, H, W)
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """True for an allocation failure of the device (CUDA) or of the host (a CPU RuntimeError)."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(exc)
@@ -32,7 +40,7 @@ def predict(model: DraemModel, images: torch.Tensor, device: torch.device, chann
             batch_size: int = 16, keep_reconstructions: bool = False, amp: str = "off"
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Anomaly maps (N, H, W) float32 on device for (N, 3, H, W) uint8 BGR images; optionally reconstructions.
-    model: in eval mode on device (as deploy.model_files.load_model gives it), or any callable returning its outputs.
+    model: in eval mode on device (as scoring.model_files.load_model gives it), or any callable returning its outputs.
     amp "bf16" (or "fp16" on a GPU) runs the networks under autocast; the maps are returned in float32.
 
     When a batch does not fit in memory (large images), the batch size is halved until it does, with a

@@ -8,7 +8,6 @@ import csv
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,11 @@ import torch
 from tqdm import tqdm
 
 from data_loader import DataError, decode, default_workers, file_digest, list_images, read_each, warn
-from deploy.model_files import checkpoint_files
 from model_unet import image_scores
 from scoring import thresholds
 from scoring.calibration import calibrate, describe, map_statistics
 from scoring.detector import Detector, Prediction, Scoring, load
+from scoring.model_files import checkpoint_files
 from scoring.visualize import panel, write_png
 from training.checkpoint import CheckpointError
 
@@ -37,16 +36,13 @@ def image_paths(images: Path, flag: str = "--images") -> list[Path]:
     return paths
 
 
-@dataclass
-class ScoredChunk:
-    images: list[tuple[Path, np.ndarray]]  # readable images at their own resolution
-    maps: torch.Tensor  # (N, h, w) anomaly maps at the scoring size
-    reconstructions: torch.Tensor | None
-    skipped: list[tuple[Path, str]]  # unreadable or unusable files, with the reason
+Chunk = tuple[list[tuple[Path, np.ndarray]], torch.Tensor, torch.Tensor | None, list[tuple[Path, str]]]
 
 
-def scored_chunks(detector: Detector, paths: list[Path], keep_reconstructions: bool = False) -> Iterator[ScoredChunk]:
-    """Decode, prepare and score the images chunk by chunk (--batch_size), so memory does not grow with them."""
+def scored_chunks(detector: Detector, paths: list[Path], keep_reconstructions: bool = False) -> Iterator[Chunk]:
+    """Decode, prepare and score the images chunk by chunk (--batch_size), so memory does not grow with them.
+    Each chunk: the readable images at their own resolution (path, image), their anomaly maps (N, h, w) at the
+    scoring size, their reconstructions (when kept), and the files skipped, with the reason."""
     scoring, info = detector.scoring, detector.info
     depth, workers = scoring.depth_for(info), scoring.workers or default_workers()
     for start in range(0, len(paths), scoring.batch_size):
@@ -60,10 +56,10 @@ def scored_chunks(detector: Detector, paths: list[Path], keep_reconstructions: b
                             f"{scoring.tile[0]}x{scoring.tile[1]}") for p, d in small]
             readable = [pair for pair in readable if pair not in small]
         if skipped:
-            yield ScoredChunk([], torch.empty(0), None, skipped)
+            yield [], torch.empty(0), None, skipped
         for group in detector.groups(readable):
             maps, recs = detector.score([image for _, image in group], keep_reconstructions)
-            yield ScoredChunk(group, maps, recs, [])
+            yield group, maps, recs, []
 
 
 def one_model(checkpoint: Path, flag: str) -> Path:
@@ -91,17 +87,16 @@ def score_images(checkpoint: Path, images: Path, out_dir: Path, device: torch.de
                                                     "max_score", "mean_score"])
         scores_csv.writeheader()
         regions_csv.writeheader()
-        for chunk in scored_chunks(detector, paths, keep_reconstructions=scoring.save_images):
-            for image_path, error in chunk.skipped:
+        for scored_images, maps, recs, skipped in scored_chunks(detector, paths, scoring.save_images):
+            for image_path, error in skipped:
                 warn(f"skipped: {error}")
                 errors.append(error)
                 scores_csv.writerow({"path": str(image_path), "error": error})
-            bar.update(len(chunk.skipped))
-            if not chunk.images:
+            bar.update(len(skipped))
+            if not scored_images:
                 continue
-            recs = chunk.reconstructions if scoring.save_images else [None] * len(chunk.images)
-            for (image_path, image), score, rec, amap in zip(chunk.images, image_scores(chunk.maps).tolist(), recs,
-                                                             chunk.maps):
+            recs = recs if scoring.save_images else [None] * len(scored_images)
+            for (image_path, image), score, rec, amap in zip(scored_images, image_scores(maps).tolist(), recs, maps):
                 result = detector.decide(image, amap, score)
                 row, regions = image_outputs(out_dir / stem_of(image_path), image_path, image, rec, result,
                                              detector.image_threshold.value)
@@ -109,10 +104,10 @@ def score_images(checkpoint: Path, images: Path, out_dir: Path, device: torch.de
                 regions_csv.writerows(regions)
                 if row["verdict"]:
                     tqdm.write(f"{row['verdict']:7} {score:.4f} {image_path}", file=sys.stdout)
-            scored += len(chunk.images)
+            scored += len(scored_images)
             scores_file.flush()
             regions_file.flush()
-            bar.update(len(chunk.images))
+            bar.update(len(scored_images))
     if scored == 0:
         raise DataError(f"--images {images}: none of the {len(paths)} image(s) could be read or scored ({errors[0]})")
     seconds = time.perf_counter() - started
@@ -137,10 +132,10 @@ def calibrate_on_folder(checkpoint: Path, folder: Path, rate: float, device: tor
         if not paths:
             raise DataError(f"--calibrate {folder}: holds only defect images the model trained on")
     statistics, skipped = [], []
-    for chunk in scored_chunks(detector, paths):
-        skipped += chunk.skipped
-        if chunk.images:
-            statistics.append(map_statistics(chunk.maps))
+    for scored_images, maps, _, unreadable in scored_chunks(detector, paths):
+        skipped += unreadable
+        if scored_images:
+            statistics.append(map_statistics(maps))
     for _, reason in skipped[:5]:
         warn(f"skipped: {reason}")
     if not statistics:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from data_loader import DataError, decode, list_images
-from deploy.model_files import checkpoint_files
 from scoring.detector import Detector, Scoring, resize_map, scoring_model, validation_maps
-from scoring.thresholds import Threshold
+from scoring.model_files import checkpoint_files
 from scoring.protocols import segmentation_threshold
+from scoring.thresholds import Threshold
 
 MVTEC_AD2_SPLITS = ("test_private", "test_private_mixed")
 NO_THRESHOLD = Threshold(None, "none: the maps alone")

@@ -11,7 +11,6 @@
 - visa: image and pixel AU-PR by the trapezoid rule, the pixels of the normal images included.
 """
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -75,13 +74,9 @@ def seg_f1(maps: Tensor, masks: Tensor, threshold: float) -> float:
 
 # ---- sPRO (MVTec LOCO AD) ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Defect:
-    """One ground-truth defect (one mask channel of LOCO): the image it is in, its pixels, and how many of them
-    must be flagged for it to count as fully found."""
-    image: int
-    region: Tensor  # (H, W) bool
-    saturation: float  # pixels; > 0
+# One ground-truth defect (one mask channel of LOCO): the index of the image it is in, its pixels ((H, W) bool),
+# and how many of them must be flagged for it to count as fully found (its saturation, in pixels; > 0).
+Defect = tuple[int, Tensor, float]
 
 
 def saturation_area(area: int, threshold: float, relative: bool) -> int:
@@ -96,11 +91,11 @@ def spro_weights(maps: Tensor, defects: list[Defect]) -> Tensor:
     at the end of each run of equal scores, where the sum is the same."""
     weights = torch.zeros(maps.numel(), dtype=torch.float64, device=maps.device)
     plane = maps[0].numel()
-    for defect in defects:
-        where = defect.region.to(maps.device).flatten().nonzero()[:, 0] + defect.image * plane
+    for image, region, saturation in defects:
+        where = region.to(maps.device).flatten().nonzero()[:, 0] + image * plane
         order = torch.sort(maps.flatten()[where], descending=True, stable=True).indices
         passed = torch.arange(where.numel() + 1, dtype=torch.float64, device=maps.device)
-        found = (passed / defect.saturation).clamp(max=1.0)
+        found = (passed / saturation).clamp(max=1.0)
         weights.index_add_(0, where[order], found.diff() / len(defects))
     return weights
 
@@ -112,8 +107,8 @@ def au_spro(maps: Tensor, defects: list[Defect], max_fpr: float = SPRO_MAX_FPR) 
     if not defects:
         return float("nan")
     normal = torch.ones(maps.shape, dtype=torch.bool, device=maps.device)
-    for defect in defects:
-        normal[defect.image] &= ~defect.region.to(maps.device)
+    for image, region, _ in defects:
+        normal[image] &= ~region.to(maps.device)
     ranking = rank(maps)
     spro = cumulative(ranking, spro_weights(maps, defects))
     false_positives = cumulative(ranking, normal).double()
@@ -164,7 +159,7 @@ def loco_defect(channel: Path, config: dict[int, dict], index: int, size: tuple[
     height, width = size
     resized = cv2.resize(region.astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_LINEAR) >= 128
     scale = height * width / region.size
-    return Defect(index, torch.from_numpy(resized), saturation * scale)
+    return index, torch.from_numpy(resized), saturation * scale
 
 
 # ---- one run's columns -----------------------------------------------------------------------------------------
@@ -200,8 +195,8 @@ def loco_metrics(maps: Tensor, test_set: TestSet, defects: list[Defect]) -> dict
         subset = maps[keep]
         labels = torch.tensor([types[i] != "good" for i in keep], device=maps.device)
         out[f"image_auroc_{kind}"] = auroc(subset.flatten(1).amax(1), labels)
-        out[f"au_spro_{kind}"] = au_spro(subset, [Defect(renumber[d.image], d.region, d.saturation)
-                                                  for d in defects if d.image in renumber])
+        out[f"au_spro_{kind}"] = au_spro(subset, [(renumber[image], region, saturation)
+                                                  for image, region, saturation in defects if image in renumber])
     for metric in ("image_auroc", "au_spro"):
         out[f"{metric}_mean"] = (out[f"{metric}_structural"] + out[f"{metric}_logical"]) / 2
     return out

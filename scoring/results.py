@@ -23,12 +23,12 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from data_loader import DataError, TestSet, category_layout, decode, height_width, load_test_set, one_category
-from deploy.model_files import checkpoint_files
 from scoring import thresholds
 from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model, validation_maps
 from scoring.evaluate import evaluate
 from scoring.map_files import write_test_maps
 from scoring.metrics import METRICS, percent, verdict
+from scoring.model_files import checkpoint_files
 from scoring.protocols import BENCHMARK_NAMES, PROTOCOLS, protocol_for, protocol_metrics
 from scoring.report import coverage_text, write_report
 from scoring.tiling import check_tiling

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from scoring import model_files
 from scoring.metrics import percent
 from training import checkpoint
 from training.checkpoint import CheckpointError, ModelInfo
@@ -75,12 +76,8 @@ def calibration_source(calibration: dict) -> str:
 def store_calibration(path: Path, calibration: dict) -> None:
     """Calibrated thresholds into the model file itself (.pt, .onnx or .xml, rewritten atomically by the module
     that owns the format): from then on the deployed ones."""
-    if path.suffix == ".onnx":
-        from deploy.onnx_graph import store_calibration as store_in_onnx  # ONNX only when an .onnx file is given
-        return store_in_onnx(path, calibration)
-    if path.suffix == ".xml":
-        from deploy.openvino_model import store_calibration as store_in_ir
-        return store_in_ir(path, calibration)
+    if path.suffix in (".onnx", ".xml"):
+        return model_files.store_calibration(path, calibration)
     checkpoint.store_calibration(path, calibration)
 
 

@@ -11,17 +11,12 @@ every tile and raise the scores of good images along each seam. The image score 
 stitched map by the usual protocol (max of its 21x21 mean filter), as for a whole image.
 """
 import argparse
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from data_loader import DataError
-
-
-class TiledOutput(NamedTuple):
-    anomaly_map: Tensor  # (N, H, W)
-    reconstruction: Tensor  # (N, 3, H, W)
+from scoring.evaluate import MapOutput
 
 
 def parse_overlap(text: str) -> float:
@@ -68,7 +63,7 @@ class TiledModel:
         (th, tw), (oh, ow) = self.tile, (overlap_pixels(self.overlap, s) for s in self.tile)
         return [(y, x) for y in tile_starts(height, th, oh) for x in tile_starts(width, tw, ow)]
 
-    def __call__(self, images: Tensor) -> TiledOutput:
+    def __call__(self, images: Tensor) -> MapOutput:
         """(N, 3, H, W) float images -> mean-blended (N, H, W) maps and (N, 3, H, W) reconstructions."""
         n, _, height, width = images.shape
         check_tiling(height, width, self.tile, self.overlap, "the image")
@@ -87,4 +82,4 @@ class TiledModel:
                 for (y, x), tile_map, tile_rec in zip(chunk, out.anomaly_map.float(), out.reconstruction.float()):
                     maps[i, y:y + th, x:x + tw] += tile_map
                     recs[i, :, y:y + th, x:x + tw] += tile_rec
-        return TiledOutput(maps / counts, recs / counts)
+        return MapOutput(maps / counts, recs / counts)

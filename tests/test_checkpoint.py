@@ -14,7 +14,7 @@ from training.checkpoint import load_checkpoint, save_training
 def saved(tmp_path, seed):
     torch.manual_seed(seed)
     path = tmp_path / "run.pt"
-    save_training(path, DraemModel(4, 4), run_settings(category="part", seed=seed), step=seed)
+    save_training(path, DraemModel(4, 4), run_settings(category="part", seed=seed), {"step": seed})
     return path
 
 
@@ -37,7 +37,7 @@ def test_a_write_that_dies_part_way_leaves_the_last_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(checkpoint.torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         saved(tmp_path, 2)
-    assert path.read_bytes() == before and load_checkpoint(path).info.step == 1
+    assert path.read_bytes() == before and load_checkpoint(path)[1].step == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
 
 
@@ -54,4 +54,4 @@ def test_a_rename_that_fails_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
     monkeypatch.undo()
     saved(tmp_path, 3)
-    assert load_checkpoint(path).info.step == 3
+    assert load_checkpoint(path)[1].step == 3

@@ -64,7 +64,7 @@ def test_amp_bf16_is_refused_only_where_the_cpu_is_known_to_lack_it(monkeypatch)
 
 
 def test_precision_auto_tries_bf16_where_the_capability_says_so():
-    from scoring.precision_choice import candidates, describe_cpu
+    from deploy.precision_choice import candidates, describe_cpu
     has = {"AVX2": True, "AVX-512": True, "VNNI": None, "bf16": True, "AMX": None}
     assert candidates("openvino", has) == ["int8", "int8 more float", "int8 fine-tuned", "bf16", "fp32"]
     assert candidates("onnx", has) == ["int8", "int8 more float", "int8 fine-tuned", "fp32"]

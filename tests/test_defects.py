@@ -206,15 +206,16 @@ def test_pasted_defects_take_the_published_loss_and_are_watched():
 
 
 def test_the_files_trained_on_travel_with_the_checkpoint_and_its_exports(tmp_path):
-    from deploy.onnx_graph import checkpoint_metadata, info_from_metadata
+    from deploy.export import checkpoint_metadata
+    from scoring.model_files import info_from_metadata
     from model_unet import DraemModel
     from training.checkpoint import load_checkpoint, save_training
     files = [{"path": "/d/mtd/test/crack/a.jpg", "defect_type": "crack", "digest": "ab" * 16, "mask": None,
               "origin": "test"}]
     path = tmp_path / "run.pt"
     save_training(path, DraemModel(4, 4), run_settings(category="mtd", image_size=(32, 32), base_width=4, seg_base_width=4),
-                  trained_defects=files)
-    info = load_checkpoint(path).info
+                  {"trained_defects": files})
+    info = load_checkpoint(path)[1]
     assert info.trained_defects == files and info.trained_digests == frozenset({"ab" * 16})
     exported = info_from_metadata(checkpoint_metadata(path), tmp_path / "run.onnx", "onnx")
     assert exported.trained_digests == info.trained_digests

@@ -1,5 +1,5 @@
 """The house: the scripts, the training script's engine and the paper's modules at the root, support code in three
-folders that import one way (training <- deploy <- scoring), no module importing a script or the engine (but the
+folders that import one way (training <- scoring <- deploy: export and int8 are an add-on nothing below imports), no module importing a script or the engine (but the
 scripts), no import cycle, and the checkpoint dictionary written and read in training/checkpoint.py alone. Modules
 are compared by full dotted name."""
 import ast
@@ -11,7 +11,7 @@ SCRIPTS = {"train_draem", "test_draem", "export_draem"}
 ENGINE = "engine"  # train_draem.py's loop machinery, beside it as MAE's engine_pretrain.py: only scripts import it
 PAPER = {"model_unet", "loss", "perlin", "data_loader", "recipe"}
 # A folder may import the paper's modules, its own modules and the folders before it here, nothing after.
-FOLDERS = ("training", "deploy", "scoring")
+FOLDERS = ("training", "scoring", "deploy")
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -97,7 +97,7 @@ def test_the_root_holds_the_scripts_and_the_paper_modules_and_the_folders_the_re
     for folder in FOLDERS:
         assert (ROOT / folder / "__init__.py").is_file()
     graph = import_graph()
-    assert {"training.checkpoint", "deploy.onnx_graph", "scoring.evaluate"} <= set(graph)  # the walk sees the folders
+    assert {"training.checkpoint", "deploy.export", "scoring.evaluate"} <= set(graph)  # the walk sees the folders
 
 
 def test_imports_run_one_way_with_no_script_imported_and_no_cycle():
@@ -137,8 +137,8 @@ def test_the_checks_catch_a_bad_import_in_a_folder_module(tmp_path):
         ["training.demo imports the script train_draem"]
     assert layering_violations(tree_with("scoring/report.py", "from engine import Run")) == \
         ["scoring.report imports the engine, which only scripts may"]
-    assert layering_violations(tree_with("deploy/onnx_graph.py", "from scoring import metrics")) == \
-        ["deploy.onnx_graph imports scoring.metrics, from a folder above it"]
+    assert layering_violations(tree_with("scoring/metrics.py", "from deploy import export")) == \
+        ["scoring.metrics imports deploy.export, from a folder above it"]
     assert layering_violations(tree_with("perlin.py", "from training.settings import run_name")) == \
         ["perlin (a paper module) imports training.settings"]
     found = cycle(tree_with("training/files.py", "from training.checkpoint import ModelInfo"))

@@ -13,7 +13,7 @@ import archives
 from data_loader import load_test_set
 from helpers import ROOT
 from scoring.map_files import write_tiff
-from scoring.protocols import (Defect, au_spro, loco_defects, loco_metrics, protocol_for, saturation_area,
+from scoring.protocols import (au_spro, loco_defects, loco_metrics, protocol_for, saturation_area,
                                seg_f1, segmentation_threshold, trapezoidal_ap)
 
 
@@ -81,11 +81,11 @@ def test_spro_of_a_defect_whose_saturation_is_reached_by_hand():
     region = box((4, 4), 0, 2, 0, 2)
     maps[0][region] = [0.9, 0.8, 0.1, 0.1]
     maps[0, 3, 3] = 0.85  # the one normal pixel above 0.1
-    defects = [Defect(0, torch.from_numpy(region), 2.0)]
+    defects = [(0, torch.from_numpy(region), 2.0)]
     # thresholds 0.9, 0.85, 0.8: sPRO 0.5, 0.5, 1.0 at FPR 0, 1/12, 1/12; the curve is 1 from FPR 1/12 on
     expected_at_1 = (1 / 12) * 0.5 + (1 - 1 / 12) * 1.0
     assert au_spro(torch.from_numpy(maps), defects, max_fpr=1.0) == pytest.approx(expected_at_1, abs=1e-12)
-    pro_like = [Defect(0, torch.from_numpy(region), 4.0)]  # saturation at the whole area: plain overlap
+    pro_like = [(0, torch.from_numpy(region), 4.0)]  # saturation at the whole area: plain overlap
     assert au_spro(torch.from_numpy(maps), pro_like, 1.0) < expected_at_1
 
 
@@ -104,7 +104,7 @@ def test_au_spro_equals_its_definition(decimals, seed):
     for image, region, _ in defects:
         truth[image] |= region
     maps = np.round(rng.random(shape) * 0.7 + 0.3 * truth, decimals)
-    ours = [Defect(i, torch.from_numpy(r), s) for i, r, s in defects]
+    ours = [(i, torch.from_numpy(r), s) for i, r, s in defects]
     for max_fpr in (0.05, 0.3, 1.0):
         expected = brute_force_au_spro(maps, defects, max_fpr)
         assert au_spro(torch.from_numpy(maps), ours, max_fpr) == pytest.approx(expected, abs=1e-9), max_fpr
@@ -136,23 +136,23 @@ def test_loco_defects_read_from_a_prepared_miniature(tmp_path):
     defects = loco_defects(test_set)
     by_image = {}
     for d in defects:
-        by_image.setdefault(test_set.paths[d.image].parent.name + "/" + test_set.paths[d.image].stem, []).append(d)
+        by_image.setdefault(test_set.paths[d[0]].parent.name + "/" + test_set.paths[d[0]].stem, []).append(d)
     config = {e["pixel_value"]: e for e in archives.LOCO_DEFECTS}
     assert {k: len(v) for k, v in by_image.items()} == {"logical_anomalies/000": 2, "logical_anomalies/001": 2,
                                                          "structural_anomalies/000": 1}
     first = by_image["logical_anomalies/000"]
-    assert [d.region.sum().item() for d in first] == [20, 100]
-    assert [d.saturation for d in first] == [10, 100]  # absolute min(10, 20); relative 1.0 x 100
-    assert by_image["structural_anomalies/000"][0].saturation == 50  # relative 0.5 x 100
+    assert [region.sum().item() for _, region, _ in first] == [20, 100]
+    assert [saturation for _, _, saturation in first] == [10, 100]  # absolute min(10, 20); relative 1.0 x 100
+    assert by_image["structural_anomalies/000"][0][2] == 50  # relative 0.5 x 100
     assert config[243]["saturation_threshold"] == 10
     half = loco_defects(load_test_set(tmp_path / "datasets" / "loco", "breakfast_box", (12, 20)))
-    assert [d.saturation for d in half][:2] == [2.5, 25.0]  # a quarter of the pixels: a quarter of the saturation
+    assert [saturation for _, _, saturation in half][:2] == [2.5, 25.0]  # a quarter of the pixels: a quarter of the saturation
 
     maps = torch.rand(len(test_set.paths), 24, 40, generator=torch.Generator().manual_seed(0))
     result = loco_metrics(maps, test_set, defects)
     for kind, prefix in (("structural", "structural_anomalies"), ("logical", "logical_anomalies")):
         keep = [i for i, t in enumerate(test_set.defect_types) if t in ("good", prefix)]
-        subset = [(keep.index(d.image), d.region.numpy(), d.saturation) for d in defects if d.image in keep]
+        subset = [(keep.index(image), region.numpy(), saturation) for image, region, saturation in defects if image in keep]
         assert result[f"au_spro_{kind}"] == pytest.approx(brute_force_au_spro(maps[keep].numpy(), subset, 0.05), abs=1e-9)
         labels = [test_set.defect_types[i] != "good" for i in keep]
         assert result[f"image_auroc_{kind}"] == pytest.approx(roc_auc_score(labels, maps[keep].flatten(1).amax(1)))

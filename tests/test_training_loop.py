@@ -12,8 +12,8 @@ import train_draem
 from train_draem import DEMO, get_args_parser, parse_args
 from data_loader import DataError, list_images, load_images
 from helpers import ROOT, TINY, tiny_dataset
-from recipe import RECIPES
 from engine import calibration_holdout
+from recipe import RECIPES
 
 
 def test_demo_settings_are_defaults_that_explicit_flags_override(tmp_path, monkeypatch):
@@ -82,9 +82,9 @@ def run_main(monkeypatch, tmp_path, *extra, wrap_step=None, record_saves=None):
     if record_saves is not None:
         real_save = engine.save_training
 
-        def save(path, model, config, step, *rest):
-            real_save(path, model, config, step, *rest)
-            record_saves.append((step, path.read_bytes()))
+        def save(path, model, config, progress, *rest):
+            real_save(path, model, config, progress, *rest)
+            record_saves.append((progress["step"], path.read_bytes()))
         monkeypatch.setattr(engine, "save_training", save)
     train_draem.main(train_draem.parse_args(["--data_path", str(data), "--obj_id", "weave", "--anomaly_source_path", str(data / "sources"),
                       *TINY, *map(str, extra)]))

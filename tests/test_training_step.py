@@ -7,10 +7,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from engine import train_step
 from loss import draem_loss
 from model_unet import DraemModel, init_weights
-from perlin import SyntheticBatch, simulate_anomalies
-from engine import Batch, Training, train_step
+from perlin import simulate_anomalies
 
 
 def model_and_batch(sspcab=True):
@@ -20,7 +20,7 @@ def model_and_batch(sspcab=True):
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
     sources = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return model.train(), Batch(**vars(simulate_anomalies(images, sources, "official", g)))
+    return model.train(), simulate_anomalies(images, sources, "official", g)
 
 
 # Plain SGD in both steps: an update is lr x gradient, so parameters compare at tight tolerances (Adam's first
@@ -36,8 +36,7 @@ def hand_written_step(model, batch, lr=LR):
     exact as the CPU's convolution kernels, and on some CPUs (AVX2 without AVX-512) oneDNN's NCHW float32 kernels
     differ from float64 by about a tenth of an update."""
     model.double()
-    batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).double()
-                                         for f in dataclasses.fields(SyntheticBatch)})
+    batch = dataclasses.replace(batch, **{name: getattr(batch, name).double() for name in ("image", "augmented", "mask")})
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     out = model(batch.augmented)
     total, _ = draem_loss(out.reconstruction, batch.image, out.logits, batch.mask, out.block5_input,
@@ -53,7 +52,7 @@ def run_train_step(model, batch, memory_format=torch.contiguous_format, autocast
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    _, total, parts = train_step(model, batch, Training(model, optimizer, scaler), autocast, sspcab=True)
+    _, total, parts = train_step(model, batch, optimizer, scaler, autocast, sspcab=True)
     return total.detach(), parts, scaler
 
 

@@ -83,47 +83,43 @@ class ModelInfo:
         return found if found is not None else self.test_set_threshold(kind)
 
 
-@dataclass
-class Checkpoint:
-    path: Path
-    reconstructive: dict
-    discriminative: dict
-    info: ModelInfo
-    optimizer: dict | None = None
-    scaler: dict | None = None
-
-    def load_into(self, model: DraemModel, optimizer: torch.optim.Optimizer | None = None,
-                  scaler: torch.amp.GradScaler | None = None) -> None:
-        """Weights (and, when given, the optimiser's and scaler's state) into a model of the same architecture."""
-        for net, weights, name in ((model.reconstructive_subnetwork, self.reconstructive, "reconstructive"),
-                                   (model.discriminative_subnetwork, self.discriminative, "discriminative")):
-            try:
-                net.load_state_dict(weights)
-            except RuntimeError as exc:
-                detail = " ".join(str(exc).split())[:300]
-                raise CheckpointError(f"checkpoint {self.path}: {name} weights are of another architecture or "
-                                      f"width ({detail})")
-        if optimizer is not None:
-            optimizer.load_state_dict(self.optimizer)
-        if scaler is not None:
-            scaler.load_state_dict(self.scaler)
+def load_weights(model: DraemModel, state: dict, path: Path, optimizer: torch.optim.Optimizer | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+    """A checkpoint's weights (load_checkpoint's state; and, when given, the optimiser's and scaler's state) into a
+    model of the same architecture."""
+    for net, name in ((model.reconstructive_subnetwork, "reconstructive"),
+                      (model.discriminative_subnetwork, "discriminative")):
+        try:
+            net.load_state_dict(state[name])
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise CheckpointError(f"checkpoint {path}: {name} weights are of another architecture or "
+                                  f"width ({detail})")
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
 
 
 # ---- writing ------------------------------------------------------------------------------------------
 
-def save_training(path: Path, model: DraemModel, settings: dict, step: int = 0, epoch: int = 0,
-                  metrics: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                  scaler: torch.amp.GradScaler | None = None, calibration: dict | None = None,
-                  trained_defects: list[dict] | None = None) -> None:
-    """A training run's checkpoint: weights, settings (a plain dict, training/settings.py), progress, optimiser state, the latest metrics,
-    thresholds calibrated on good images and the real defect files it trained on."""
+PROGRESS = {"epoch": 0, "step": 0, "metrics": {}, "calibration": {}, "trained_defects": []}
+
+
+def save_training(path: Path, model: DraemModel, settings: dict, progress: dict | None = None,
+                  optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+    """A training run's checkpoint: weights, settings (a plain dict, training/settings.py), optimiser state and the
+    run's progress: any of PROGRESS's entries (the step and epoch reached, the latest metrics, thresholds calibrated
+    on good images, the real defect files it trained on); those not given are empty."""
+    unknown = set(progress or {}) - set(PROGRESS)
+    if unknown:
+        raise ValueError(f"save_training: unknown progress entries {sorted(unknown)}")
     write_atomically(path, partial(torch.save, {
         "format": FORMAT, "config": settings, "category": settings["category"], "run": path.stem,
         "reconstructive": model.reconstructive_subnetwork.state_dict(),
         "discriminative": model.discriminative_subnetwork.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None,
-        "epoch": epoch, "step": step, "metrics": metrics or {}, "calibration": calibration or {},
-        "trained_defects": trained_defects or []}))
+        **PROGRESS, **(progress or {})}))
 
 
 def store_calibration(path: Path, calibration: dict) -> None:
@@ -190,8 +186,10 @@ def category_from_name(stem: str) -> str | None:
     return match.group(1) if match else None
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Any supported checkpoint: this project's .pt, an official .pckl pair (either file), or anomalib's."""
+def load_checkpoint(path: Path) -> tuple[dict, ModelInfo]:
+    """Any supported checkpoint: this project's .pt, an official .pckl pair (either file), or anomalib's. Returns
+    its state, the two networks' weights ("reconstructive", "discriminative") and, for this project's, the
+    optimiser's and scaler's ("optimizer", "scaler"; None in other files), and what is known about the model."""
     path = Path(path)
     if path.suffix == ".pckl":
         rec_path, seg_path = official_pair(path)
@@ -200,13 +198,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
                 raise CheckpointError(f"official checkpoint {path}: its twin {p} is missing")
         rec, seg = read(rec_path), read(seg_path)
         info = ModelInfo(infer_widths(rec, seg), category_from_name(rec_path.stem), rec_path.stem, "official")
-        return Checkpoint(path, rec, seg, info)
+        return {"reconstructive": rec, "discriminative": seg, "optimizer": None, "scaler": None}, info
     state = read(path)
     if state.get("format") == FORMAT:
         info = ModelInfo(state["config"], state.get("category"), path.stem, "draem", state.get("metrics") or {},
                          state.get("step", 0), state.get("calibration") or {}, state.get("trained_defects") or [])
-        return Checkpoint(path, state["reconstructive"], state["discriminative"], info, state.get("optimizer"),
-                          state.get("scaler"))
+        return {name: state.get(name) for name in ("reconstructive", "discriminative", "optimizer", "scaler")}, info
     weights = state.get("state_dict", state)
     rec_prefix = ANOMALIB_PREFIX + "reconstructive_subnetwork."
     seg_prefix = ANOMALIB_PREFIX + "discriminative_subnetwork."
@@ -215,14 +212,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         seg = {k[len(seg_prefix):]: v for k, v in weights.items() if k.startswith(seg_prefix)}
         # anomalib reads RGB (torchvision); the networks were trained on what it read.
         config = infer_widths(rec, seg) | {"channel_order": "RGB"}
-        return Checkpoint(path, rec, seg, ModelInfo(config, category_from_name(path.stem), path.stem, "anomalib"))
+        info = ModelInfo(config, category_from_name(path.stem), path.stem, "anomalib")
+        return {"reconstructive": rec, "discriminative": seg, "optimizer": None, "scaler": None}, info
     raise CheckpointError(f"{path} is not a DRAEM checkpoint (no '{FORMAT}' format tag, no official or anomalib keys)")
 
 
 def model_from_checkpoint(path: Path) -> tuple[DraemModel, ModelInfo]:
     """The model in eval mode on the CPU, and what is known about it (config, category, metrics ...)."""
-    ckpt = load_checkpoint(path)
-    config = ckpt.info.config
-    model = DraemModel(config["base_width"], config["seg_base_width"], config["sspcab"])
-    ckpt.load_into(model)
-    return model.eval(), ckpt.info
+    state, info = load_checkpoint(path)
+    model = DraemModel(info.config["base_width"], info.config["seg_base_width"], info.config["sspcab"])
+    load_weights(model, state, path)
+    return model.eval(), info

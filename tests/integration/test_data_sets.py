@@ -24,7 +24,7 @@ from data_loader import load_test_set
 from helpers import ROOT, TINY, read_json, run_script, tiny_dataset
 from scoring import map_files
 from scoring.detector import Scoring
-from scoring.protocols import PROTOCOLS, Defect, au_spro, loco_defects, loco_metrics, protocol_for
+from scoring.protocols import PROTOCOLS, au_spro, loco_defects, loco_metrics, protocol_for
 from training.checkpoint import load_checkpoint
 
 CATEGORIES = {"visa": {"candle", "pcb1"}, "mvtec_ad2": {"can"}, "loco": {"breakfast_box"}, "btad": {"01", "03"},
@@ -49,12 +49,12 @@ def prepared_data_sets_train_and_score(tmp_path) -> None:
     # Validation images ship with MVTec AD 2 and LOCO: the thresholds are calibrated on them, nothing held out.
     for name, category in (("mvtec_ad2", "can"), ("loco", "breakfast_box")):
         [path] = (tmp_path / "checkpoints").glob(f"DRAEM_{category}_*.pt")
-        info = load_checkpoint(path).info
+        info = load_checkpoint(path)[1]
         assert info.config["calibration_split"] == 0 and "held_out" not in info.calibration
         assert info.calibration["images"] == 2
         assert info.calibration["source"] == f"the 2 validation images in datasets/{name}/{category}/validation/good"
     [btad] = (tmp_path / "checkpoints").glob("DRAEM_01_*.pt")
-    assert load_checkpoint(btad).info.calibration == {}  # a labelled test set and no validation images: none
+    assert load_checkpoint(btad)[1].calibration == {}  # a labelled test set and no validation images: none
 
     proc = run_script("test_draem.py", "--checkpoint", "checkpoints", "--out", "res", "--no-save_images", "--device",
                       "cpu", cwd=tmp_path)  # no --data_path: each checkpoint's own
@@ -89,10 +89,11 @@ def test_a_json_description_trains_and_scores_like_the_same_images_in_the_mvtec_
         train_draem.main(train_draem.parse_args(["--data_path", str(data_path), "--obj_id", category, "--epochs", "2", "--checkpoint_path",
                           str(tmp_path / "ck"), "--log_path", str(tmp_path / "logs"), *TINY]))
         [checkpoints[category]] = (tmp_path / "ck").glob(f"DRAEM_{category}_*.pt")
-    described, published = (load_checkpoint(checkpoints[c]) for c in ("line3", "weave"))
-    assert "image_auroc" in described.info.metrics and described.info.metrics == published.info.metrics
+    (described, described_info), (published, published_info) = (load_checkpoint(checkpoints[c])
+                                                                for c in ("line3", "weave"))
+    assert "image_auroc" in described_info.metrics and described_info.metrics == published_info.metrics
     for net in ("reconstructive", "discriminative"):  # the same images in the same order: the same weights
-        ours, theirs = getattr(described, net), getattr(published, net)
+        ours, theirs = described[net], published[net]
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     test_draem.main(test_draem.parse_args(["--checkpoint", str(checkpoints["line3"]), "--out", str(tmp_path / "res_json"),
                      "--no-save_images", "--device", "cpu"]))  # the recorded description
@@ -191,7 +192,7 @@ def loco_tiff_maps(tmp_path) -> None:
     expected = test_protocols.brute_force_au_spro(maps[structural], reference, 0.05)
     ours = loco_metrics(torch.from_numpy(maps), test_set, loco_defects(test_set))["au_spro_structural"]
     assert ours == pytest.approx(expected, abs=1e-9)
-    defects = [Defect(image, torch.from_numpy(region), saturation) for image, region, saturation in reference]
+    defects = [(image, torch.from_numpy(region), saturation) for image, region, saturation in reference]
     whole = test_protocols.brute_force_au_spro(maps[structural], reference, 1.0)
     assert whole > 0 and au_spro(torch.from_numpy(maps[structural]), defects, 1.0) == pytest.approx(whole, abs=1e-9)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoring.accuracy_gate import MAP_TOLERANCE, compare, quantile_difference
+from deploy.accuracy_gate import MAP_TOLERANCE, compare, quantile_difference
 from training.checkpoint import model_from_checkpoint, save_training
 from training.cli import cpu_has_bf16
 from training.settings import differences
@@ -20,9 +20,9 @@ from data_loader import list_images, load_images, load_test_set
 from deploy.export import Int8Options, export_model
 from scoring.evaluate import predict
 from helpers import ROOT, read_json, run_settings, tiny_dataset
-from deploy.model_files import load_model
 from model_unet import DraemModel, init_weights
 from scoring.metrics import METRICS
+from scoring.model_files import load_model
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -260,22 +260,22 @@ def info_metadata(path):
     if path.suffix == ".onnx":
         import onnx
         return {p.key: p.value for p in onnx.load(path).metadata_props}
-    from deploy.openvino_model import read_ir
+    from scoring.model_files import read_ir
     return read_ir(path)[1]
 
 
 def test_float_layers_fill_the_budget_from_the_most_sensitive_down():
-    from deploy.int8 import Layer, choose_float_layers
-    layers = [Layer("a", 50, 1.0), Layer("b", 5, 0.9), Layer("c", 4, 0.5), Layer("d", 30, 0.3), Layer("e", 1, 0.01),
-              Layer("f", 10, 0.2)]  # 100 multiply-adds in all
-    assert [layer.name for layer in choose_float_layers(layers, 0.10)] == ["b", "c"]  # a does not fit; e too small
-    assert [layer.name for layer in choose_float_layers(layers, 0.60)] == ["a", "b", "c"]
-    assert choose_float_layers(layers, 0.0) == []
+    from deploy.int8 import choose_float_layers
+    sensitivity = {"a": 1.0, "b": 0.9, "c": 0.5, "d": 0.3, "e": 0.01, "f": 0.2}
+    macs = {"a": 50, "b": 5, "c": 4, "d": 30, "e": 1, "f": 10}  # 100 multiply-adds in all
+    assert choose_float_layers(sensitivity, macs, 0.10) == ["b", "c"]  # a does not fit; e too small
+    assert choose_float_layers(sensitivity, macs, 0.60) == ["a", "b", "c"]
+    assert choose_float_layers(sensitivity, macs, 0.0) == []
 
 
 def test_multiply_adds_are_the_direct_formula():
     from deploy.int8 import multiply_adds
-    from deploy.onnx_graph import ScoringGraph
+    from deploy.export import ScoringGraph
     model = DraemModel(8, 8).eval()
     macs = multiply_adds(ScoringGraph(model, False), np.zeros((3, 32, 64), np.float32))
     convs = dict(model.named_modules())
@@ -378,7 +378,7 @@ def test_precision_auto_tries_the_cheap_int8_first_fine_tunes_within_its_budget_
     --finetune_budget is skipped with the command that runs it; when post-training int8 passes, nothing else
     int8 is tried."""
     from deploy import int8
-    from scoring import accuracy_control, precision_choice
+    from deploy import accuracy_control, precision_choice
     work, data, ckpt, _ = exported
     real = int8.calibration_set
 
@@ -405,8 +405,8 @@ def test_precision_auto_tries_the_cheap_int8_first_fine_tunes_within_its_budget_
         if not graph.exists():
             real_export(checkpoint, graph, image_size)
         shutil.copyfile(graph, out)
-    real_export = precision_choice.export
-    monkeypatch.setattr(precision_choice, "export", export_once)
+    real_export = precision_choice.export_onnx
+    monkeypatch.setattr(precision_choice, "export_onnx", export_once)
     code, printed = gate(args, capsys)  # every int8 file calibrated on black images: all fail
     assert code == 1 and info_metadata(out)["precision"] == "fp32", printed[-3000:]
     assert "AVX2" in printed and "onnx int8 fine-tuned" in printed and "fails:" in printed and "kept fp32" in printed
@@ -489,10 +489,10 @@ def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, tmp
 def test_a_check_that_cannot_be_computed_never_passes():
     """An undefined AUROC (one class only) is a failure, not a drop of 'nan' points that is never too large; a
     gate where no check could run does not pass."""
-    from scoring.accuracy_gate import Check, drop_check, gate_lines, passes
+    from deploy.accuracy_gate import check, drop_check, gate_lines, passes
     undefined = drop_check("image AUROC", float("nan"), 0.9, 0.005)
-    assert undefined.passed is False
-    result = {"category": "c", "labelled": None, "checks": [Check("image AUROC", "-", None, "no defect images")],
+    assert undefined["passed"] is False
+    result = {"category": "c", "labelled": None, "checks": [check("image AUROC", "-", None, "no defect images")],
               "failures": [], "ran": 0, "good_only": {"good": 0, "simulated": 0, "good_from": "-", "anomalies_from": "-",
                                                      "map_difference_percentiles": {50: 0, 99: 0, 99.9: 0}}}
     assert not passes(result) and not any("PASSES" in line for line in gate_lines(result, "x.onnx"))
@@ -508,7 +508,7 @@ def test_an_fp32_export_passes_the_gate_at_the_test_sets_own_thresholds(exported
     tested = tmp_path / "weave.pt"
     save_training(tested, model, run_settings(category="weave", data_path=str(data), image_size=SIZE, base_width=8,
                                              seg_base_width=8, bit_depth=8),
-                  metrics={**out["metrics"], "operating_points": out["operating_points"]})
+                  {"metrics": {**out["metrics"], "operating_points": out["operating_points"]}})
     threshold = out["operating_points"]["image"]["threshold"]
     fp32_file = files[("openvino", "fp32")]
     exported_scores = predict(load_model(fp32_file, CPU)[0], load_test_set(data, "weave", SIZE).images, CPU)[0]

@@ -10,12 +10,12 @@ import torch
 
 from data_loader import list_images, load_images, load_test_set
 from helpers import TINY, run_script, tiny_dataset
+from engine import calibration_holdout
 from model_unet import image_scores
 from scoring.calibration import calibrate
 from scoring.evaluate import predict
 from scoring.tiling import TiledModel
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from engine import calibration_holdout
 
 
 def run(script: str, *args) -> None:
@@ -45,7 +45,7 @@ def scores_and_maxima(checkpoint, images):
 
 def test_calibration_split_holds_out_seeded_images_and_the_run_ends_with_their_thresholds(calibrated):
     work, data, ckpt = calibrated
-    info = load_checkpoint(ckpt).info
+    info = load_checkpoint(ckpt)[1]
     paths = list_images(data / "weave" / "train" / "good")
     _, held = calibration_holdout(len(paths), 0.25, seed=0)
     assert info.config["calibration_split"] == 0.25 and len(held) == 3
@@ -64,7 +64,7 @@ def test_the_calibrated_threshold_is_the_deployed_one_over_the_test_sets_max_f1(
     give its thresholds, not the test set's max F1 (stored too, one flag away)."""
     from scoring.detector import load
     work, data, ckpt = calibrated
-    info = load_checkpoint(ckpt).info
+    info = load_checkpoint(ckpt)[1]
     calibrated_t = {kind: info.calibration[kind]["threshold"] for kind in ("image", "pixel")}
     tested = {kind: info.operating_points[kind]["threshold"] for kind in ("image", "pixel")}
     assert all(calibrated_t[k] != tested[k] for k in calibrated_t)  # two different answers are stored
@@ -99,7 +99,7 @@ def test_the_own_part_commands_on_good_images_alone_end_with_verdicts_and_masks(
                       "--anomaly_source_path", demo / "sources", "--epochs", "1", *TINY, cwd=tmp_path)
     assert "no labelled test set: holding out 1 of 12 good images (--calibration_split 0.1)" in proc.stdout
     [ckpt] = (tmp_path / "checkpoints").glob("DRAEM_my_part_*.pt")
-    info = load_checkpoint(ckpt).info
+    info = load_checkpoint(ckpt)[1]
     assert info.config["calibration_split"] == 0.1 and len(info.calibration["held_out"]) == 1
     run_script("test_draem.py", "--checkpoint", ckpt, "--images", demo / "weave" / "test", "--out",
                tmp_path / "heatmaps", "--device", "cpu", cwd=tmp_path)
@@ -118,7 +118,7 @@ def test_threshold_auto_uses_the_calibrated_thresholds_and_says_so(calibrated, t
     work, data, ckpt = calibrated
     run("test_draem.py", "--checkpoint", ckpt, "--images", data / "weave" / "test", "--out", tmp_path,
         "--threshold", "auto", "--pixel_threshold", "auto", "--device", "cpu")
-    threshold = load_checkpoint(ckpt).info.calibration["image"]["threshold"]
+    threshold = load_checkpoint(ckpt)[1].calibration["image"]["threshold"]
     assert f"image threshold: {threshold} (calibrated for 40 % false alarms on 3 good images" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
     assert rows and all((r["verdict"] == "ANOMALY") == (float(r["score"]) >= threshold) for r in rows)
@@ -133,14 +133,14 @@ def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrat
     run("test_draem.py", "--checkpoint", copy, "--calibrate", good, "--false_alarm_rate", "0.25", "--device", "cpu")
     out = capsys.readouterr().out
     assert "4 images cannot show a false-alarm rate of at most 25 %: that takes at least 11 good images" in out
-    before, after = load_checkpoint(ckpt), load_checkpoint(copy)
+    (before, before_info), (after, after_info) = load_checkpoint(ckpt), load_checkpoint(copy)
     scores, maxima = scores_and_maxima(ckpt, load_images(list_images(good), 32))
     expected = calibrate(scores, maxima, 0.25, f"folder {good}")
-    assert after.info.calibration == expected  # in place, computed from these good images ...
-    assert all(torch.equal(after.reconstructive[k], v) for k, v in before.reconstructive.items())  # ... all else kept
-    assert after.info.config == before.info.config and after.optimizer is not None
+    assert after_info.calibration == expected  # in place, computed from these good images ...
+    assert all(torch.equal(after["reconstructive"][k], v) for k, v in before["reconstructive"].items())  # ... all else kept
+    assert after_info.config == before_info.config and after["optimizer"] is not None
     pytest.importorskip("onnxruntime")
-    from deploy.onnx_graph import load_onnx
+    from scoring.model_files import load_onnx
     run("export_draem.py", "--checkpoint", copy, "--out", tmp_path / "m.onnx")
     assert load_onnx(tmp_path / "m.onnx")[1].calibration == expected
     run("test_draem.py", "--checkpoint", tmp_path / "m.onnx", "--calibrate", good, "--false_alarm_rate", "0.5",
@@ -151,7 +151,7 @@ def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrat
 
 def test_tiled_onnx_equals_tiled_pytorch(calibrated, tmp_path):
     pytest.importorskip("onnxruntime")
-    from deploy.onnx_graph import load_onnx
+    from scoring.model_files import load_onnx
     work, data, ckpt = calibrated
     run("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx")
     images = load_test_set(data, "weave", None).images[:4]  # 160x160: tiles of 32 overlapping by 8
@@ -173,7 +173,7 @@ def test_twelve_bit_camera_images_train_and_score_like_their_eight_bit_originals
     run("train_draem.py", "--obj_id", "weave", "--data_path", data, "--epochs", "1", "--eval_every", "-1", *TINY,
         "--checkpoint_path", tmp_path / "checkpoints", "--log_path", tmp_path / "logs")
     ckpt = next((tmp_path / "checkpoints").glob("*.pt"))
-    assert load_checkpoint(ckpt).info.bit_depth == 12  # auto, from the largest value
+    assert load_checkpoint(ckpt)[1].bit_depth == 12  # auto, from the largest value
     original = cv2.imread(str(data / "weave" / "test" / "stain" / "000.png"))
     folder = tmp_path / "pair"
     folder.mkdir()
@@ -213,4 +213,4 @@ def test_bad_scoring_input_gets_one_line(calibrated, tmp_path, capsys, flags, ex
                          *[f.format(**places) for f in flags]]))
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and expect.format(**places) in err and "Traceback" not in err
-    assert load_checkpoint(ckpt).info.calibration["false_alarm_rate"] == 0.4  # nothing stored by a failed run
+    assert load_checkpoint(ckpt)[1].calibration["false_alarm_rate"] == 0.4  # nothing stored by a failed run

@@ -7,8 +7,8 @@ import torch
 from data_loader import list_images, load_images, load_test_set
 from deploy import int8, qat
 from deploy.export import Int8Options, export_model
-from deploy.model_files import load_model
-from deploy.onnx_graph import ScoringGraph
+from deploy.export import ScoringGraph
+from scoring.model_files import load_model
 from helpers import run_settings, tiny_dataset
 from scoring.evaluate import predict
 from training.checkpoint import save_training
@@ -105,7 +105,7 @@ def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until
     """A gate no int8 file can pass (image AUROC must rise by 100 points): each round writes and judges a file
     with one more convolution in float, the most sensitive of the rest first, and the loop stops before the next
     one would put more than MAX_FLOAT_SHARE of the multiply-adds in float, saying that the gate still fails."""
-    from scoring import accuracy_control, accuracy_gate
+    from deploy import accuracy_control, accuracy_gate
     work, data, ckpt, teacher, good, held_out = setting
     ref = accuracy_gate.reference(ckpt, data, CPU)
     monkeypatch.setattr(accuracy_gate, "IMAGE_AUROC_DROP", -1.0)
@@ -121,12 +121,12 @@ def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until
     assert result["failures"] and "still failing" in said[-1]
     assert info_metadata(out)["float_layers"] == props["float_layers"]  # the last round's file is the one written
     assert props["float_layers_by"] == f"accuracy control, round {len(rounds)}" and props["quantizer"] == "draem-qdq"
-    calibration = accuracy_control.int8_calibration(ckpt, SIZE, 8, "official", options)
-    ranked = sorted(int8.measure_layers(teacher, calibration), key=lambda layer: -layer.sensitivity)
-    assert kept == [layer.name for layer in ranked[:len(kept)]]  # budget 0: all of them added, in this order
-    macs = {layer.name: layer.macs for layer in ranked}
+    calibration, recorded = accuracy_control.int8_calibration(ckpt, SIZE, 8, "official", options)
+    sensitivity, macs = int8.measure_layers(teacher, calibration, int(recorded["calibration_good"]))
+    ranked = sorted(sensitivity, key=lambda name: -sensitivity[name])
+    assert kept == ranked[:len(kept)]  # budget 0: all of them added, in this order
     share = accuracy_control.float_share
-    assert share(macs, kept) <= 10.0 < share(macs, kept + [ranked[len(kept)].name])
+    assert share(macs, kept) <= 10.0 < share(macs, kept + [ranked[len(kept)]])
 
 
 def test_float_layers_until_pass_writes_the_file_it_judged_last(setting, tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 
 from data_loader import load_test_set
 from helpers import TINY, call_script, read_json, tiny_dataset
-from scoring.accuracy_gate import reference
+from deploy.accuracy_gate import reference
 from scoring.evaluate import evaluate
 from training.checkpoint import model_from_checkpoint
 from training.demo import texture

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from deploy import int8
+from deploy.accuracy_gate import Reference, judge, passes
 from deploy.export import Int8Options, export_model, float_share, int8_calibration, scoring_graph
-from deploy.model_files import load_model, move_model_file
-from scoring.accuracy_gate import Reference, judge, passes
+from scoring.model_files import load_model, move_model_file
 
 MAX_FLOAT_SHARE = 50.0  # percent of the multiply-adds: beyond it int8 would buy little over bf16 or fp32
 
@@ -30,13 +30,12 @@ def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options
     """The convolutions to start with in float, the rest from the most sensitive down, and each one's
     multiply-adds."""
     info = ref.info
-    calibration = int8_calibration(checkpoint, tuple(ref.images.shape[-2:]), info.bit_depth,
-                                   info.config["recipe"], options)
-    graph = scoring_graph(checkpoint)
-    layers = sorted(int8.measure_layers(graph, calibration), key=lambda layer: -layer.sensitivity)
-    start = [layer.name for layer in int8.choose_float_layers(layers, options.float_budget)] \
+    calibration, recorded = int8_calibration(checkpoint, tuple(ref.images.shape[-2:]), info.bit_depth,
+                                             info.config["recipe"], options)
+    sensitivity, macs = int8.measure_layers(scoring_graph(checkpoint), calibration, int(recorded["calibration_good"]))
+    start = int8.choose_float_layers(sensitivity, macs, options.float_budget) \
         if options.float_layers is None else list(options.float_layers)
-    return start, [layer.name for layer in layers if layer.name not in start], {layer.name: layer.macs for layer in layers}
+    return start, [name for name in int8.by_sensitivity(sensitivity) if name not in start], macs
 
 
 def until_pass(checkpoint: Path, out: Path, format: str, ref: Reference, options: Int8Options, device: torch.device,

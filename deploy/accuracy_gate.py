@@ -28,11 +28,11 @@ import torch
 from data_loader import DataError, category_layout, list_images, load_images, load_test_set, one_category
 from deploy.export import anomaly_sources, checkpoint_config
 from deploy.int8 import simulated_anomalies
-from deploy.model_files import load_model
 from model_unet import image_scores
 from scoring.calibration import allowed_false_alarms, upper_bound
 from scoring.evaluate import evaluate, predict
 from scoring.metrics import auroc
+from scoring.model_files import load_model
 from training.checkpoint import model_from_checkpoint
 
 IMAGE_AUROC_DROP = 0.005  # 0.5 points
@@ -45,12 +45,10 @@ GATE_SEED = 1  # the simulated anomalies the gate scores (calibration uses seed 
 SHOWN = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
 
-@dataclass
-class Check:
-    name: str
-    value: str  # what was measured, in words
-    passed: bool | None  # None: not run
-    limit: str = ""  # the tolerance, or why the check did not run
+def check(name: str, value: str, passed: bool | None, limit: str = "") -> dict:
+    """One line of the gate: what was measured (value, in words), passed (None: not run), and the tolerance or
+    why the check did not run (limit)."""
+    return {"name": name, "value": value, "passed": passed, "limit": limit}
 
 
 def quantile_difference(a: torch.Tensor, b: torch.Tensor, q: float = MAP_QUANTILE) -> float:
@@ -66,33 +64,33 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if union == 0 else (a & b).sum().item() / union
 
 
-def drop_check(name: str, ours: float, theirs: float, allowed: float) -> Check:
+def drop_check(name: str, ours: float, theirs: float, allowed: float) -> dict:
     if math.isnan(ours) or math.isnan(theirs):
-        return Check(name, "undefined", False, f"drop <= {100 * allowed:g} points")
+        return check(name, "undefined", False, f"drop <= {100 * allowed:g} points")
     drop = ours - theirs
-    return Check(name, f"{100 * ours:.2f} -> {100 * theirs:.2f} ({-100 * drop:+.2f} points)", drop <= allowed,
+    return check(name, f"{100 * ours:.2f} -> {100 * theirs:.2f} ({-100 * drop:+.2f} points)", drop <= allowed,
                  f"drop <= {100 * allowed:g} points")
 
 
-def line_checks(ours: dict, theirs: dict, info, precision: str) -> list[Check]:
+def line_checks(ours: dict, theirs: dict, info, precision: str) -> list[dict]:
     """Verdicts at the stored image threshold and defect masks at the stored pixel threshold, on every image."""
     checks, n = [], len(ours["scores"])
     threshold = info.threshold("image")
     if threshold is None:
-        checks.append(Check("verdicts changed", "-", None, "no image threshold stored"))
+        checks.append(check("verdicts changed", "-", None, "no image threshold stored"))
     else:
         changed = int(((ours["scores"] >= threshold) != (theirs["scores"] >= threshold)).sum())
-        checks.append(Check("verdicts changed", f"{changed} of {n} at {threshold:.4g}",
+        checks.append(check("verdicts changed", f"{changed} of {n} at {threshold:.4g}",
                             changed <= math.floor(VERDICT_CHANGES * n), f"<= {100 * VERDICT_CHANGES:g} %"))
     pixel = info.threshold("pixel")
     if pixel is None:
-        checks.append(Check("defect-mask IoU", "-", None, "no pixel threshold stored"))
+        checks.append(check("defect-mask IoU", "-", None, "no pixel threshold stored"))
     else:
         iou = mask_iou(ours["maps"] >= pixel, theirs["maps"] >= pixel)
-        checks.append(Check("defect-mask IoU", f"{iou:.4f} at {pixel:.4g}", iou >= MASK_IOU, f">= {MASK_IOU:g}"))
+        checks.append(check("defect-mask IoU", f"{iou:.4f} at {pixel:.4g}", iou >= MASK_IOU, f">= {MASK_IOU:g}"))
     typical = quantile_difference(ours["maps"], theirs["maps"])
     if precision == "fp32":
-        checks.append(Check("map difference p99.9", f"{typical:.3g}", typical <= MAP_TOLERANCE["fp32"],
+        checks.append(check("map difference p99.9", f"{typical:.3g}", typical <= MAP_TOLERANCE["fp32"],
                             f"<= {MAP_TOLERANCE['fp32']:g} (fp32: rounding only)"))
     return checks
 
@@ -117,19 +115,19 @@ def scored(model, images: torch.Tensor, device, channel_order: str, batch_size: 
     return {"maps": maps, "scores": image_scores(maps).cpu()}
 
 
-def good_only_checks(ours: dict, theirs: dict, good: int, info) -> list[Check]:
+def good_only_checks(ours: dict, theirs: dict, good: int, info) -> list[dict]:
     """On good images followed by one simulated anomaly each: AUROC of the two groups and the false alarms."""
     labels = torch.cat((torch.zeros(good), torch.ones(len(ours["scores"]) - good)))
     checks = [drop_check("simulated-anomaly AUROC", auroc(ours["scores"], labels), auroc(theirs["scores"], labels),
                          IMAGE_AUROC_DROP)]
     point = info.calibration.get("image")
     if point is None:
-        checks.append(Check("false alarms on good images", "-", None, "no calibrated image threshold stored"))
+        checks.append(check("false alarms on good images", "-", None, "no calibrated image threshold stored"))
         return checks
     rate, threshold = info.calibration["false_alarm_rate"], point["threshold"]
     flagged = [int((s[:good] >= threshold).sum()) for s in (ours["scores"], theirs["scores"])]
     allowed = max(allowed_false_alarms(good, rate), flagged[0])
-    checks.append(Check("false alarms on good images",
+    checks.append(check("false alarms on good images",
                         f"{flagged[1]} of {good} (PyTorch {flagged[0]}; true rate at most "
                         f"{100 * upper_bound(flagged[1], good):.3g} %)", flagged[1] <= allowed,
                         f"<= {allowed} (budget {100 * rate:g} %)"))
@@ -194,11 +192,11 @@ def judge(ref: Reference, candidate, precision: str, device: torch.device, batch
                                         IMAGE_AUROC_DROP),
                              drop_check("pixel AP", ours["metrics"]["pixel_ap"], theirs["metrics"]["pixel_ap"],
                                         PIXEL_AP_DROP),
-                             *[Check(f"labelled: {c.name}", c.value, c.passed, c.limit)
+                             *[c | {"name": f"labelled: {c['name']}"}
                                for c in line_checks(ours, theirs, info, precision)]]
     else:
-        result["checks"] += [Check("image AUROC", "-", None, ref.why_unlabelled),
-                             Check("pixel AP", "-", None, ref.why_unlabelled)]
+        result["checks"] += [check("image AUROC", "-", None, ref.why_unlabelled),
+                             check("pixel AP", "-", None, ref.why_unlabelled)]
     ours, theirs = ref.simulated, scored(candidate, ref.images, device, channel_order, batch_size)
     good = ref.good
     good_maps = (ours["maps"][:good] - theirs["maps"][:good]).abs().flatten().cpu().numpy()
@@ -207,10 +205,11 @@ def judge(ref: Reference, candidate, precision: str, device: torch.device, batch
                            "map_difference_percentiles": {q: float(np.quantile(good_maps, q / 100))
                                                           for q in (50, 99, 99.9)}}
     result["checks"] += good_only_checks(ours, theirs, good, info)
-    result["checks"] += [Check(f"good + simulated: {c.name}", c.value, c.passed, c.limit)
+    result["checks"] += [c | {"name": f"good + simulated: {c['name']}"}
                          for c in line_checks(ours, theirs, info, precision)]
-    result["failures"] = [f"{c.name}: {c.value} (limit {c.limit})" for c in result["checks"] if c.passed is False]
-    result["ran"] = sum(c.passed is not None for c in result["checks"])
+    result["failures"] = [f"{c['name']}: {c['value']} (limit {c['limit']})" for c in result["checks"]
+                          if c["passed"] is False]
+    result["ran"] = sum(c["passed"] is not None for c in result["checks"])
     return result
 
 
@@ -249,9 +248,9 @@ def gate_lines(result: dict, name: str) -> list[str]:
                  f"({g['anomalies_from']}); map difference on good images: p50 {p[50]:.2e}, p99 {p[99]:.2e}, "
                  f"p99.9 {p[99.9]:.2e}")
     for c in result["checks"]:
-        status = {True: "pass", False: "FAIL", None: "not run"}[c.passed]
-        lines.append(f"  {status:<8}{c.name:<44}{c.value:<52}{c.limit}")
-    not_run = [c.name for c in result["checks"] if c.passed is None]
+        status = {True: "pass", False: "FAIL", None: "not run"}[c["passed"]]
+        lines.append(f"  {status:<8}{c['name']:<44}{c['value']:<52}{c['limit']}")
+    not_run = [c["name"] for c in result["checks"] if c["passed"] is None]
     if result["failures"]:
         lines.append(f"{name} FAILS the accuracy gate: " + "; ".join(result["failures"]))
     elif result["ran"]:

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from deploy.export import SUFFIX, Int8Options, device_for_finetuning, export_model, scoring_graph
-from deploy.model_files import load_model, move_model_file
-from deploy.onnx_graph import export
+from deploy.accuracy_control import until_pass
+from deploy.accuracy_gate import Reference, gate_lines, judge, passes, precision_of
+from deploy.export import SUFFIX, Int8Options, device_for_finetuning, export_model, export_onnx, scoring_graph
 from deploy.qat import FINETUNE_STEPS, seconds_per_step
-from scoring.accuracy_control import until_pass
-from scoring.accuracy_gate import Reference, gate_lines, judge, passes, precision_of
 from scoring.evaluate import predict
+from scoring.model_files import load_model, move_model_file
 from training.checkpoint import model_from_checkpoint
 from training.cli import cpu_capabilities
 
@@ -38,7 +37,7 @@ def describe_cpu(has: dict[str, bool | None]) -> str:
     return f"this CPU: {listed}; {int8}; {bf16}"
 
 
-CONTROLLED = "int8 more float"  # accuracy control (scoring/accuracy_control.py), when post-training int8 fails
+CONTROLLED = "int8 more float"  # accuracy control (deploy/accuracy_control.py), when post-training int8 fails
 FINETUNED = "int8 fine-tuned"  # when accuracy control fails too, within --finetune_budget
 
 
@@ -93,7 +92,7 @@ def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: tor
           f"--finetune_budget {options.finetune_budget:g} min")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows, fp32 = {}, Path(tmp) / "graph.onnx"
-        export(checkpoint, fp32, image_size)  # every candidate starts from this graph
+        export_onnx(checkpoint, fp32, image_size)  # every candidate starts from this graph
         int8_seconds = 0.0  # what post-training int8 took, the first candidate: the unit of the later estimates
         for precision in candidates(format, has):
             if precision in (FINETUNED, CONTROLLED) and any(r["passes"] for r in rows.values()):
