@@ -29,7 +29,7 @@ from training.checkpoint import load_checkpoint, load_weights, save_training
 from training.defects import (RealDefects, choose_defects, draw_real, load_real_defects, paste, pasted_per_step,
                               real_per_step)
 from training.cli import UsageError
-from training.processes import Launch
+from training.processes import batch_slice
 from training.settings import check_resumable, resume_path
 
 
@@ -76,23 +76,23 @@ def calibration_holdout(n: int, share: float, seed: int) -> tuple[list[int], lis
 
 
 def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: torch.Tensor | None,
-               args: argparse.Namespace, launch: Launch, generator: torch.Generator,
-               defects: RealDefects | None = None) -> Batch:
+               args: argparse.Namespace, generator: torch.Generator, defects: RealDefects | None = None) -> Batch:
     """What step trains on: this rank's slice of its batch in the epoch's order (epoch_order: one row per step),
     cropped when the run crops, with anomalies simulated from the step's own random stream. With real defects,
     they take the batch's last real_per_step places, drawn from their own stream of the step."""
-    normal = images[order[step % len(order)].view(launch.dp_size, args.bs)[launch.dp_rank]]
+    slices, rank = batch_slice(args)
+    normal = images[order[step % len(order)].view(slices, args.bs)[rank]]
     real = real_per_step(args.defect_share, args.bs) if defects is not None else 0
     pasted = pasted_per_step(defects, real, args.paste_defects) if real else 0
     own = real - pasted  # the pasted ones keep their good image: it is their clean target
     normal = normal[:len(normal) - own]
-    generator.manual_seed(stream_seed(args.seed, "simulation", launch.dp_rank, step))
+    generator.manual_seed(stream_seed(args.seed, "simulation", rank, step))
     if args.train_crop:
         normal = random_crops(normal, args.train_crop, generator)
     simulated = simulate_anomalies(normal, sources, args.recipe, generator)
     if not real:
         return simulated
-    generator.manual_seed(stream_seed(args.seed, "real defects", launch.dp_rank, step))
+    generator.manual_seed(stream_seed(args.seed, "real defects", rank, step))
     recipe = RECIPES[args.recipe]
     augmented, mask = simulated.augmented, simulated.mask
     if pasted:
@@ -112,10 +112,11 @@ def first_samples(images: torch.Tensor, sources: torch.Tensor | None, args: argp
                   steps_per_epoch: int, defects: RealDefects | None = None) -> Batch:
     """The first count samples the first steps train on (--preview), drawn exactly as the loop draws them (real
     defects, when the run has them, last in each batch: their image is their input, their mask the target)."""
-    generator, parts, launch = torch.Generator(images.device), [], Launch()
+    generator, parts = torch.Generator(images.device), []
+    one_process = argparse.Namespace(**{**vars(args), "ddp": False})  # as a run of one process draws them
     for step in range(math.ceil(count / args.bs)):
-        order = epoch_order(len(images), args.bs * launch.dp_size, args.seed, step // steps_per_epoch, images.device)
-        parts.append(step_batch(images, order, step, sources, args, launch, generator, defects))
+        order = epoch_order(len(images), args.bs, args.seed, step // steps_per_epoch, images.device)
+        parts.append(step_batch(images, order, step, sources, one_process, generator, defects))
     return Batch(*(torch.cat([getattr(b, name) for b in parts])[:count] for name in ("image", "augmented", "mask")))
 
 
@@ -124,12 +125,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def prepare_network(model: DraemModel, args: argparse.Namespace, launch: Launch, device: torch.device) -> nn.Module:
+def prepare_network(model: DraemModel, args: argparse.Namespace, device: torch.device) -> nn.Module:
     """What the step calls: the model, maybe with SyncBatchNorm, compiled and wrapped for DDP."""
-    if launch.data_parallel and args.sync_bn:
+    if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = torch.compile(model) if args.compile else model
-    if launch.data_parallel:
+    if args.ddp:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     return net
 

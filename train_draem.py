@@ -26,7 +26,8 @@ from recipe import RECIPES
 from scoring.results import score_test_sets
 from training.cli import AMP_DTYPES, add_shared_flags, false_alarm_rate, one_line_errors, pick_device, resolve_amp
 from training.demo import DEMO_CATEGORY, DEMO_ROOT, make_demo_dataset
-from training.processes import Launch, StopRequest, TrainingStopped, ensure_writable, start_processes, stop_on_signals
+from training.processes import (PLACE, StopRequest, TrainingStopped, batch_slice, ensure_writable, start_processes,
+                                stop_on_signals, writes_outputs)
 from training.settings import plain_settings, run_name
 
 
@@ -172,7 +173,7 @@ PROCESS_FLAGS = ("obj_id", "run_name", "checkpoint_path", "log_path", "visualize
                  "demo", "debug")
 
 
-def run_config(args: argparse.Namespace, category: str, layout: data_loader.Layout, paths: list[Path], launch: Launch,
+def run_config(args: argparse.Namespace, category: str, layout: data_loader.Layout, paths: list[Path],
                device: torch.device) -> argparse.Namespace:
     """This category's run: the flags, with what they leave open decided here and nowhere else (the precision,
     the bit depth, the calibration split, the processes that train one model, the colour order)."""
@@ -181,15 +182,16 @@ def run_config(args: argparse.Namespace, category: str, layout: data_loader.Layo
     config.amp = resolve_amp(args.amp, device)
     config.bit_depth = data_loader.detect_bit_depth(paths, args.workers) if args.bit_depth == "auto" else args.bit_depth
     config.calibration_split = default_calibration_split(args, layout, len(paths))
-    config.processes = launch.dp_size  # the global batch is bs x processes
-    config.sync_bn = args.sync_bn and launch.data_parallel
+    config.processes = batch_slice(args)[0]  # the global batch is bs x processes
+    config.sync_bn = args.sync_bn and args.ddp
     config.channel_order = data_loader.CHANNEL_ORDER  # the colour order the networks see
     return config
 
 
 def settings(config: argparse.Namespace) -> dict:
-    """What the checkpoint records as the run's settings: every flag but the PROCESS_FLAGS, as plain values."""
-    return plain_settings({k: v for k, v in vars(config).items() if k not in PROCESS_FLAGS})
+    """What the checkpoint records as the run's settings: every flag but the PROCESS_FLAGS, as plain values (and
+    not the process's place, which start_processes adds)."""
+    return plain_settings({k: v for k, v in vars(config).items() if k not in PROCESS_FLAGS + PLACE})
 
 
 def default_calibration_split(args: argparse.Namespace, layout: data_loader.Layout, images: int) -> float:
@@ -227,18 +229,17 @@ def name_run(args: argparse.Namespace, config: argparse.Namespace, several: bool
 
 # ---- one category's run, built in view --------------------------------------------------------------------
 
-def plan_run(args: argparse.Namespace, category: str, device: torch.device, launch: Launch, several: bool
-             ) -> engine.Run:
+def plan_run(args: argparse.Namespace, category: str, device: torch.device, several: bool) -> engine.Run:
     """The run's settings and name, its training images and real defects cached on the device, the good images
     its thresholds are calibrated on, and the test set it is scored on."""
     layout = data_loader.category_layout(args.data_path, category)
     paths = data_loader.train_image_paths(args.data_path, category)
-    config = run_config(args, category, layout, paths, launch, device)
+    config = run_config(args, category, layout, paths, device)
     name = name_run(args, config, several)
     kept, held = engine.calibration_holdout(len(paths), config.calibration_split, config.seed)
     images = data_loader.load_images([paths[i] for i in kept], config.image_size, args.workers, config.bit_depth)
     # Under --ddp the global batch is bs x dp_size: every rank draws the same order and trains its slice.
-    steps_per_epoch = math.ceil(len(images) / (config.bs * launch.dp_size))
+    steps_per_epoch = math.ceil(len(images) / (config.bs * config.processes))
     validation = data_loader.list_images(layout.validation) if layout.validation else []
     run = engine.Run(config, settings(config), name, args.checkpoint_path / f"{name}.pt", layout, images.to(device),
                      [paths[i] for i in held], validation, steps_per_epoch,
@@ -252,20 +253,20 @@ def plan_run(args: argparse.Namespace, category: str, device: torch.device, laun
 
 
 def train_category(args: argparse.Namespace, category: str, device: torch.device, sources: torch.Tensor | None,
-                   stop: StopRequest, launch: Launch = Launch(), several: bool = False) -> Path:
-    run = plan_run(args, category, device, launch, several)
+                   stop: StopRequest, several: bool = False) -> Path:
+    run = plan_run(args, category, device, several)
     if args.preview:
         return engine.write_preview(run, sources)
     config, images, steps_per_epoch = run.config, run.images, run.steps_per_epoch
     model, optimizer, scaler = engine.build_training(config, device)
     start = engine.resume(run, model, optimizer, scaler)
-    net = engine.prepare_network(model, config, launch, device)
-    writes = launch.writes_outputs
+    net = engine.prepare_network(model, config, device)
+    writes = writes_outputs(config)
     if writes:
         print(engine.describe_run(run, device, args.amp == "auto"))
     # On resume, drop logged events from after the checkpoint (progress that was lost), keep the rest.
     writer = SummaryWriter(args.log_path / run.name, purge_step=start + 1 if start else None) if writes else None
-    progress = engine.Progress(category, start, run.total_steps, steps_per_epoch, config.bs * launch.dp_size, writes)
+    progress = engine.Progress(category, start, run.total_steps, steps_per_epoch, config.bs * config.processes, writes)
     dtype = AMP_DTYPES[config.amp]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     simulation_g = torch.Generator(device)
@@ -276,12 +277,12 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         # schedule: the epoch's batch order and learning rate
         epoch, index = divmod(step, steps_per_epoch)
         if order is None or index == 0:
-            order = engine.epoch_order(len(images), config.bs * launch.dp_size, config.seed, epoch, device)
+            order = engine.epoch_order(len(images), config.bs * config.processes, config.seed, epoch, device)
             engine.set_learning_rate(optimizer, RECIPES[config.recipe].learning_rate(config.lr, epoch,
                                                                                              config.epochs))
 
         # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
-        batch = engine.step_batch(images, order, step, sources, config, launch, simulation_g, run.defects)
+        batch = engine.step_batch(images, order, step, sources, config, simulation_g, run.defects)
 
         # step: forward under autocast, L2 + SSIM + focal loss in fp32, backward, Adam
         out, total, parts = engine.train_step(net, batch, optimizer, scaler, autocast, config.sspcab)
@@ -292,7 +293,7 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         # log: the only host syncs of the loop. Under DDP the ranks agree to stop here, so none is left
         # waiting in an all-reduce.
         log_now = done % args.log_every == 0
-        stopping = stop.agreed(device) if launch.data_parallel and log_now else stop.requested and not launch.data_parallel
+        stopping = stop.agreed(device) if config.ddp and log_now else stop.requested and not config.ddp
         if log_now or stopping:
             engine.check_finite(first_bad, run.checkpoint)
             engine.log_step(writer, progress, done, total, parts, optimizer)
@@ -312,8 +313,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             progress.close()
             raise TrainingStopped(f"[{category}] stopped at step {done}; resume with --resume")
     progress.close()
-    if launch.data_parallel:
-        print(f"[{category}] rank {launch.rank} parameter fingerprint {engine.parameter_fingerprint(model)}")
+    if config.ddp:
+        print(f"[{category}] rank {config.rank} parameter fingerprint {engine.parameter_fingerprint(model)}")
     if writer:
         writer.close()
         print(f"[{category}] checkpoint {run.checkpoint}"
@@ -325,12 +326,12 @@ def main(args: argparse.Namespace) -> None:
     with one_line_errors(args.debug):  # known problems: one line on stderr, exit status 2 (--debug: the traceback)
         if args.demo:
             print(f"demo dataset: {make_demo_dataset()}")
-        launch = start_processes(args)
-        device = pick_device(launch.device) if launch.device else pick_device(args.device, args.gpu_id)
+        start_processes(args)
+        device = pick_device(args.process_device) if args.process_device else pick_device(args.device, args.gpu_id)
         categories = data_loader.resolve_categories(str(args.obj_id), args.data_path)
         several = len(categories) > 1
-        if launch.world_size > 1 and not launch.data_parallel:  # each process trains its share, one after another
-            categories = categories[launch.rank::launch.world_size]
+        if args.world_size > 1 and not args.ddp:  # each process trains its share, one after another
+            categories = categories[args.rank::args.world_size]
         for folder, flag in ((args.checkpoint_path, "--checkpoint_path"), (args.log_path, "--log_path")):
             ensure_writable(folder, flag)
         if args.anomaly_source_path is None:
@@ -347,7 +348,7 @@ def main(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         with stop_on_signals() as stop:
             try:
-                paths = [train_category(args, c, device, sources, stop, launch, several) for c in categories]
+                paths = [train_category(args, c, device, sources, stop, several) for c in categories]
             except TrainingStopped as exc:
                 print(exc, file=sys.stderr)
                 sys.exit(130)
@@ -355,13 +356,13 @@ def main(args: argparse.Namespace) -> None:
             for path in paths:
                 print(f"preview: {path}")
             return
-        if launch.world_size > 1:
+        if args.world_size > 1:
             dist.barrier()
             dist.destroy_process_group()
-        if launch.writes_outputs:
+        if writes_outputs(args):
             print(f"trained {len(paths)} categor{'y' if len(paths) == 1 else 'ies'} in "
                   f"{time.perf_counter() - started:.0f} s; TensorBoard: tensorboard --logdir {args.log_path}")
-        if args.demo and launch.rank == 0:
+        if args.demo and args.rank == 0:
             out = Path("results") / "demo"
             score_test_sets(paths, args.data_path, out, device)
             print(f"demo done. open {out / 'report.html'} (metrics, curves, every test image's panel); "

@@ -146,7 +146,6 @@ def test_training_defects_come_from_train_type_folders_or_a_description_and_may_
 
 
 def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
-    from training.processes import Launch
     from engine import epoch_order, step_batch
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -155,10 +154,11 @@ def test_real_defect_draws_come_from_the_steps_own_stream_on_each_rank():
                           [{"mask": "m.png"}] * 5)
     order = epoch_order(16, 8, 3, 0, torch.device("cpu"))
     for paste in (True, False):
-        config = Namespace(**run_settings(category="c", bs=4, seed=3, defect_share=0.5, paste_defects=paste))
+        config = run_settings(category="c", bs=4, seed=3, defect_share=0.5, paste_defects=paste, processes=2)
 
-        def batch(rank: int, step: int):
-            return step_batch(images, order, step, None, config, Launch(rank, 2, True), torch.Generator(), defects)
+        def batch(rank: int, step: int):  # rank of 2 processes under torchrun --ddp
+            on_rank = Namespace(**config, ddp=True, rank=rank, world_size=2)
+            return step_batch(images, order, step, None, on_rank, torch.Generator(), defects)
         first = batch(0, 1)
         assert (first.real, first.pasted) == ((0, 2) if paste else (2, 0)) and len(first.augmented) == 4
         assert torch.equal(first.augmented, batch(0, 1).augmented)  # a function of the step: resume draws the same
@@ -170,7 +170,6 @@ def test_a_pasted_defect_lies_on_a_good_image_which_is_its_clean_target():
     """Pasting: inside the drawn mask the input is the defect's pixels, outside it the good image the batch
     drew, which is also the reconstruction target; image-level labels keep their own image."""
     from training.defects import pasted_per_step
-    from training.processes import Launch
     from engine import epoch_order, step_batch
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 100, (8, 3, 32, 32), dtype=torch.uint8, generator=g)  # good images: dark
@@ -179,9 +178,9 @@ def test_a_pasted_defect_lies_on_a_good_image_which_is_its_clean_target():
     files = [{"mask": "a.png"}, {"mask": "b.png"}, {"mask": "c.png"}, {"mask": None}]
     defects = RealDefects(torch.full((4, 3, 32, 32), 250, dtype=torch.uint8), masks,
                           torch.tensor([True, True, True, False]), files)
-    config = Namespace(**run_settings(category="c", bs=8, seed=0, defect_share=0.5, recipe="official"))
-    batch = step_batch(images, epoch_order(8, 8, 0, 0, torch.device("cpu")), 0, None, config, Launch(),
-                       torch.Generator(), defects)
+    config = Namespace(**run_settings(category="c", bs=8, seed=0, defect_share=0.5, recipe="official"), ddp=False)
+    batch = step_batch(images, epoch_order(8, 8, 0, 0, torch.device("cpu")), 0, None, config, torch.Generator(),
+                       defects)
     assert (batch.pasted, batch.real) == (3, 1)  # 4 real places: 3 of 4 defects have masks
     pasted = slice(4, 7)
     inside = batch.mask[pasted].bool().expand(-1, 3, -1, -1)

@@ -6,7 +6,6 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,39 +14,35 @@ import torch.distributed as dist
 from training.cli import UsageError
 
 
-@dataclass(frozen=True)
-class Launch:
-    """This process's place under torchrun (process 0 of 1 without it)."""
-    rank: int = 0  # torchrun's global rank
-    world_size: int = 1
-    data_parallel: bool = False  # --ddp: the processes train one model; otherwise each trains its own categories
-    device: str | None = None  # cuda:LOCAL_RANK on a multi-GPU launch
-
-    @property
-    def dp_rank(self) -> int:  # which slice of the global batch this process trains on
-        return self.rank if self.data_parallel else 0
-
-    @property
-    def dp_size(self) -> int:  # how many processes share one model's batch
-        return self.world_size if self.data_parallel else 1
-
-    @property
-    def writes_outputs(self) -> bool:  # checkpoints, logs and progress come from one process per model
-        return not self.data_parallel or self.rank == 0
+PLACE = ("rank", "world_size", "process_device")  # what start_processes sets on args
 
 
-def start_processes(args: argparse.Namespace) -> Launch:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+def start_processes(args: argparse.Namespace) -> None:
+    """This process's place under torchrun, set on args as DETR's init_distributed_mode does: rank, world_size
+    (0 of 1 without torchrun) and process_device (cuda:LOCAL_RANK on a multi-GPU launch, else None). --ddp (the
+    processes train one model; without it each trains its own categories) stays on only under torchrun."""
+    args.rank, args.world_size, args.process_device = 0, int(os.environ.get("WORLD_SIZE", "1")), None
+    if args.world_size == 1:
         if args.ddp:
             print("note: --ddp without torchrun: training on one process", file=sys.stderr)
-        return Launch()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        args.ddp = False
+        return
+    args.rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank)
+        args.process_device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Launch(rank, world_size, args.ddp, f"cuda:{local_rank}" if use_cuda else None)
+
+
+def batch_slice(args: argparse.Namespace) -> tuple[int, int]:
+    """(how many processes share one model's batch, which slice of it this process trains on)."""
+    return (args.world_size, args.rank) if args.ddp else (1, 0)
+
+
+def writes_outputs(args: argparse.Namespace) -> bool:
+    """Checkpoints, logs and progress come from one process per model."""
+    return not args.ddp or args.rank == 0
 
 
 class TrainingStopped(Exception):
