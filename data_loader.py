@@ -363,14 +363,6 @@ class TestSet:
                 f"training (left out)")
 
 
-@dataclass(frozen=True)
-class DefectFile:
-    """A defect image, its type (its folder's name) and its mask file (None: an image-level label only)."""
-    path: Path
-    defect_type: str
-    mask: Path | None
-
-
 def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
     for candidate in sorted(gt_dir.glob(f"{image_path.stem}_mask.*")) + sorted(gt_dir.glob(f"{image_path.stem}.*")):
         if is_image(candidate):
@@ -378,9 +370,10 @@ def mask_path_for(gt_dir: Path, image_path: Path) -> Path | None:
     return None
 
 
-def defect_files(folders: dict[str, Path], masks: dict[str, Path]) -> list[DefectFile]:
-    """Every image of the defect folders (sorted by type, then name), each with its mask when there is one."""
-    return [DefectFile(path, kind, mask_path_for(masks[kind], path) if kind in masks else None)
+def defect_files(folders: dict[str, Path], masks: dict[str, Path]) -> list[dict]:
+    """Every image of the defect folders (sorted by type, then name): its path, its type (its folder's name) and
+    its mask file (None: an image-level label only)."""
+    return [{"path": path, "defect_type": kind, "mask": mask_path_for(masks[kind], path) if kind in masks else None}
             for kind, folder in sorted(folders.items()) for path in list_images(folder)]
 
 
@@ -399,22 +392,22 @@ def load_test_set(data_path: Path, category: str, size: Size | None, workers: in
                         f"or test_good / test_defect in a description)")
     good = {"good": layout.test["good"]} if "good" in layout.test else {}
     defects = defect_files({t: d for t, d in layout.test.items() if t != "good"}, layout.masks)
-    left_out = [d.path for d in defects if leave_out and file_digest(d.path) in leave_out]
+    left_out = [d["path"] for d in defects if leave_out and file_digest(d["path"]) in leave_out]
     if left_out and len(left_out) == len(defects):
         raise DataError(f"the test set of {layout.origin} holds only the {len(defects)} defect images the model "
                         f"trained on: nothing is left to score it on")
     dropped = set(left_out)
-    files = sorted(defect_files(good, {}) + [d for d in defects if d.path not in dropped],
-                   key=lambda d: (d.defect_type, d.path.name))
+    files = sorted(defect_files(good, {}) + [d for d in defects if d["path"] not in dropped],
+                   key=lambda d: (d["defect_type"], d["path"].name))
     if not files:
         raise DataError(f"no test images in the test folders of {layout.origin}")
-    missing = [str(d.path) for d in files if d.defect_type != "good" and d.mask is None]
+    missing = [str(d["path"]) for d in files if d["defect_type"] != "good" and d["mask"] is None]
     if missing:  # image metrics still use them; pixel metrics cannot
         where = ", ".join(sorted({str(d) for d in layout.masks.values()})) or "no mask folder"
         warn(f"{len(missing)} defect image(s) without a mask in {where}: pixel metrics cover the "
-             f"other {sum(d.defect_type != 'good' for d in files) - len(missing)} defect images ({'; '.join(missing[:3])}"
+             f"other {sum(d['defect_type'] != 'good' for d in files) - len(missing)} defect images ({'; '.join(missing[:3])}"
              + (" ..." if len(missing) > 3 else "") + ")")
-    read = parallel_read(partial(read_test_pair, bit_depth=bit_depth), [(d.path, d.mask) for d in files], size,
+    read = parallel_read(partial(read_test_pair, bit_depth=bit_depth), [(d["path"], d["mask"]) for d in files], size,
                          workers or default_workers())
     sizes = sorted({image.shape[:2] for image, _, _ in read})
     if len(sizes) > 1:
@@ -428,10 +421,10 @@ def load_test_set(data_path: Path, category: str, size: Size | None, workers: in
         warn(note)
     if len(notes) > 5:
         warn(f"... and {len(notes) - 5} more mask notes")
-    types = [d.defect_type for d in files]
+    types = [d["defect_type"] for d in files]
     labels = torch.tensor([t != "good" for t in types], dtype=torch.long)
-    has_mask = torch.tensor([d.defect_type == "good" or d.mask is not None for d in files])
-    return TestSet(images, masks, labels, types, [d.path for d in files], has_mask, left_out)
+    has_mask = torch.tensor([d["defect_type"] == "good" or d["mask"] is not None for d in files])
+    return TestSet(images, masks, labels, types, [d["path"] for d in files], has_mask, left_out)
 
 
 def available_categories(data_path: Path) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_loader import DataError, DefectFile
+from data_loader import DataError
 from helpers import run_settings
 from loss import FocalLoss, draem_loss, ssim_loss
 from recipe import RECIPES
@@ -17,8 +17,8 @@ from training.defects import (RealDefects, draw_real, pixel_labelled, read_split
                               stratified_order)
 
 
-def files(counts: dict[str, int]) -> list[DefectFile]:
-    return [DefectFile(Path(f"{kind}/{i:03d}.png"), kind, Path(f"gt/{kind}/{i:03d}_mask.png"))
+def files(counts: dict[str, int]) -> list[dict]:
+    return [{"path": Path(f"{kind}/{i:03d}.png"), "defect_type": kind, "mask": Path(f"gt/{kind}/{i:03d}_mask.png")}
             for kind, n in counts.items() for i in range(n)]
 
 
@@ -27,7 +27,7 @@ def test_stratified_order_draws_each_type_in_proportion_and_smaller_draws_are_su
     order = stratified_order(pool, torch.Generator().manual_seed(0))
     assert sorted(order, key=str) == sorted(pool, key=str)  # a permutation
     for n in (5, 16, 53, 200):
-        drawn = [f.defect_type for f in order[:n]]
+        drawn = [f["defect_type"] for f in order[:n]]
         for kind, count in {"blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103}.items():
             assert abs(drawn.count(kind) - n * count / len(pool)) <= 1.0, (n, kind)
     again = stratified_order(pool, torch.Generator().manual_seed(0))
@@ -51,12 +51,12 @@ def test_split_file_reads_names_and_flags_as_the_authors_write_them(tmp_path):
 def test_pixel_labels_keep_masks_on_n_drawn_or_on_the_split_files_choice(tmp_path):
     pool = files({"defect": 6})
     drawn = pixel_labelled(pool, "2", [], torch.Generator().manual_seed(0))
-    assert [d.path for d in drawn] == [d.path for d in pool] and sum(d.mask is not None for d in drawn) == 2
+    assert [d["path"] for d in drawn] == [d["path"] for d in pool] and sum(d["mask"] is not None for d in drawn) == 2
     assert pixel_labelled(pool, "all", [], torch.Generator()) == pool
     split = tmp_path / "split.pyb"
     split.write_bytes(pickle.dumps(([("001", True), ("004", True), ("002", False), ("good7", False)], [])))
     chosen = pixel_labelled(pool, str(split), [Path("good/good7.png")], torch.Generator())
-    assert [d.path.stem for d in chosen if d.mask is not None] == ["001", "004"]
+    assert [d["path"].stem for d in chosen if d["mask"] is not None] == ["001", "004"]
     with pytest.raises(DataError, match="only 6 of the 6"):
         pixel_labelled(pool, "7", [], torch.Generator())
 
@@ -128,7 +128,7 @@ def test_training_defects_come_from_train_type_folders_or_a_description_and_may_
     layout = category_layout(tmp_path / "data", "part")
     assert set(layout.train_defects) == {"scratch"} and set(layout.test) == {"dent"}
     chosen = choose_defects(layout, 0, "all", [part / "train" / "good" / "g0.png"], torch.Generator())
-    assert [(d.path.name, d.mask and d.mask.name, origin) for d, origin in chosen] == [
+    assert [(d["path"].name, d["mask"] and d["mask"].name, origin) for d, origin in chosen] == [
         ("s0.png", "s0_mask.png", "train"), ("s1.png", None, "train")]  # s1: an image-level label
     with pytest.raises(DataError, match="--train_defects 1: that is every defect image"):  # none left to score
         choose_defects(layout, 1, "all", [], torch.Generator())

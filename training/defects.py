@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_loader import (DataError, DefectFile, Layout, Size, decode, defect_files, default_workers, file_digest,
+from data_loader import (DataError, Layout, Size, decode, defect_files, default_workers, file_digest,
                          height_width, parallel_read, resize)
 from perlin import apply_where, random_crops, rotate, uniform
 from recipe import Recipe
@@ -57,13 +57,13 @@ class RealDefects:
 
 # ---- which files ----------------------------------------------------------------------------------------
 
-def stratified_order(files: list[DefectFile], generator: torch.Generator) -> list[DefectFile]:
+def stratified_order(files: list[dict], generator: torch.Generator) -> list[dict]:
     """The files in a random order whose every prefix holds each defect type in proportion to its count: the
     i-th of a type's n files (in a random permutation) sits at (i + u) / n, u uniform. So the first N are a
     stratified draw, and a smaller N draws a subset of a larger one (the N-defect curve compares nested sets)."""
-    by_type: dict[str, list[DefectFile]] = {}
+    by_type: dict[str, list[dict]] = {}
     for f in files:
-        by_type.setdefault(f.defect_type, []).append(f)
+        by_type.setdefault(f["defect_type"], []).append(f)
     keyed = []
     for kind in sorted(by_type):
         members = by_type[kind]
@@ -73,11 +73,11 @@ def stratified_order(files: list[DefectFile], generator: torch.Generator) -> lis
     return [f for _, _, f in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
-def test_defects(layout: Layout) -> list[DefectFile]:
+def test_defects(layout: Layout) -> list[dict]:
     return defect_files({t: d for t, d in layout.test.items() if t != "good"}, layout.masks)
 
 
-def moved_from_test(layout: Layout, count: int, generator: torch.Generator) -> list[DefectFile]:
+def moved_from_test(layout: Layout, count: int, generator: torch.Generator) -> list[dict]:
     """--train_defects N: N of the test set's defect images, stratified by type, drawn by the run's seed."""
     if count == 0:
         return []
@@ -117,12 +117,12 @@ def read_split_file(path: Path) -> dict[str, bool]:
     return {str(name): segmented for name, segmented in pairs}
 
 
-def pixel_labelled(defects: list[DefectFile], pixel_labels: str, train_good: list[Path],
-                   generator: torch.Generator) -> list[DefectFile]:
+def pixel_labelled(defects: list[dict], pixel_labels: str, train_good: list[Path],
+                   generator: torch.Generator) -> list[dict]:
     """--pixel_labels: the defects with the masks they keep; the others become image-level labels.
     all: every mask found; N: N of those with masks (stratified, drawn by the seed); a split file: the ones it
     marks is_segmented (every training image it names must exist)."""
-    with_mask = [d for d in defects if d.mask is not None]
+    with_mask = [d for d in defects if d["mask"] is not None]
     if pixel_labels == "all":
         return defects
     if pixel_labels.isdigit():
@@ -130,34 +130,34 @@ def pixel_labelled(defects: list[DefectFile], pixel_labels: str, train_good: lis
         if count > len(with_mask):
             raise DataError(f"--pixel_labels {count}: only {len(with_mask)} of the {len(defects)} training defect "
                             f"images have masks")
-        keep = set(stratified_order(with_mask, generator)[:count])
-        return [d if d in keep else DefectFile(d.path, d.defect_type, None) for d in defects]
+        keep = {d["path"] for d in stratified_order(with_mask, generator)[:count]}
+        return [d if d["path"] in keep else d | {"mask": None} for d in defects]
     path = Path(pixel_labels)
     if not path.is_file():
         raise DataError(f"--pixel_labels {pixel_labels}: expected all, a number, or a split file (.pyb) that exists")
     split = read_split_file(path)
-    known = {p.stem for p in train_good} | {d.path.stem for d in defects}
+    known = {p.stem for p in train_good} | {d["path"].stem for d in defects}
     missing = sorted(set(split) - known)
     if missing:
         raise DataError(f"--pixel_labels {path}: names {len(missing)} training image(s) that are not in the "
                         f"training folders (first: {', '.join(missing[:3])})")
-    unmasked = [d.path for d in defects if split.get(d.path.stem) and d.mask is None]
+    unmasked = [d["path"] for d in defects if split.get(d["path"].stem) and d["mask"] is None]
     if unmasked:
         raise DataError(f"--pixel_labels {path}: marks {unmasked[0]} as pixel-labelled, but it has no mask")
-    return [d if split.get(d.path.stem) else DefectFile(d.path, d.defect_type, None) for d in defects]
+    return [d if split.get(d["path"].stem) else d | {"mask": None} for d in defects]
 
 
-def check_distinct_masks(train: list[DefectFile], layout: Layout) -> None:
+def check_distinct_masks(train: list[dict], layout: Layout) -> None:
     """A training defect and a test defect must not share a mask file (the same stem in one ground_truth folder)."""
-    test_masks = {d.mask: d.path for d in test_defects(layout) if d.mask is not None}
+    test_masks = {d["mask"]: d["path"] for d in test_defects(layout) if d["mask"] is not None}
     for d in train:
-        if d.mask in test_masks:
-            raise DataError(f"{d.path} and {test_masks[d.mask]} share the mask {d.mask}: give the training defect "
-                            f"another file name")
+        if d["mask"] in test_masks:
+            raise DataError(f"{d['path']} and {test_masks[d['mask']]} share the mask {d['mask']}: give the "
+                            f"training defect another file name")
 
 
 def choose_defects(layout: Layout, moved: int, pixel_labels: str, train_good: list[Path],
-                   generator: torch.Generator) -> list[tuple[DefectFile, str]]:
+                   generator: torch.Generator) -> list[tuple[str]]:
     """Every real defect the run trains on, with where it came from ("train" or "test")."""
     own = defect_files(layout.train_defects, layout.train_masks)
     check_distinct_masks(own, layout)
@@ -171,22 +171,22 @@ def choose_defects(layout: Layout, moved: int, pixel_labels: str, train_good: li
 
 # ---- their tensors -----------------------------------------------------------------------------------------
 
-def read_defect(item: DefectFile, size: Size, bit_depth: int) -> tuple[np.ndarray, np.ndarray | None]:
+def read_defect(item: dict, size: Size, bit_depth: int) -> tuple[np.ndarray, np.ndarray | None]:
     """A training defect at size and its mask, binarised at 128 (None without one); a mask of another size than
     its image is refused: in training a misplaced mask teaches the wrong pixels."""
-    image = decode(item.path, bit_depth)
-    if item.mask is None:
+    image = decode(item["path"], bit_depth)
+    if item["mask"] is None:
         return resize(image, size), None
-    mask = cv2.imread(str(item.mask), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imread(str(item["mask"]), cv2.IMREAD_GRAYSCALE)
     if mask is None:
-        raise DataError(f"cannot decode mask {item.mask}")
+        raise DataError(f"cannot decode mask {item['mask']}")
     if mask.shape != image.shape[:2]:
-        raise DataError(f"mask {item.mask} is {mask.shape[1]}x{mask.shape[0]}, its image {item.path} "
+        raise DataError(f"mask {item['mask']} is {mask.shape[1]}x{mask.shape[0]}, its image {item['path']} "
                         f"{image.shape[1]}x{image.shape[0]}: a training mask must match its image")
     return resize(image, size), (resize(mask, size) >= 128).astype(np.uint8)
 
 
-def load_real_defects(chosen: list[tuple[DefectFile, str]], size: Size, bit_depth: int,
+def load_real_defects(chosen: list[tuple[str]], size: Size, bit_depth: int,
                       workers: int | None = None) -> RealDefects | None:
     """The chosen defects decoded at size (None when there are none)."""
     if not chosen:
@@ -197,8 +197,8 @@ def load_real_defects(chosen: list[tuple[DefectFile, str]], size: Size, bit_dept
     images = torch.from_numpy(np.stack([image for image, _ in read])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([np.zeros((h, w), np.uint8) if m is None else m for _, m in read]))[:, None]
     has_mask = torch.tensor([m is not None for _, m in read])
-    files = [{"path": str(d.path), "defect_type": d.defect_type, "digest": file_digest(d.path),
-              "mask": None if d.mask is None else str(d.mask), "origin": origin} for d, origin in chosen]
+    files = [{"path": str(d["path"]), "defect_type": d["defect_type"], "digest": file_digest(d["path"]),
+              "mask": None if d["mask"] is None else str(d["mask"]), "origin": origin} for d, origin in chosen]
     return RealDefects(images, masks, has_mask, files)
 
 
