@@ -75,21 +75,21 @@ def seed_spread(ref, other: Path) -> dict:
     """How a second fp32 model (another seed) differs from the reference, each at its own thresholds."""
     model, info = model_from_checkpoint(other)
     out = {}
-    for name, ours, theirs in (("labelled", ref.labelled, evaluate(model, ref.test_set, CPU, info.channel_order)
-                                if ref.test_set is not None else None),
-                               ("good + simulated", ref.simulated, scored(model, ref.images, CPU, info.channel_order))):
+    labelled = evaluate(model, ref["test_set"], CPU, info.channel_order) if ref["test_set"] is not None else None
+    simulated = scored(model, ref["images"], CPU, info.channel_order)
+    for name, ours, theirs in (("labelled", ref["labelled"], labelled), ("good + simulated", ref["simulated"], simulated)):
         if theirs is None:
             continue
-        a, b = ref.info.threshold("image"), info.threshold("image")
+        a, b = ref["info"].threshold("image"), info.threshold("image")
         both = a is not None and b is not None
         changed = int(((ours["scores"] >= a) != (theirs["scores"] >= b)).sum()) if both else None
-        pa, pb = ref.info.threshold("pixel"), info.threshold("pixel")
+        pa, pb = ref["info"].threshold("pixel"), info.threshold("pixel")
         iou = mask_iou(ours["maps"] >= pa, theirs["maps"] >= pb) if pa is not None and pb is not None else None
         out[name] = {"images": len(ours["scores"]), "verdicts_changed": changed, "mask_iou": iou}
         if name == "labelled":
             out[name] |= {m: (ours["metrics"][m], theirs["metrics"][m]) for m in ("image_auroc", "pixel_ap")}
         else:
-            labels = torch.cat((torch.zeros(ref.good), torch.ones(len(ref.images) - ref.good)))
+            labels = torch.cat((torch.zeros(ref["good"]), torch.ones(len(ref["images"]) - ref["good"])))
             out[name]["simulated_auroc"] = (auroc(ours["scores"], labels), auroc(theirs["scores"], labels))
     return out
 

@@ -18,19 +18,19 @@ from pathlib import Path
 import torch
 
 from deploy import int8
-from deploy.accuracy_gate import Reference, judge, passes
+from deploy.accuracy_gate import judge, passes
 from deploy.export import Int8Options, export_model, float_share, int8_calibration, scoring_graph
 from scoring.model_files import load_model, move_model_file
 
 MAX_FLOAT_SHARE = 50.0  # percent of the multiply-adds: beyond it int8 would buy little over bf16 or fp32
 
 
-def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options
+def ranked_layers(checkpoint: Path, ref: dict, options: Int8Options
                   ) -> tuple[list[str], list[str], dict[str, int]]:
     """The convolutions to start with in float, the rest from the most sensitive down, and each one's
     multiply-adds."""
-    info = ref.info
-    calibration, recorded = int8_calibration(checkpoint, tuple(ref.images.shape[-2:]), info.bit_depth,
+    info = ref["info"]
+    calibration, recorded = int8_calibration(checkpoint, tuple(ref["images"].shape[-2:]), info.bit_depth,
                                              info.config["recipe"], options)
     sensitivity, macs = int8.measure_layers(scoring_graph(checkpoint), calibration, int(recorded["calibration_good"]))
     start = int8.choose_float_layers(sensitivity, macs, options.float_budget) \
@@ -38,7 +38,7 @@ def ranked_layers(checkpoint: Path, ref: Reference, options: Int8Options
     return start, [name for name in int8.by_sensitivity(sensitivity) if name not in start], macs
 
 
-def until_pass(checkpoint: Path, out: Path, format: str, ref: Reference, options: Int8Options, device: torch.device,
+def until_pass(checkpoint: Path, out: Path, format: str, ref: dict, options: Int8Options, device: torch.device,
                image_size: tuple[int, int] | None = None, batch_size: int = 16) -> tuple[dict, dict]:
     """Write out (this project's int8 graph, options.finetune steps of fine-tuning each round, 0 by default) with
     convolutions returned to float until it passes the gate; return its metadata and its gate result."""

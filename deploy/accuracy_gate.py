@@ -19,7 +19,6 @@ computed (no defect images, no stored threshold) is "not run", never passed; the
 that ran.
 """
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,26 +133,13 @@ def good_only_checks(ours: dict, theirs: dict, good: int, info) -> list[dict]:
     return checks
 
 
-@dataclass
-class Reference:
-    """What the exports are judged against: PyTorch fp32's scores on the images the gate uses."""
-    info: object
-    category: str
-    test_set: object | None  # the labelled test set, when it has defect images
-    why_unlabelled: str
-    images: torch.Tensor  # good images, then one simulated anomaly made from each
-    good: int
-    good_from: str
-    anomalies_from: str
-    labelled: dict | None = None
-    simulated: dict | None = None
-
-
 def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: str | None = None,
               batch_size: int = 16, workers: int | None = None, sources: Path | None = None,
-              size: tuple[int, int] | None = None) -> Reference:
-    """Score the checkpoint on the labelled test set (when it has defects) and on good images plus simulated
-    anomalies."""
+              size: tuple[int, int] | None = None) -> dict:
+    """What the exports are judged against: PyTorch fp32's scores ("labelled") on the labelled test set (when it
+    has defect images; else None and "why_unlabelled" says why) and ("simulated") on "images": "good" good images,
+    then one simulated anomaly made from each; with the model's "info", the "category" and where the images come
+    from ("good_from", "anomalies_from")."""
     model, info = model_from_checkpoint(checkpoint)
     model.to(device)
     size, order = size or info.image_size, info.channel_order
@@ -168,22 +154,21 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
     recorded = anomaly_sources(checkpoint_config(checkpoint), sources)
     simulated, made_of = simulated_anomalies(good, recorded, info.config["recipe"], GATE_SEED)
     images = torch.cat((good, (simulated * 255).round().to(torch.uint8)))
-    ref = Reference(info, category, test_set, why, images, len(good), where, made_of)
-    if test_set is not None:
-        ref.labelled = evaluate(model, test_set, device, order, batch_size)
-    ref.simulated = scored(model, images, device, order, batch_size)
-    return ref
+    return {"info": info, "category": category, "test_set": test_set, "why_unlabelled": why, "images": images,
+            "good": len(good), "good_from": where, "anomalies_from": made_of,
+            "labelled": evaluate(model, test_set, device, order, batch_size) if test_set is not None else None,
+            "simulated": scored(model, images, device, order, batch_size)}
 
 
-def judge(ref: Reference, candidate, precision: str, device: torch.device, batch_size: int = 16,
+def judge(ref: dict, candidate, precision: str, device: torch.device, batch_size: int = 16,
           channel_order: str = "BGR") -> dict:
     """The candidate's numbers beside the reference's, and the checks; candidate is a model as load_model gives
     it (an export takes BGR) or a network in PyTorch taking channel_order."""
-    info = ref.info
-    result = {"category": ref.category, "precision": precision, "labelled": None, "checks": []}
-    if ref.test_set is not None:
-        ours, theirs = ref.labelled, evaluate(candidate, ref.test_set, device, channel_order, batch_size)
-        result["labelled"] = {"images": len(ref.test_set.paths), "left_out": ref.test_set.left_out_text(),
+    info = ref["info"]
+    result = {"category": ref["category"], "precision": precision, "labelled": None, "checks": []}
+    if ref["test_set"] is not None:
+        ours, theirs = ref["labelled"], evaluate(candidate, ref["test_set"], device, channel_order, batch_size)
+        result["labelled"] = {"images": len(ref["test_set"].paths), "left_out": ref["test_set"].left_out_text(),
                               "pytorch": ours["metrics"],
                               "exported": theirs["metrics"],
                               "p999_map_difference": quantile_difference(ours["maps"], theirs["maps"]),
@@ -195,13 +180,13 @@ def judge(ref: Reference, candidate, precision: str, device: torch.device, batch
                              *[c | {"name": f"labelled: {c['name']}"}
                                for c in line_checks(ours, theirs, info, precision)]]
     else:
-        result["checks"] += [check("image AUROC", "-", None, ref.why_unlabelled),
-                             check("pixel AP", "-", None, ref.why_unlabelled)]
-    ours, theirs = ref.simulated, scored(candidate, ref.images, device, channel_order, batch_size)
-    good = ref.good
+        result["checks"] += [check("image AUROC", "-", None, ref["why_unlabelled"]),
+                             check("pixel AP", "-", None, ref["why_unlabelled"])]
+    ours, theirs = ref["simulated"], scored(candidate, ref["images"], device, channel_order, batch_size)
+    good = ref["good"]
     good_maps = (ours["maps"][:good] - theirs["maps"][:good]).abs().flatten().cpu().numpy()
-    result["good_only"] = {"good": good, "simulated": len(ref.images) - good, "good_from": ref.good_from,
-                           "anomalies_from": ref.anomalies_from,
+    result["good_only"] = {"good": good, "simulated": len(ref["images"]) - good, "good_from": ref["good_from"],
+                           "anomalies_from": ref["anomalies_from"],
                            "map_difference_percentiles": {q: float(np.quantile(good_maps, q / 100))
                                                           for q in (50, 99, 99.9)}}
     result["checks"] += good_only_checks(ours, theirs, good, info)

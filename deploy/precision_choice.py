@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from deploy.accuracy_control import until_pass
-from deploy.accuracy_gate import Reference, gate_lines, judge, passes, precision_of
+from deploy.accuracy_gate import gate_lines, judge, passes, precision_of
 from deploy.export import SUFFIX, Int8Options, device_for_finetuning, export_model, export_onnx, scoring_graph
 from deploy.qat import FINETUNE_STEPS, seconds_per_step
 from scoring.evaluate import predict
@@ -79,7 +79,7 @@ def scorer(model, image: torch.Tensor, channel_order: str):
     return lambda: predict(model, image, torch.device("cpu"), channel_order, batch_size=1)
 
 
-def choose(checkpoint: Path, out: Path, format: str, ref: Reference, device: torch.device, options: Int8Options,
+def choose(checkpoint: Path, out: Path, format: str, ref: dict, device: torch.device, options: Int8Options,
            image_size: tuple[int, int] | None = None, batch_size: int = 16) -> bool:
     """Write out at the fastest precision that passes the gate against ref (fp32 when none does); True when that
     is faster than fp32."""

@@ -115,7 +115,7 @@ def test_a_defect_the_simulation_cannot_make_is_learned_from_four_real_examples_
     assert "left out 1 defect image(s) the model trained on" in proc.stderr and "on the other 3" in proc.stderr
     # ... and the accuracy gate's labelled reference leaves them out too.
     ref = reference(ckpt, shade, torch.device("cpu"), workers=2)
-    assert sorted(map(str, ref.test_set.left_out)) == trained_paths and len(ref.test_set.paths) == 16
+    assert sorted(map(str, ref["test_set"].left_out)) == trained_paths and len(ref["test_set"].paths) == 16
 
 
 def test_image_labels_without_masks_teach_the_model_too(shade, baseline, tmp_path):
