@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from data_loader import parse_size
-from deploy.accuracy_control import until_pass as until_pass_file
+from deploy.accuracy_control import until_pass
 from deploy.accuracy_gate import compare, gate_lines, passes, reference
-from deploy.export import FINETUNE_BUDGET, MAX_CALIBRATION_IMAGES, PRECISIONS, Int8Options, export_model
+from deploy.export import FINETUNE_BUDGET, MAX_CALIBRATION_IMAGES, PRECISIONS, export_model
 from deploy.int8 import ANOMALY_SHARE, FLOAT_BUDGET
 from deploy.precision_choice import choose
 from scoring.model_files import OUTPUTS
@@ -101,33 +101,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--finetune STEPS takes a count of 0 or more, with --precision int8 or auto")
     if args.precision == "auto" and args.check is None:
         p.error("--precision auto needs --check DATA: every candidate is gated")
-    until_pass = args.float_layers == "until_pass"
-    if until_pass and (args.precision != "int8" or args.check is None or args.compare is not None):
+    args.until_pass = args.float_layers == "until_pass"
+    if args.until_pass and (args.precision != "int8" or args.check is None or args.compare is not None):
         p.error("--float_layers until_pass needs --precision int8 and --check DATA (the gate decides)")
+    # as deploy/ takes them: None when measured, else the names, and who chose them
+    args.float_layers = {"auto": None, "none": [], "until_pass": None}.get(
+        args.float_layers, [name for name in args.float_layers.split(",") if name])
+    args.float_layers_by = "as asked"
     return args
 
 
 def main(args: argparse.Namespace) -> None:
-    until_pass = args.float_layers == "until_pass"
-    layers = {"auto": None, "none": [], "until_pass": None}.get(args.float_layers,
-                                                               [n for n in args.float_layers.split(",") if n])
-    options = Int8Options(args.calibration_images, args.calibration_count, args.calibration_anomalies,
-                          args.anomaly_source_path, layers, args.float_budget, finetune=args.finetune,
-                          finetune_budget=args.finetune_budget)
     with one_line_errors(args.debug):
         device = pick_device(args.device)
-        if args.precision == "auto" or until_pass:  # the gate's reference numbers, once
+        if args.precision == "auto" or args.until_pass:  # the gate's reference numbers, once
             ref = reference(args.checkpoint, args.check, device, args.obj_id, args.batch_size,
                             sources=args.anomaly_source_path, size=args.image_size)
         if args.precision == "auto":
-            sys.exit(0 if choose(args.checkpoint, args.out, args.format, ref, device, options, args.image_size,
-                                 args.batch_size) else 1)
+            sys.exit(0 if choose(args, ref, device) else 1)
         exported, result = args.compare, None
-        if until_pass:
-            props, result = until_pass_file(args.checkpoint, args.out, args.format, ref, options, device,
-                                            args.image_size, args.batch_size)
+        if args.until_pass:
+            props, result = until_pass(args, args.out, ref, device)
         elif exported is None:
-            props = export_model(args.checkpoint, args.out, args.format, args.precision, args.image_size, options)
+            props = export_model(args, args.out, args.precision)
         if exported is None:
             exported = args.out
             size_mib = sum(f.stat().st_size for f in (args.out, args.out.with_suffix(".bin")) if f.is_file()) / 2 ** 20

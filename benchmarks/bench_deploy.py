@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import memory_mib, random_checkpoint, report, reset_peak_memory  # noqa: E402
-from deploy.export import Int8Options, export_model  # noqa: E402
+import export_draem  # noqa: E402
+from deploy.export import export_model  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
 from scoring.model_files import load_model  # noqa: E402
 from training.cli import cpu_has_bf16  # noqa: E402
@@ -57,10 +58,12 @@ def prepare(folder: Path, widths: tuple[int, int], size: int, float_layers: list
     for i in range(32):
         cv2.imwrite(str(calibration / f"{i:02d}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
     for runtime, precision in [r for r in runtimes if r[0] != "pytorch"]:
-        options = Int8Options(calibration=calibration, float_layers=float_layers,
-                              finetune=0 if precision == "int8-qdq" else None)
-        export_model(ckpt, model_file(folder, runtime, precision), "onnx" if runtime == "onnxruntime" else runtime,
-                     precision.split("-")[0], options=options)
+        out = model_file(folder, runtime, precision)
+        flags = ["--checkpoint", str(ckpt), "--out", str(out), "--calibration_images", str(calibration),
+                 "--format", "onnx" if runtime == "onnxruntime" else runtime,
+                 "--float_layers", "auto" if float_layers is None else ",".join(float_layers) or "none",
+                 *(["--precision", "int8", "--finetune", "0"] if precision == "int8-qdq" else [])]
+        export_model(export_draem.parse_args(flags), out, precision.split("-")[0])
 
 
 def runner(folder: Path, runtime: str, precision: str, images: torch.Tensor):

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.accuracy_gate import judge, mask_iou, passes, reference, scored  # noqa: E402
-from deploy.export import Int8Options, export_model  # noqa: E402
+import export_draem  # noqa: E402
+from deploy.export import export_model  # noqa: E402
 from scoring.evaluate import evaluate  # noqa: E402
 from scoring.metrics import auroc  # noqa: E402
 from scoring.model_files import load_model  # noqa: E402
@@ -32,33 +33,34 @@ LAST = "discriminative_subnetwork.decoder_segment.fin_out.0"
 CPU = torch.device("cpu")
 
 
-def variants(measured: list[str]) -> list[tuple[str, str, Int8Options]]:
+def variants(measured: list[str]) -> list[tuple[str, str, list[str], dict]]:
+    """(format, setting, export_draem.py's int8 flags, quantizer options) of each row."""
     ort = require("onnxruntime.quantization")
     nncf = require("nncf")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+    measured_flag = ["--float_layers", ",".join(measured) or "none"]
     rows = []
     for fmt in ("onnx", "openvino"):
-        rows += [(fmt, "naive: good images only, last conv float", Int8Options(anomaly_share=0, float_layers=[LAST])),
-                 (fmt, "+ simulated anomalies (half)", Int8Options(float_layers=[LAST])),
-                 (fmt, "+ measured float layers (default)", Int8Options(float_layers=measured))]
-    rows += [("onnx", "default + symmetric activations",
-              Int8Options(float_layers=measured, quantizer={"extra_options": {"ActivationSymmetric": True}})),
-             ("onnx", "default + per-tensor weights",
-              Int8Options(float_layers=measured, quantizer={"per_channel": False})),
-             ("onnx", "default + percentile ranges (99.999)",
-              Int8Options(float_layers=measured, quantizer={"calibrate_method": ort.CalibrationMethod.Percentile})),
-             ("openvino", "default + preset mixed (asymmetric activations)",
-              Int8Options(float_layers=measured, quantizer={"preset": nncf.QuantizationPreset.MIXED})),
-             ("openvino", "default + full bias correction",
-              Int8Options(float_layers=measured, quantizer={"fast_bias_correction": False})),
-             ("openvino", "default + overflow fix off", Int8Options(float_layers=measured, quantizer={
-                 "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)})),
-             ("openvino", "default + min-max activation ranges", Int8Options(float_layers=measured, quantizer={
+        rows += [(fmt, "naive: good images only, last conv float", ["--calibration_anomalies", "0", "--float_layers",
+                                                                    LAST], {}),
+                 (fmt, "+ simulated anomalies (half)", ["--float_layers", LAST], {}),
+                 (fmt, "+ measured float layers (default)", measured_flag, {})]
+    rows += [("onnx", "default + symmetric activations", measured_flag,
+              {"extra_options": {"ActivationSymmetric": True}}),
+             ("onnx", "default + per-tensor weights", measured_flag, {"per_channel": False}),
+             ("onnx", "default + percentile ranges (99.999)", measured_flag,
+              {"calibrate_method": ort.CalibrationMethod.Percentile}),
+             ("openvino", "default + preset mixed (asymmetric activations)", measured_flag,
+              {"preset": nncf.QuantizationPreset.MIXED}),
+             ("openvino", "default + full bias correction", measured_flag, {"fast_bias_correction": False}),
+             ("openvino", "default + overflow fix off", measured_flag, {
+                 "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)}),
+             ("openvino", "default + min-max activation ranges", measured_flag, {
                  "advanced_parameters": AdvancedQuantizationParameters(
-                     activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)})),
-             ("openvino", "default + no bias correction", Int8Options(float_layers=measured, quantizer={
-                 "advanced_parameters": AdvancedQuantizationParameters(disable_bias_correction=True)}))]
+                     activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)}),
+             ("openvino", "default + no bias correction", measured_flag, {
+                 "advanced_parameters": AdvancedQuantizationParameters(disable_bias_correction=True)})]
     return rows
 
 
@@ -77,7 +79,8 @@ def seed_spread(ref, other: Path) -> dict:
     out = {}
     labelled = evaluate(model, ref["test_set"], CPU, info.channel_order) if ref["test_set"] is not None else None
     simulated = scored(model, ref["images"], CPU, info.channel_order)
-    for name, ours, theirs in (("labelled", ref["labelled"], labelled), ("good + simulated", ref["simulated"], simulated)):
+    for name, ours, theirs in (("labelled", ref["labelled"], labelled),
+                               ("good + simulated", ref["simulated"], simulated)):
         if theirs is None:
             continue
         a, b = ref["info"].threshold("image"), info.threshold("image")
@@ -113,15 +116,17 @@ def main() -> None:
         print(json.dumps({"seed_spread": report["seed_spread"]}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
-        options = Int8Options(calibration=args.calibration_images, anomaly_sources=args.anomaly_source_path)
-        measured = export_model(args.checkpoint, probe, "onnx", "int8", options=options)["float_layers"].split(",")
-        for fmt, name, options in variants(measured):
+        given = [f"--{flag}={value}" for flag, value in (("calibration_images", args.calibration_images),
+                                                          ("anomaly_source_path", args.anomaly_source_path)) if value]
+        flags = ["--checkpoint", str(args.checkpoint), "--precision", "int8", *given]
+        measured = export_model(export_draem.parse_args([*flags, "--out", str(probe)]), probe, "int8")
+        for fmt, name, int8_flags, quantizer in variants(measured["float_layers"].split(",")):
             if (args.only and args.only not in name) or (args.format and args.format != fmt):
                 continue
-            options.calibration, options.anomaly_sources = args.calibration_images, args.anomaly_source_path
             out = Path(tmp) / f"model{'.onnx' if fmt == 'onnx' else '.xml'}"
+            export_args = export_draem.parse_args([*flags, "--format", fmt, "--out", str(out), *int8_flags])
             try:
-                props = export_model(args.checkpoint, out, fmt, "int8", options=options)
+                props = export_model(export_args, out, "int8", **quantizer)
             except Exception as exc:  # a setting the quantizer cannot apply to this graph is a row too
                 row = {"format": fmt, "setting": name, "error": f"{type(exc).__name__}: {exc}"[:200]}
             else:

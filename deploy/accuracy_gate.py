@@ -134,8 +134,7 @@ def good_only_checks(ours: dict, theirs: dict, good: int, info) -> list[dict]:
 
 
 def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: str | None = None,
-              batch_size: int = 16, workers: int | None = None, sources: Path | None = None,
-              size: tuple[int, int] | None = None) -> dict:
+              batch_size: int = 16, sources: Path | None = None, size: tuple[int, int] | None = None) -> dict:
     """What the exports are judged against: PyTorch fp32's scores ("labelled") on the labelled test set (when it
     has defect images; else None and "why_unlabelled" says why) and ("simulated") on "images": "good" good images,
     then one simulated anomaly made from each; with the model's "info", the "category" and where the images come
@@ -145,7 +144,7 @@ def reference(checkpoint: Path, data_path: Path, device: torch.device, obj_id: s
     size, order = size or info.image_size, info.channel_order
     category = one_category(obj_id, data_path) if obj_id else info.category
     layout = category_layout(data_path, category) if category and not list_images(data_path) else None
-    test_set = (load_test_set(data_path, category, size, workers, info.bit_depth, info.trained_digests)
+    test_set = (load_test_set(data_path, category, size, None, info.bit_depth, info.trained_digests)
                 if layout and layout.test else None)
     why = f"no defect images in {layout.origin}" if test_set is not None else "no labelled test set"
     if test_set is not None and not test_set.labels.any():
@@ -199,10 +198,10 @@ def judge(ref: dict, candidate, precision: str, device: torch.device, batch_size
 
 
 def compare(checkpoint: Path, exported: Path, data_path: Path, device: torch.device, obj_id: str | None = None,
-            batch_size: int = 16, workers: int | None = None, sources: Path | None = None) -> dict:
+            batch_size: int = 16, sources: Path | None = None) -> dict:
     """The gate in one call: the checkpoint's reference scores, then the export judged against them."""
     model, info = load_model(exported, device)
-    return judge(reference(checkpoint, data_path, device, obj_id, batch_size, workers, sources, info.image_size),
+    return judge(reference(checkpoint, data_path, device, obj_id, batch_size, sources, info.image_size),
                  model, precision_of(info), device, batch_size)
 
 

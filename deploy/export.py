@@ -6,9 +6,9 @@ metadata are scoring/model_files.py's). int8 is post-training static quantizatio
 float): ONNX Runtime's QDQ quantization, or NNCF's for OpenVINO. bf16 is OpenVINO's inference precision on
 CPUs with bf16 instructions; the file holds fp32 weights.
 """
+import argparse
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +26,6 @@ PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
 MAX_CALIBRATION_IMAGES = 300
 FINETUNE_BUDGET = 10.0  # minutes --precision auto may spend fine-tuning int8 (--finetune_budget)
-
-
-@dataclass
-class Int8Options:
-    calibration: Path | None = None  # good images; default the checkpoint's train/good
-    count: int = MAX_CALIBRATION_IMAGES  # calibration images in all, good and simulated
-    anomaly_share: float = int8.ANOMALY_SHARE
-    anomaly_sources: Path | None = None  # default the checkpoint's recorded sources, else Perlin noise
-    float_layers: list[str] | None = None  # None: measured (deploy/int8.py) under float_budget
-    float_budget: float = int8.FLOAT_BUDGET
-    quantizer: dict = field(default_factory=dict)  # passed to quantize_static or nncf.quantize (benchmarks)
-    finetune: int | None = None  # None: the runtime's post-training quantizer; N: this project's QDQ graph after
-    # N steps of quantization-aware fine-tuning (deploy/qat.py; 0: that graph as calibrated)
-    finetune_budget: float = FINETUNE_BUDGET  # --precision auto fine-tunes only when it takes at most this (minutes)
-    float_layers_by: str = "as asked"  # who chose float_layers when they are given, for the console and metadata
 
 
 class ScoringGraph(nn.Module):
@@ -112,13 +97,13 @@ def anomaly_sources(config: dict, given: Path | None) -> Path | None:
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def int8_calibration(checkpoint: Path, size: tuple[int, int], bit_depth: int, recipe: str, options: Int8Options
+def int8_calibration(args: argparse.Namespace, size: tuple[int, int], bit_depth: int, recipe: str
                      ) -> tuple[np.ndarray, dict[str, str]]:
-    """int8.calibration_set for this checkpoint, from the options or what it records."""
-    config = checkpoint_config(checkpoint)
-    sources = anomaly_sources(config, options.anomaly_sources)
-    images, recorded = int8.calibration_set(calibration_folder(config, options.calibration), size, bit_depth,
-                                            options.count, options.anomaly_share, recipe, sources)
+    """int8.calibration_set for args.checkpoint, as the flags ask or from what the checkpoint records."""
+    config = checkpoint_config(args.checkpoint)
+    sources = anomaly_sources(config, args.anomaly_source_path)
+    images, recorded = int8.calibration_set(calibration_folder(config, args.calibration_images), size, bit_depth,
+                                            args.calibration_count, args.calibration_anomalies, recipe, sources)
     print(f"int8 calibration: {recorded['calibration_good']} good images and {recorded['calibration_simulated']} "
           f"simulated anomalies ({recorded['calibration_sources']})")
     return images, recorded
@@ -135,23 +120,22 @@ def float_share(macs: dict[str, int], layers: list[str]) -> float:
     return 100 * sum(macs[name] for name in layers) / sum(macs.values())
 
 
-def prepare_int8(checkpoint: Path, props: dict[str, str], options: Int8Options
-                 ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+def prepare_int8(args: argparse.Namespace, props: dict[str, str]) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """The calibration images, the layers kept in float and the metadata that records both."""
     size = tuple(int(s) for s in props["image_size"].split("x"))
-    calibration, recorded = int8_calibration(checkpoint, size, int(props["bit_depth"]), props["recipe"], options)
-    graph = scoring_graph(checkpoint)
+    calibration, recorded = int8_calibration(args, size, int(props["bit_depth"]), props["recipe"])
+    graph = scoring_graph(args.checkpoint)
     macs = int8.multiply_adds(graph, calibration[0])
-    if options.float_layers is None:
+    if args.float_layers is None:
         sensitivity, _ = int8.measure_layers(graph, calibration, int(recorded["calibration_good"]))
-        kept = int8.choose_float_layers(sensitivity, macs, options.float_budget)
-        how = f"the most sensitive of {len(macs)} convolutions, budget {100 * options.float_budget:g} %"
+        kept = int8.choose_float_layers(sensitivity, macs, args.float_budget)
+        how = f"the most sensitive of {len(macs)} convolutions, budget {100 * args.float_budget:g} %"
     else:
-        unknown = [name for name in options.float_layers if name not in macs]
+        unknown = [name for name in args.float_layers if name not in macs]
         if unknown:
             raise DataError(f"--float_layers: no convolution named {unknown[0]} (names as an int8 file's metadata "
                             f"lists them, e.g. {next(iter(macs))})")
-        kept, how = options.float_layers, options.float_layers_by
+        kept, how = args.float_layers, args.float_layers_by
     share = float_share(macs, kept)
     print(f"kept in float ({how}): {', '.join(kept) or 'none'}; {share:.2f} % of the multiply-adds")
     return calibration, kept, recorded | {
@@ -163,33 +147,38 @@ def device_for_finetuning() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def finetuned_int8(checkpoint: Path, props: dict[str, str], calibration: np.ndarray, float_layers: list[str],
-                   options: Int8Options, out: Path) -> dict[str, str]:
-    """This project's QDQ int8 graph (deploy/qat.py) at the calibration's ranges, fine-tuned options.finetune
-    steps against the fp32 model on the checkpoint's good images with fresh simulated anomalies, written to out
-    (ONNX); returns what the metadata records of it."""
+def finetuned_int8(args: argparse.Namespace, props: dict[str, str], calibration: np.ndarray, float_layers: list[str],
+                   out: Path) -> dict[str, str]:
+    """This project's QDQ int8 graph (deploy/qat.py) at the calibration's ranges, fine-tuned args.finetune steps
+    against the fp32 model on the checkpoint's good images with fresh simulated anomalies, written to out (ONNX);
+    returns what the metadata records of it."""
+    checkpoint = args.checkpoint
     config = checkpoint_config(checkpoint)
     size = tuple(int(s) for s in props["image_size"].split("x"))
     teacher = scoring_graph(checkpoint)
     ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration))
     student = qat.int8_graph(teacher, ranges, float_layers)
-    good = load_images(list_images(calibration_folder(config, options.calibration), recursive=True), size,
+    good = load_images(list_images(calibration_folder(config, args.calibration_images), recursive=True), size,
                        bit_depth=int(props["bit_depth"]))
-    sources = anomaly_sources(config, options.anomaly_sources)
+    sources = anomaly_sources(config, args.anomaly_source_path)
     # at most FINETUNE_TEXTURES of them, evenly spaced: all of DTD at 256 px would hold a gigabyte
     textures = load_images(int8.evenly_spaced(list_images(sources, recursive=True), qat.FINETUNE_TEXTURES), size) \
         if sources is not None else None
-    record = qat.finetune(student, teacher, good, textures, props["recipe"], options.finetune, device_for_finetuning())
+    record = qat.finetune(student, teacher, good, textures, props["recipe"], args.finetune, device_for_finetuning())
     qat.export_onnx(student, size, out)
     return record | {"quantizer": "draem-qdq", "finetune_teacher": checkpoint.name,
                      "finetune_images": f"{len(good)} good, sources: {sources or 'Perlin noise'}"}
 
 
-def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: str = "fp32",
-                 image_size: tuple[int, int] | None = None, options: Int8Options | None = None,
-                 fp32: Path | None = None) -> dict[str, str]:
-    """Write out in the format and precision asked for; return its metadata. fp32: this checkpoint's fp32 ONNX
-    export at this size, when there is one already (exporting takes seconds; --precision auto exports once)."""
+def export_model(args: argparse.Namespace, out: Path, precision: str, fp32: Path | None = None, **quantizer
+                 ) -> dict[str, str]:
+    """Write out: args.checkpoint in args.format at this precision and args.image_size (None: the checkpoint's),
+    int8 as export_draem.py's int8 flags in args say (float_layers: None when measured, else the list, chosen by
+    float_layers_by; finetune: None for the runtime's post-training quantizer, N for this project's QDQ graph after
+    N steps of quantization-aware fine-tuning). Returns the file's metadata. fp32: the checkpoint's fp32 ONNX
+    export at this size, when there is one already (exporting takes seconds; --precision auto exports once).
+    quantizer: passed to quantize_static or nncf.quantize (benchmarks)."""
+    checkpoint, format, image_size = args.checkpoint, args.format, args.image_size
     if precision not in PRECISIONS[format]:
         raise DataError(f"--precision {precision}: {format} supports {', '.join(PRECISIONS[format])}")
     if out.suffix != SUFFIX[format]:
@@ -200,13 +189,12 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
         shutil.copyfile(fp32, out)
         return read_metadata(require("onnx").load(out))
     ov = require("openvino", DEPLOY_REQUIREMENTS) if format == "openvino" else None
-    options = options or Int8Options()
     with tempfile.TemporaryDirectory() as tmp:
-        if precision == "int8" and options.finetune is not None:  # this project's own graph: no fp32 file needed
+        if precision == "int8" and args.finetune is not None:  # this project's own graph: no fp32 file needed
             props = checkpoint_metadata(checkpoint, image_size)
-            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options)
+            calibration, float_layers, recorded = prepare_int8(args, props)
             qdq = Path(tmp) / "int8.onnx"
-            recorded |= finetuned_int8(checkpoint, props, calibration, float_layers, options, qdq)
+            recorded |= finetuned_int8(args, props, calibration, float_layers, qdq)
             if format == "onnx":
                 save_with_metadata(require("onnx").load(qdq), props | recorded, out)
                 return props | recorded
@@ -219,13 +207,13 @@ def export_model(checkpoint: Path, out: Path, format: str = "onnx", precision: s
         else:
             props = read_metadata(require("onnx").load(fp32))
         if precision == "int8":
-            calibration, float_layers, recorded = prepare_int8(checkpoint, props, options)
+            calibration, float_layers, recorded = prepare_int8(args, props)
         if format == "onnx":
-            int8.quantize_onnx(fp32, out, calibration, float_layers, recorded, **options.quantizer)
+            int8.quantize_onnx(fp32, out, calibration, float_layers, recorded, **quantizer)
             return read_metadata(require("onnx").load(out))
         model = ov.convert_model(str(fp32))
         if precision == "int8":
-            model = int8.quantize_openvino(model, fp32, calibration, float_layers, **options.quantizer)
+            model = int8.quantize_openvino(model, fp32, calibration, float_layers, **quantizer)
             props |= recorded
         props |= {"format": OPENVINO_FORMAT, "precision": precision}
         save_ir(model, out, props)

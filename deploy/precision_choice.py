@@ -8,7 +8,7 @@ rounds in this one process, the median per model. The CPU's instructions decide 
 printed: int8 runs on any CPU with AVX2 and faster with VNNI (AVX512_VNNI, AVX_VNNI) or AMX; bf16 needs
 AVX512_BF16 or AMX.
 """
-import dataclasses
+import argparse
 import statistics
 import tempfile
 import time
@@ -18,7 +18,7 @@ import torch
 
 from deploy.accuracy_control import until_pass
 from deploy.accuracy_gate import gate_lines, judge, passes, precision_of
-from deploy.export import SUFFIX, Int8Options, device_for_finetuning, export_model, export_onnx, scoring_graph
+from deploy.export import SUFFIX, device_for_finetuning, export_model, export_onnx, scoring_graph
 from deploy.qat import FINETUNE_STEPS, seconds_per_step
 from scoring.evaluate import predict
 from scoring.model_files import load_model, move_model_file
@@ -45,20 +45,20 @@ def candidates(format: str, has: dict[str, bool]) -> list[str]:
     return ["int8", CONTROLLED, FINETUNED, *(["bf16"] if format == "openvino" and has["bf16"] else []), "fp32"]
 
 
-def finetune_fits(checkpoint: Path, format: str, options: Int8Options, steps: int, int8_seconds: float,
-                  size: tuple[int, int]) -> bool:
+def finetune_fits(args: argparse.Namespace, steps: int, int8_seconds: float, size: tuple[int, int]) -> bool:
     """Whether fine-tuning fits --finetune_budget: its steps timed on this machine now, plus what post-training
     int8 took (the export and the gate it is followed by). Said either way; when it does not fit, with the
     command that runs it alone."""
-    step = seconds_per_step(scoring_graph(checkpoint), size, options.float_layers or [], device_for_finetuning())
+    step = seconds_per_step(scoring_graph(args.checkpoint), size, args.float_layers or [], device_for_finetuning())
     minutes = (steps * step + int8_seconds) / 60
-    fits = minutes <= options.finetune_budget
+    fits = minutes <= args.finetune_budget
     print(f"int8 fine-tuning: {steps} steps of {step:.2f} s (timed here) plus about {int8_seconds:.0f} s of export "
           f"and gate: about {minutes:.1f} min, {'within' if fits else 'over'} --finetune_budget "
-          f"{options.finetune_budget:g} min")
+          f"{args.finetune_budget:g} min")
     if not fits:
-        print(f"skipped int8 fine-tuning; to run it alone: python export_draem.py --checkpoint {checkpoint} --format "
-              f"{format} --precision int8 --finetune {steps} --check DATA --out FILE (or raise --finetune_budget)")
+        print(f"skipped int8 fine-tuning; to run it alone: python export_draem.py --checkpoint {args.checkpoint} "
+              f"--format {args.format} --precision int8 --finetune {steps} --check DATA --out FILE (or raise "
+              f"--finetune_budget)")
     return fits
 
 
@@ -79,17 +79,17 @@ def scorer(model, image: torch.Tensor, channel_order: str):
     return lambda: predict(model, image, torch.device("cpu"), channel_order, batch_size=1)
 
 
-def choose(checkpoint: Path, out: Path, format: str, ref: dict, device: torch.device, options: Int8Options,
-           image_size: tuple[int, int] | None = None, batch_size: int = 16) -> bool:
-    """Write out at the fastest precision that passes the gate against ref (fp32 when none does); True when that
-    is faster than fp32."""
+def choose(args: argparse.Namespace, ref: dict, device: torch.device) -> bool:
+    """Write args.out at the fastest precision that passes the gate against ref (fp32 when none does); True when
+    that is faster than fp32."""
+    checkpoint, out, format, image_size = args.checkpoint, args.out, args.format, args.image_size
     has = cpu_capabilities()
     print(describe_cpu(has))
-    steps = options.finetune if options.finetune is not None else FINETUNE_STEPS
+    steps = args.finetune if args.finetune is not None else FINETUNE_STEPS
     size = image_size or model_from_checkpoint(checkpoint)[1].image_size
     print(f"--precision auto: post-training int8 first; where it fails the gate, convolutions back to float "
           f"(accuracy control); where that fails too, {steps} steps of int8 fine-tuning if they fit "
-          f"--finetune_budget {options.finetune_budget:g} min")
+          f"--finetune_budget {args.finetune_budget:g} min")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows, fp32 = {}, Path(tmp) / "graph.onnx"
         export_onnx(checkpoint, fp32, image_size)  # every candidate starts from this graph
@@ -97,7 +97,7 @@ def choose(checkpoint: Path, out: Path, format: str, ref: dict, device: torch.de
         for precision in candidates(format, has):
             if precision in (FINETUNED, CONTROLLED) and any(r["passes"] for r in rows.values()):
                 continue  # an int8 file passes already
-            if precision == FINETUNED and not finetune_fits(checkpoint, format, options, steps, int8_seconds, size):
+            if precision == FINETUNED and not finetune_fits(args, steps, int8_seconds, size):
                 continue
             path = Path(tmp) / f"{precision.replace(' ', '_')}{SUFFIX[format]}"
             print(f"--- {precision}" + {
@@ -107,17 +107,16 @@ def choose(checkpoint: Path, out: Path, format: str, ref: dict, device: torch.de
             }.get(precision, ""))
             started = time.perf_counter()
             if precision == CONTROLLED:
-                result = until_pass(checkpoint, path, format, ref, dataclasses.replace(options, finetune=0), device,
-                                    image_size, batch_size)[1]
+                result = until_pass(argparse.Namespace(**vars(args) | {"finetune": 0}), path, ref, device)[1]
             else:
                 finetune = steps if precision == FINETUNED else None
-                props = export_model(checkpoint, path, format, precision.split()[0], image_size,
-                                     options=dataclasses.replace(options, finetune=finetune), fp32=fp32)
+                props = export_model(argparse.Namespace(**vars(args) | {"finetune": finetune}), path,
+                                     precision.split()[0], fp32)
                 if precision == "int8":  # the float layers it measured are the later candidates' too
-                    options = dataclasses.replace(options, float_layers_by=props["float_layers_by"], float_layers=[
-                        name for name in props["float_layers"].split(",") if name])
+                    args = argparse.Namespace(**vars(args) | {"float_layers_by": props["float_layers_by"],
+                                              "float_layers": [n for n in props["float_layers"].split(",") if n]})
                 model, info = load_model(path, device)
-                result = judge(ref, model, precision_of(info), device, batch_size)
+                result = judge(ref, model, precision_of(info), device, args.batch_size)
             if precision == "int8":
                 int8_seconds = time.perf_counter() - started
             for line in gate_lines(result, path.name):

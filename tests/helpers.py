@@ -45,6 +45,14 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def export_args(checkpoint: Path, out: Path, *flags):
+    """export_draem.py's flags for writing out (its format from its suffix) from checkpoint, as deploy/ takes them."""
+    import export_draem
+    fmt = "openvino" if Path(out).suffix == ".xml" else "onnx"
+    return export_draem.parse_args(["--checkpoint", str(checkpoint), "--out", str(out), "--format", fmt,
+                                    *map(str, flags)])
+
+
 def run_settings(**changes) -> dict:
     """A run's settings as train_draem.py stores them in a checkpoint: its flags' defaults, what it decides for a
     run (a category, fp32, 8-bit, no calibration split, one process), and changes."""

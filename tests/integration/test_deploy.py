@@ -17,9 +17,9 @@ from training.cli import cpu_has_bf16
 from training.settings import differences
 from conftest import SHARED_DATA
 from data_loader import list_images, load_images, load_test_set
-from deploy.export import Int8Options, export_model
+from deploy.export import export_model
 from scoring.evaluate import predict
-from helpers import ROOT, read_json, run_settings, tiny_dataset
+from helpers import ROOT, export_args, read_json, run_settings, tiny_dataset
 from model_unet import DraemModel, init_weights
 from scoring.metrics import METRICS
 from scoring.model_files import load_model
@@ -59,12 +59,13 @@ def exported(tmp_path_factory):
                          bit_depth=8)
     save_training(ckpt, informative_model(), config)
     files = {("onnx", "fp32"): work / "weave_fp32.onnx"}
-    export_model(ckpt, files[("onnx", "fp32")])  # the graph each other export starts from: exported once
+    graph = files[("onnx", "fp32")]
+    export_model(export_args(ckpt, graph), graph, "fp32")  # the graph each other export starts from: exported once
     for fmt, precision in (("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"), ("onnx", "int8")):
         if precision == "bf16" and not cpu_has_bf16():
             continue
         out = work / f"weave_{precision}{'.xml' if fmt == 'openvino' else '.onnx'}"
-        export_model(ckpt, out, fmt, precision, options=Int8Options(count=12), fp32=files[("onnx", "fp32")])
+        export_model(export_args(ckpt, out, "--calibration_count", 12), out, precision, graph)
         files[(fmt, precision)] = out
     return work, data, ckpt, files
 
@@ -89,7 +90,7 @@ def test_openvino_fp32_equals_pytorch_for_ours_official_and_anomalib_weights(exp
     for source, order in ((ckpt, "BGR"), (official, "BGR"), (tmp_path / "anomalib_weave.ckpt", "RGB")):
         out = files[("openvino", "fp32")] if source == ckpt else tmp_path / f"{source.stem}.xml"  # ours: exported once
         if source != ckpt:
-            export_model(source, out, "openvino", image_size=SIZE)
+            export_model(export_args(source, out, "--image_size", f"{SIZE[0]}x{SIZE[1]}"), out, "fp32")
         reference_model, _ = model_from_checkpoint(source)
         reference = predict(reference_model, images, CPU, order)[0]  # BGR files; predict flips them for RGB weights
         ir, info = load_model(out, CPU)
@@ -164,7 +165,7 @@ def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path
     damaged = tmp_path / "damaged.pt"
     save_training(damaged, damaged_model, run_settings(category="weave", image_size=SIZE, base_width=8,
                                                       seg_base_width=8))
-    export_model(damaged, tmp_path / "damaged.xml", "openvino")
+    export_model(export_args(damaged, tmp_path / "damaged.xml"), tmp_path / "damaged.xml", "fp32")
     with pytest.raises(SystemExit) as stopped:
         export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(tmp_path / "damaged.xml")]))
     assert stopped.value.code == 1 and "FAILS the accuracy gate" in capsys.readouterr().out
@@ -200,7 +201,7 @@ def test_the_python_api_equals_the_command_line_on_pt_onnx_and_xml(exported, tmp
                      "--false_alarm_rate", "0.25", "--device", "cpu"]))
     files = [calibrated]
     for out in (tmp_path / "weave.onnx", tmp_path / "weave.xml"):
-        export_model(calibrated, out, "openvino" if out.suffix == ".xml" else "onnx", "fp32")
+        export_model(export_args(calibrated, out), out, "fp32")
         files.append(out)
     photos = sorted((data / "weave" / "test").rglob("*.png"))
     for path in files:
@@ -363,7 +364,7 @@ def test_the_good_only_gate_passes_an_honest_export_fails_a_damaged_one_and_name
     damaged = tmp_path / "damaged.pt"
     save_training(damaged, damaged_model, run_settings(category="weave", image_size=SIZE, base_width=8,
                                                       seg_base_width=8))
-    export_model(damaged, tmp_path / "damaged.xml", "openvino")
+    export_model(export_args(damaged, tmp_path / "damaged.xml"), tmp_path / "damaged.xml", "fp32")
     code, out = gate(["--checkpoint", str(ckpt), "--check", str(good_only), "--compare", str(tmp_path / "damaged.xml")],
                      capsys)
     assert code == 1 and "FAILS the accuracy gate" in out and "PASSES" not in out
@@ -377,15 +378,14 @@ def test_precision_auto_tries_the_cheap_int8_first_fine_tunes_within_its_budget_
     passes, nothing is fine-tuned; a fine-tuned int8 that passes where both fail is kept; fine-tuning over
     --finetune_budget is skipped with the command that runs it; when post-training int8 passes, nothing else
     int8 is tried."""
-    from deploy import int8
-    from deploy import accuracy_control, precision_choice
+    from deploy import accuracy_control, int8, precision_choice
     work, data, ckpt, _ = exported
     real = int8.calibration_set
 
     def black(*args, **kwargs):
-        found = real(*args, **kwargs)
-        found.images[:] = 0
-        return found
+        images, recorded = real(*args, **kwargs)
+        images[:] = 0
+        return images, recorded
     monkeypatch.setattr(int8, "calibration_set", black)
     # this graph's int8 at collapsed ranges gives constant maps, which the three checks this tiny set allows can
     # pass (image AUROC 50 -> 50): here no int8 file passes, and accuracy control stops at its first round, the
@@ -458,7 +458,7 @@ def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, tmp
     import test_draem
     work, data, ckpt, files = exported
     calibrated = calibrated_copy(ckpt, data, tmp_path)
-    export_model(calibrated, tmp_path / "weave.xml", "openvino")
+    export_model(export_args(calibrated, tmp_path / "weave.xml"), tmp_path / "weave.xml", "fp32")
     folder = tmp_path / "photos"
     folder.mkdir()
     colour = cv2.imread(str(sorted((data / "weave" / "test").rglob("*.png"))[0]))

@@ -6,10 +6,10 @@ import torch
 
 from data_loader import list_images, load_images, load_test_set
 from deploy import int8, qat
-from deploy.export import Int8Options, export_model
+from deploy.export import export_model
 from deploy.export import ScoringGraph
 from scoring.model_files import load_model
-from helpers import run_settings, tiny_dataset
+from helpers import export_args, run_settings, tiny_dataset
 from scoring.evaluate import predict
 from training.checkpoint import save_training
 
@@ -87,8 +87,8 @@ def test_a_finetuned_file_is_the_network_that_was_finetuned_and_says_so(setting,
     real_export = qat.export_onnx
     monkeypatch.setattr(qat, "export_onnx", lambda student, *a: (students.append(student), real_export(student, *a)))
     for out in (tmp_path / "weave_int8.onnx", tmp_path / "weave_int8.xml"):
-        props = export_model(ckpt, out, "openvino" if out.suffix == ".xml" else "onnx", "int8",
-                             options=Int8Options(count=12, finetune=3))
+        props = export_model(export_args(ckpt, out, "--precision", "int8", "--calibration_count", 12, "--finetune", 3),
+                             out, "int8")
         assert props["finetune_steps"] == "3" and props["finetune_teacher"] == "weave.pt"
         assert props["quantizer"] == "draem-qdq" and props["precision"] == "int8"
         model, info = load_model(out, CPU)
@@ -111,9 +111,9 @@ def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until
     monkeypatch.setattr(accuracy_gate, "IMAGE_AUROC_DROP", -1.0)
     monkeypatch.setattr(accuracy_control, "MAX_FLOAT_SHARE", 10.0)
     out = tmp_path / "weave_int8.onnx"
-    options = Int8Options(count=12, float_budget=0.0)
+    args = export_args(ckpt, out, "--calibration_count", 12, "--float_budget", 0)
     capsys.readouterr()
-    props, result = accuracy_control.until_pass(ckpt, out, "onnx", ref, options, CPU)
+    props, result = accuracy_control.until_pass(args, out, ref, CPU)
     said = capsys.readouterr().out.splitlines()
     kept = [name for name in props["float_layers"].split(",") if name]
     rounds = [line for line in said if line.startswith("accuracy control, round")]
@@ -121,7 +121,7 @@ def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until
     assert result["failures"] and "still failing" in said[-1]
     assert info_metadata(out)["float_layers"] == props["float_layers"]  # the last round's file is the one written
     assert props["float_layers_by"] == f"accuracy control, round {len(rounds)}" and props["quantizer"] == "draem-qdq"
-    calibration, recorded = accuracy_control.int8_calibration(ckpt, SIZE, 8, "official", options)
+    calibration, recorded = accuracy_control.int8_calibration(args, SIZE, 8, "official")
     sensitivity, macs = int8.measure_layers(teacher, calibration, int(recorded["calibration_good"]))
     ranked = sorted(sensitivity, key=lambda name: -sensitivity[name])
     assert kept == ranked[:len(kept)]  # budget 0: all of them added, in this order

@@ -114,7 +114,7 @@ def test_a_defect_the_simulation_cannot_make_is_learned_from_four_real_examples_
     proc = call_script("test_draem.py", "--checkpoint", ckpt, "--calibrate", good, "--device", "cpu", cwd=tmp_path)
     assert "left out 1 defect image(s) the model trained on" in proc.stderr and "on the other 3" in proc.stderr
     # ... and the accuracy gate's labelled reference leaves them out too.
-    ref = reference(ckpt, shade, torch.device("cpu"), workers=2)
+    ref = reference(ckpt, shade, torch.device("cpu"))
     assert sorted(map(str, ref["test_set"].left_out)) == trained_paths and len(ref["test_set"].paths) == 16
 
 
