@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data_loader import DataError, Layout, TestSet, load_test_set
-from loss import FocalLoss, draem_loss
+from loss import draem_loss
 from model_unet import DraemModel, DraemOutput, init_weights
 from perlin import Batch, random_crops, simulate_anomalies
 from recipe import RECIPES
@@ -143,18 +143,14 @@ def parameter_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-FOCAL = FocalLoss()  # no parameters and no state: one serves every step
-
-
 def train_step(net: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                autocast, sspcab: bool) -> tuple[DraemOutput, torch.Tensor, dict]:
     """One optimisation step on both sub-networks; the loss is computed in fp32 outside autocast."""
     with autocast:
         # channels_last (NHWC) is faster for these convolutions on GPUs (tensor cores) and on the CPU (oneDNN)
         out = net(batch.augmented.contiguous(memory_format=torch.channels_last))
-    total, parts = draem_loss(out.reconstruction.float(), batch.image, out.logits.float(), batch.mask,
-                              *((out.block5_input.float(), out.block5_output.float()) if sspcab else ()), focal=FOCAL,
-                              real=batch.real, has_mask=batch.has_mask, pasted=batch.pasted)
+    # fp32 for the loss, whatever autocast computed the networks in
+    total, parts = draem_loss(DraemOutput(*(t.float() for t in out)), batch, sspcab)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.step(optimizer)

@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_unet import image_scores
+from model_unet import DraemOutput, image_scores
+from perlin import Batch
+
+SSPCAB_LAMBDA = 0.1  # the SSPCAB paper's weight of its own reconstruction term
 
 
 def gaussian_window(size: int, sigma: float, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -63,6 +66,9 @@ class FocalLoss(nn.Module):
         return -(1 - pt).pow(self.gamma) * pt.log()
 
 
+FOCAL = FocalLoss()  # no parameters and no state: one serves every step
+
+
 def area_balanced(per_pixel: Tensor, mask: Tensor) -> Tensor:
     """(B,): half the mean loss over each sample's mask pixels plus half the mean over its other pixels (the
     plain mean where the mask is empty). per_pixel (B, H, W), mask (B, 1, H, W) in {0, 1}."""
@@ -81,18 +87,17 @@ def image_label_loss(anomaly_maps: Tensor, weights: Tensor, eps: float = 1e-6) -
     return (-score.log() * weights).sum() / weights.sum().clamp(min=1)
 
 
-def draem_loss(reconstruction: Tensor, clean: Tensor, logits: Tensor, mask: Tensor,
-               block5_input: Tensor | None = None, block5_output: Tensor | None = None,
-               sspcab_lambda: float = 0.1, focal: FocalLoss | None = None, real: int = 0,
-               has_mask: Tensor | None = None, pasted: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total DRAEM loss and its parts (unweighted sum; SSPCAB term added when its tensors are given).
+def draem_loss(out: DraemOutput, batch: Batch, sspcab: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total DRAEM loss of a step's output on its batch, and its parts (unweighted sum; the SSPCAB term added
+    when sspcab), in the dtype of out's tensors.
 
-    With real defects, the last `real` samples of the batch are real defect images: they have no clean target
-    (no reconstruction loss), the focal loss covers those with masks (has_mask (B,); area_balanced) together with
-    the simulated samples, and those without get image_label_loss. The `pasted` samples before them are real
+    With real defects, the last `batch.real` samples are real defect images: they have no clean target (no
+    reconstruction loss), the focal loss covers those with masks (batch.has_mask; area_balanced) together with
+    the simulated samples, and those without get image_label_loss. The `batch.pasted` samples before them are real
     defects pasted onto good images, trained as simulated ones. parts then also holds "real_defects", the loss on
     the real samples alone, pasted or not (a curve to watch; it is not added to the total again)."""
-    focal = focal or FocalLoss()
+    reconstruction, logits, clean, mask = out.reconstruction, out.logits, batch.image, batch.mask
+    real, has_mask, pasted, focal = batch.real, batch.has_mask, batch.pasted, FOCAL
     simulated = len(logits) - real
     probs = torch.softmax(logits, dim=1)
     per_sample = focal.per_sample(probs, mask)
@@ -111,8 +116,8 @@ def draem_loss(reconstruction: Tensor, clean: Tensor, logits: Tensor, mask: Tens
     if real:
         image_level = 1 - pixel_labelled[simulated:]
         parts["image_label"] = image_label_loss(probs[simulated:, 1], image_level)
-    if block5_input is not None and block5_output is not None:
-        parts["sspcab"] = sspcab_lambda * F.mse_loss(block5_output, block5_input)
+    if sspcab:
+        parts["sspcab"] = SSPCAB_LAMBDA * F.mse_loss(out.block5_output, out.block5_input)
     total = torch.stack(list(parts.values())).sum()
     if real or pasted:
         first = simulated - pasted

@@ -122,7 +122,7 @@ def main() -> None:
 
     def plain_step():
         out = plain(batch.augmented)
-        total, _ = draem_loss(out.reconstruction, batch.image, out.logits, batch.mask)
+        total, _ = draem_loss(out, batch)
         plain_opt.zero_grad()
         total.backward()
         plain_opt.step()

@@ -145,19 +145,20 @@ def seconds_per_step(teacher: nn.Module, size: tuple[int, int], float_layers: li
 
 
 def finetune(student: nn.Module, teacher: nn.Module, good: Tensor, sources: Tensor | None, recipe: str, steps: int,
-             device: torch.device, seed: int = 0, lr: float = LEARNING_RATE) -> dict:
-    """steps of Adam on the student, each on BATCH good images (uint8, N x 3 x H x W) with fresh simulated
-    anomalies; returns what the file's metadata records. The teacher is the fp32 graph."""
+             device: torch.device) -> dict:
+    """steps of Adam at LEARNING_RATE on the student, each on BATCH good images (uint8, N x 3 x H x W) with fresh
+    simulated anomalies (seeded: a file fine-tuned twice is the same file); returns what the file's metadata
+    records. The teacher is the fp32 graph."""
     student.to(device).train()
     frozen_batchnorm(student)
     teacher.to(device).eval()
     good = good.to(device)
     sources = sources.to(device) if sources is not None else None
-    g = torch.Generator(device).manual_seed(seed)
+    g = torch.Generator(device).manual_seed(0)
     probe = simulate_anomalies(good[torch.randint(0, len(good), (PROBE_IMAGES,), generator=g, device=device)],
                                sources, recipe, g).augmented.clamp(0, 1)
     before = evaluated(student, teacher, probe)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(student.parameters(), lr=LEARNING_RATE)
     started = time.perf_counter()
     with tqdm(total=steps, unit="step", desc="int8 fine-tuning", disable=steps == 0 or not sys.stderr.isatty()) as bar:
         for step in range(steps):

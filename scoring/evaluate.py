@@ -83,10 +83,15 @@ def predict_batches(model: DraemModel, images: torch.Tensor, device: torch.devic
 
 
 def evaluate(model: DraemModel, test_set: TestSet, device: torch.device, channel_order: str = "BGR",
-             batch_size: int = 16, mask_protocol: str = "standard", keep_reconstructions: bool = False,
-             amp: str = "off") -> dict:
-    """Metrics, operating points, per-defect-type rows, curves and how many defect images had a mask."""
-    maps, recs = predict(model, test_set.images, device, channel_order, batch_size, keep_reconstructions, amp)
+             batch_size: int = 16) -> dict:
+    """The model scored on the test set (fp32): measure() of its anomaly maps."""
+    return measure(predict(model, test_set.images, device, channel_order, batch_size)[0], test_set)
+
+
+def measure(maps: torch.Tensor, test_set: TestSet, mask_protocol: str = "standard") -> dict:
+    """Metrics, operating points, per-defect-type rows, curves and how many defect images had a mask, of the
+    test set's anomaly maps (N, H, W); with the image scores, maps and masks they were computed on."""
+    device = maps.device
     scores = image_scores(maps)
     labels = test_set.labels.to(device)
     masks = MASK_PROTOCOLS[mask_protocol](test_set.masks[:, 0].to(device))
@@ -105,7 +110,7 @@ def evaluate(model: DraemModel, test_set: TestSet, device: torch.device, channel
             "per_defect_type": per_defect_type(scores, maps, labels, masks, known, test_set.defect_types),
             "mask_coverage": test_set.mask_coverage,
             "curves": {"image": curve_points(*image_counts), "pixel": curve_points(*pixel_counts)},
-            "scores": scores.cpu(), "maps": maps, "masks": masks, "reconstructions": recs}
+            "scores": scores.cpu(), "maps": maps, "masks": masks}
 
 
 def per_defect_type(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,

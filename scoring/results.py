@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data_loader import DataError, TestSet, category_layout, decode, height_width, load_test_set, one_category
 from scoring import thresholds
 from scoring.detector import Scoring, images_per_pass, resize_map, scoring_model, validation_maps
-from scoring.evaluate import evaluate
+from scoring.evaluate import measure, predict
 from scoring.map_files import write_test_maps
 from scoring.metrics import METRICS, percent, verdict
 from scoring.model_files import checkpoint_files
@@ -230,20 +230,18 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
     """
     files = checkpoint_files(checkpoints)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, details, skipped, writer = {}, {}, {}, SummaryWriter(out_dir / "tensorboard")
+    results, details, skipped = {}, {}, {}
     summary = None
     try:
         for path in files:
             try:
-                run, results[run], details[run] = score_run(path, data_path, out_dir, device, obj_id, scoring,
-                                                            writer, results)
+                run, results[run], details[run] = score_run(path, data_path, obj_id, device, scoring, out_dir, results)
             except (DataError, CheckpointError) as exc:
                 if len(files) == 1:
                     raise
                 skipped[str(path)] = str(exc)
                 print(f"skipped {path}: {exc}", file=sys.stderr)
     finally:
-        writer.close()
         if results:
             summary = write_summary(out_dir, results, details, scoring.mask_protocol, skipped, scoring.save_images)
     if summary is None:
@@ -252,10 +250,10 @@ def score_test_sets(checkpoints: list[Path], data_path: Path | None, out_dir: Pa
     return summary
 
 
-def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, obj_id: str | None, scoring: Scoring,
-              writer: SummaryWriter, taken: dict) -> tuple[str, dict, dict]:
-    """One checkpoint on its category's test set: its name in the results, its row, and its curves and cases;
-    its CSV, TensorBoard scalars and panels written."""
+def score_run(path: Path, data_path: Path, obj_id: str | None, device: torch.device, scoring: Scoring, out_dir: Path,
+              taken: dict) -> tuple[str, dict, dict]:
+    """One checkpoint on its category's test set: its name in the results (not one of taken), its row, and its
+    curves and cases; its CSV, TensorBoard scalars and panels written under out_dir."""
     given = {"image": scoring.threshold, "pixel": scoring.pixel_threshold}
     model, info = scoring_model(path, device, scoring)
     data_path = data_path or info.config.get("data_path")
@@ -272,8 +270,9 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
                              info.trained_digests)
     if scoring.tile:
         check_tiling(*test_set.images.shape[-2:], scoring.tile, scoring.tile_overlap, "the test images")
-    out = evaluate(model, test_set, device, info.channel_order, images_per_pass(scoring), scoring.mask_protocol,
-                   keep_reconstructions=scoring.save_images, amp=scoring.amp)
+    maps, reconstructions = predict(model, test_set.images, device, info.channel_order, images_per_pass(scoring),
+                                    scoring.save_images, scoring.amp)
+    out = measure(maps, test_set, scoring.mask_protocol) | {"reconstructions": reconstructions}
     protocol = protocol_for(data_set_name(data_path), scoring.protocol)
     validation = validation_maps(model, info, category_layout(data_path, category).validation, device, scoring) \
         if protocol == "mvtec_ad2" else None
@@ -304,7 +303,8 @@ def score_run(path: Path, data_path: Path, out_dir: Path, device: torch.device, 
     write_scores_csv(out_dir / f"scores_{run}.csv", [
         {"path": c["path"], "defect_type": c["defect_type"], "label": c["label"], "score": f"{c['score']:.9g}",
          "verdict": c["verdict"]} for c in cases])
-    log_to_tensorboard(writer, run, out, test_set.labels)
+    with SummaryWriter(out_dir / "tensorboard", filename_suffix=f".{run}") as writer:  # one events file per run
+        log_to_tensorboard(writer, run, out, test_set.labels)
     if scoring.save_images:
         write_test_panels(out_dir, test_set, out, cases, image_t, pixel_t, scoring.depth_for(info))
     return run, result, {"curves": out["curves"], "cases": cases}

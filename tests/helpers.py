@@ -53,6 +53,15 @@ def export_args(checkpoint: Path, out: Path, *flags):
                                     *map(str, flags)])
 
 
+def loss_on(reconstruction, clean, logits, mask, block5=None, **real):
+    """draem_loss on bare tensors: block5 (input, output) adds the SSPCAB term; real: Batch's real-defect fields."""
+    from loss import draem_loss
+    from model_unet import DraemOutput
+    from perlin import Batch
+    out = DraemOutput(reconstruction, logits, *(block5 or (None, None)))
+    return draem_loss(out, Batch(clean, reconstruction, mask, **real), sspcab=block5 is not None)
+
+
 def run_settings(**changes) -> dict:
     """A run's settings as train_draem.py stores them in a checkpoint: its flags' defaults, what it decides for a
     run (a category, fp32, 8-bit, no calibration split, one process), and changes."""

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from data_loader import DataError
-from helpers import run_settings
-from loss import FocalLoss, draem_loss, ssim_loss
+from helpers import loss_on, run_settings
+from loss import FocalLoss, ssim_loss
 from recipe import RECIPES
 from training.defects import (RealDefects, draw_real, pixel_labelled, read_split_file, real_per_step,
                               stratified_order)
@@ -68,7 +68,7 @@ def test_real_defects_have_no_reconstruction_loss_and_the_image_label_loss_reads
     logits = torch.randn(b, 2, h, h, generator=g)
     mask = (torch.rand(b, 1, h, h, generator=g) > 0.8).float()
     has_mask = torch.tensor([True, True, True, True, True, False])  # 4 simulated, 1 real with mask, 1 without
-    total, parts = draem_loss(rec, clean, logits, mask, real=2, has_mask=has_mask)
+    total, parts = loss_on(rec, clean, logits, mask, real=2, has_mask=has_mask)
     probs = torch.softmax(logits, 1)
     assert parts["l2"] == pytest.approx(F.mse_loss(rec[:4], clean[:4]).item())
     assert parts["ssim"] == pytest.approx(ssim_loss(rec[:4], clean[:4]).item())
@@ -86,7 +86,7 @@ def test_real_defects_have_no_reconstruction_loss_and_the_image_label_loss_reads
     assert total.item() == pytest.approx(sum(parts[k].item() for k in ("l2", "ssim", "focal", "image_label")))
     assert parts["real_defects"] == pytest.approx((balanced - score.log()).item(), rel=1e-5)
     # without real defects: the published loss, unchanged
-    plain_total, plain = draem_loss(rec, clean, logits, mask)
+    plain_total, plain = loss_on(rec, clean, logits, mask)
     assert set(plain) == {"l2", "ssim", "focal"}
     assert plain["focal"] == pytest.approx(FocalLoss()(probs, mask).item(), rel=1e-6)
 
@@ -198,8 +198,8 @@ def test_pasted_defects_take_the_published_loss_and_are_watched():
     g = torch.Generator().manual_seed(2)
     rec, clean = torch.rand(6, 3, 32, 32, generator=g), torch.rand(6, 3, 32, 32, generator=g)
     logits, mask = torch.randn(6, 2, 32, 32, generator=g), (torch.rand(6, 1, 32, 32, generator=g) > 0.8).float()
-    total, parts = draem_loss(rec, clean, logits, mask, pasted=2)
-    plain_total, plain = draem_loss(rec, clean, logits, mask)
+    total, parts = loss_on(rec, clean, logits, mask, pasted=2)
+    plain_total, plain = loss_on(rec, clean, logits, mask)
     assert torch.equal(total, plain_total) and all(torch.equal(parts[k], plain[k]) for k in plain)
     assert parts["real_defects"] == pytest.approx(FocalLoss()(torch.softmax(logits[4:], 1), mask[4:]).item(), rel=1e-5)
 

@@ -4,8 +4,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from loss import FocalLoss, draem_loss
-from model_unet import DraemModel, init_weights
+from loss import draem_loss
+from model_unet import DraemModel, DraemOutput, init_weights
 from perlin import simulate_anomalies
 
 
@@ -23,7 +23,7 @@ def loss_of(model, batch, memory_format=torch.contiguous_format, autocast=nullco
     model = model.to(memory_format=memory_format)
     with autocast:
         out = model(batch.augmented.contiguous(memory_format=memory_format))
-    return draem_loss(out.reconstruction.float(), batch.image, out.logits.float(), batch.mask, focal=FocalLoss())[0]
+    return draem_loss(DraemOutput(*(t.float() for t in out)), batch)[0]
 
 
 def test_channels_last_gives_the_same_loss():

@@ -157,3 +157,32 @@ def test_the_checkpoint_dict_is_written_and_read_in_training_checkpoint_py_only(
         text = path.read_text()
         assert not [k for k in CHECKPOINT_KEYS if f"[{k}]" in text or f"{k}:" in text], name
         assert "torch.save(" not in text and "torch.load(" not in text, name
+
+
+def record_classes(path: Path) -> list[str]:
+    """The dataclasses and NamedTuples a file defines."""
+    def is_record(node: ast.ClassDef) -> bool:
+        decorators = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
+        return any(getattr(d, "id", None) == "dataclass" for d in decorators) or \
+            any(getattr(b, "id", None) == "NamedTuple" for b in node.bases)
+    return [n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef) and is_record(n)]
+
+
+def parameter_count(node: ast.FunctionDef) -> int:
+    a = node.args
+    names = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
+    return len([n for n in names if n.arg not in ("self", "cls")])
+
+
+def test_few_records_and_short_signatures():
+    """Library code (the paper's modules, the engine and the folders) defines at most 12 dataclasses and
+    NamedTuples, each a thing a reader names; no function anywhere but the tests takes more than 7 parameters."""
+    library = {name: path for name, path in module_files().items() if name not in SCRIPTS}
+    records = {f"{name}.{cls}" for name, path in library.items() for cls in record_classes(path)}
+    assert len(records) <= 12, sorted(records)
+    assert {"model_unet.DraemOutput", "training.checkpoint.ModelInfo"} <= records  # the walk sees them
+    programs = list(module_files().values()) + list((ROOT / "benchmarks").glob("*.py"))
+    long = [f"{path.relative_to(ROOT)}:{node.name} ({parameter_count(node)})" for path in programs
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and parameter_count(node) > 7]
+    assert long == []

@@ -2,7 +2,8 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from loss import FocalLoss, draem_loss, ssim_loss, ssim_map
+from helpers import loss_on
+from loss import FocalLoss, ssim_loss, ssim_map
 
 
 def test_ssim_matches_scikit_image_on_the_interior():
@@ -43,12 +44,12 @@ def test_total_is_the_sum_of_its_parts_and_keeps_dtype():
     torch.manual_seed(0)
     rec, clean = torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 3, 32, 32, dtype=torch.float64)
     logits, mask = torch.randn(2, 2, 32, 32, dtype=torch.float64), (torch.rand(2, 1, 32, 32) > 0.5).double()
-    total, parts = draem_loss(rec, clean, logits, mask)
+    total, parts = loss_on(rec, clean, logits, mask)
     assert set(parts) == {"l2", "ssim", "focal"}
     assert total.dtype == torch.float64
     torch.testing.assert_close(total, sum(parts.values()))
     torch.testing.assert_close(parts["l2"], ((rec - clean) ** 2).mean())
     b_in, b_out = torch.rand(2, 8, 2, 2, dtype=torch.float64), torch.rand(2, 8, 2, 2, dtype=torch.float64)
-    total, parts = draem_loss(rec, clean, logits, mask, b_in, b_out)
+    total, parts = loss_on(rec, clean, logits, mask, (b_in, b_out))
     torch.testing.assert_close(parts["sspcab"], 0.1 * ((b_in - b_out) ** 2).mean())
     torch.testing.assert_close(total, sum(parts.values()))

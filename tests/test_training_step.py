@@ -39,8 +39,7 @@ def hand_written_step(model, batch, lr=LR):
     batch = dataclasses.replace(batch, **{name: getattr(batch, name).double() for name in ("image", "augmented", "mask")})
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     out = model(batch.augmented)
-    total, _ = draem_loss(out.reconstruction, batch.image, out.logits, batch.mask, out.block5_input,
-                          out.block5_output)
+    total, _ = draem_loss(out, batch, sspcab=True)
     optimizer.zero_grad()
     total.backward()
     optimizer.step()

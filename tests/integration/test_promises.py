@@ -171,14 +171,14 @@ def test_a_folder_of_checkpoints_skips_what_it_cannot_score_and_keeps_what_it_sc
     assert list(written["runs"]) == ["c_weave", "d_weave"] and len(written["skipped"]) == 2
     assert (tmp_path / "res" / "report.html").is_file() and "c_weave" in (tmp_path / "res" / "results.md").read_text()
     # stopped half-way (Ctrl-C while the second weave run is evaluated): the first run's results are written
-    real_evaluate, calls = results_module.evaluate, []
+    real_measure, calls = results_module.measure, []
 
     def interrupted_on_the_second_call(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_evaluate(*a, **k)
-    monkeypatch.setattr(results_module, "evaluate", interrupted_on_the_second_call)
+        return real_measure(*a, **k)
+    monkeypatch.setattr(results_module, "measure", interrupted_on_the_second_call)
     with pytest.raises(KeyboardInterrupt):
         test_draem.main(test_draem.parse_args(args + ["--out", str(tmp_path / "stopped")]))
     assert len(calls) == 2 and list(read_json(tmp_path / "stopped" / "results.json")["runs"]) == ["c_weave"]
