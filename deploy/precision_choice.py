@@ -16,29 +16,57 @@ from pathlib import Path
 
 import torch
 
+from deploy import int8
 from deploy.accuracy_control import until_pass
 from deploy.accuracy_gate import gate_lines, judge, passes, precision_of
 from deploy.export import SUFFIX, device_for_finetuning, export_model, export_onnx, scoring_graph
-from deploy.qat import FINETUNE_STEPS, seconds_per_step
+from deploy.qat import BATCH, FINETUNE_STEPS, seconds_per_step
 from scoring.evaluate import predict
 from scoring.model_files import load_model, move_model_file
 from training.checkpoint import model_from_checkpoint
 from training.cli import cpu_capabilities
 
 SPEED_ROUNDS = 7
+STEP_PASSES = 6  # a fine-tuning step of BATCH images costs about this many fp32 image passes (docs/int8.md)
 
 
 def describe_cpu(has: dict[str, bool | None]) -> str:
     listed = ", ".join(f"{name} {'unknown' if present is None else 'yes' if present else 'no'}"
                        for name, present in has.items())
-    int8 = ("int8 runs on AMX tiles" if has["AMX"] else "int8 uses VNNI" if has["VNNI"]
-            else "int8 without VNNI or AMX (AVX2 only: smaller gains)" if has["AVX2"] else "int8 has no fast path")
+    int8_path = ("int8 runs on AMX tiles" if has["AMX"] else "int8 uses VNNI" if has["VNNI"]
+                 else "int8 without VNNI or AMX (AVX2 only: smaller gains)" if has["AVX2"] else "int8 has no fast path")
     bf16 = "bf16 is native" if has["bf16"] else "no bf16: not tried"
-    return f"this CPU: {listed}; {int8}; {bf16}"
+    return f"this CPU: {listed}; {int8_path}; {bf16}"
 
 
 CONTROLLED = "int8 more float"  # accuracy control (deploy/accuracy_control.py), when post-training int8 fails
 FINETUNED = "int8 fine-tuned"  # when accuracy control fails too, within --finetune_budget
+
+
+def fp32_seconds_per_image(checkpoint: Path, size: tuple[int, int]) -> float:
+    """One fp32 PyTorch pass of the scoring graph, per image, timed now on a batch of 8 (after a warm-up)."""
+    graph, images = scoring_graph(checkpoint), torch.rand(8, 3, *size)
+    with torch.no_grad():
+        graph(images)
+        started = time.perf_counter()
+        graph(images)
+    return (time.perf_counter() - started) / len(images)
+
+
+def estimates(args: argparse.Namespace, ref: dict, size: tuple[int, int], steps: int) -> tuple[float, float]:
+    """Before any candidate runs: the seconds post-training int8 and fine-tuning will take here, said on the
+    console. Rough: counted in fp32 image passes at the speed timed now (int8: each convolution's sensitivity on
+    SENSITIVITY_IMAGES, the calibration images, the gate's images; fine-tuning: STEP_PASSES per step and image),
+    not the quantizers' own work; fine-tuning is timed again before it starts."""
+    per_image = fp32_seconds_per_image(args.checkpoint, size)
+    gated = len(ref["images"]) + (len(ref["test_set"].paths) if ref["test_set"] is not None else 0)
+    int8_passes = len(int8.convolutions(scoring_graph(args.checkpoint))) * int8.SENSITIVITY_IMAGES \
+        + args.calibration_count + gated
+    int8_seconds, step_seconds = int8_passes * per_image, STEP_PASSES * BATCH * per_image
+    print(f"estimated here before starting, from an fp32 pass of {1000 * per_image:.0f} ms an image: post-training "
+          f"int8 about {int8_seconds / 60:.1f} min ({int8_passes} image passes); accuracy control about as long a "
+          f"round; {steps} fine-tuning steps about {steps * step_seconds / 60:.1f} min; bf16 and fp32 one gate each")
+    return int8_seconds, step_seconds
 
 
 def candidates(format: str, has: dict[str, bool]) -> list[str]:
@@ -93,7 +121,7 @@ def choose(args: argparse.Namespace, ref: dict, device: torch.device) -> bool:
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         rows, fp32 = {}, Path(tmp) / "graph.onnx"
         export_onnx(checkpoint, fp32, image_size)  # every candidate starts from this graph
-        int8_seconds = 0.0  # what post-training int8 took, the first candidate: the unit of the later estimates
+        int8_seconds, _ = estimates(args, ref, size, steps)  # replaced by what post-training int8 takes
         for precision in candidates(format, has):
             if precision in (FINETUNED, CONTROLLED) and any(r["passes"] for r in rows.values()):
                 continue  # an int8 file passes already
@@ -118,7 +146,9 @@ def choose(args: argparse.Namespace, ref: dict, device: torch.device) -> bool:
                 model, info = load_model(path, device)
                 result = judge(ref, model, precision_of(info), device, args.batch_size)
             if precision == "int8":
-                int8_seconds = time.perf_counter() - started
+                took = time.perf_counter() - started
+                print(f"post-training int8 took {took:.0f} s (estimated {int8_seconds:.0f} s)")
+                int8_seconds = took
             for line in gate_lines(result, path.name):
                 print(line)
             rows[precision] = {"path": path, "passes": passes(result), "failures": result["failures"]}

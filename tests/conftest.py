@@ -1,7 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 runs two test processes on two cores: one thread each (and in the scripts they start), or their
+    # OpenMP pools would oversubscribe the cores and slow both several times over
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -69,8 +69,8 @@ def test_fp32_step_equals_a_hand_written_step_with_the_sspcab_term(memory_format
     assert "sspcab" in parts and parts["sspcab"] > 0
     torch.testing.assert_close(total, expected, atol=1e-5, rtol=0)
     # Updates are about 5e-3; the float32 step differs from the float64 one by rounding only (train-mode
-    # BatchNorm on 4 samples amplifies it).
-    assert_same_parameters(model, reference, atol=5e-5)
+    # BatchNorm on 4 samples amplifies it): up to 8.5e-5 on one thread (pytest -n 2), less on two.
+    assert_same_parameters(model, reference, atol=1e-4)
 
 
 def test_fp16_step_uses_the_grad_scaler():
