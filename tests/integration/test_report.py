@@ -213,8 +213,8 @@ def test_a_threshold_the_file_cannot_give_fails_before_the_evaluation(scored, tm
     import test_draem
     from scoring import results
     work, data, runs = scored
-    evaluated, real = [], results.evaluate
-    monkeypatch.setattr(results, "evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    evaluated, real = [], results.predict
+    monkeypatch.setattr(results, "predict", lambda *a, **k: evaluated.append(1) or real(*a, **k))
     with pytest.raises(SystemExit) as stopped:
         test_draem.main(test_draem.parse_args(["--checkpoint", str(runs[0]), "--data_path", str(data), "--out", str(tmp_path / "c"),
                          "--pixel_threshold", "calibrated", "--device", "cpu"]))
