@@ -144,13 +144,13 @@ def parameter_fingerprint(model: nn.Module) -> str:
 
 
 def train_step(net: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               autocast, sspcab: bool) -> tuple[DraemOutput, torch.Tensor, dict]:
+               autocast, sspcab: bool, score_weight: float = 0.0) -> tuple[DraemOutput, torch.Tensor, dict]:
     """One optimisation step on both sub-networks; the loss is computed in fp32 outside autocast."""
     with autocast:
         # channels_last (NHWC) is faster for these convolutions on GPUs (tensor cores) and on the CPU (oneDNN)
         out = net(batch.augmented.contiguous(memory_format=torch.channels_last))
     # fp32 for the loss, whatever autocast computed the networks in
-    total, parts = draem_loss(DraemOutput(*(t.float() for t in out)), batch, sspcab)
+    total, parts = draem_loss(DraemOutput(*(t.float() for t in out)), batch, sspcab, score_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.step(optimizer)

@@ -87,9 +87,20 @@ def image_label_loss(anomaly_maps: Tensor, weights: Tensor, eps: float = 1e-6) -
     return (-score.log() * weights).sum() / weights.sum().clamp(min=1)
 
 
-def draem_loss(out: DraemOutput, batch: Batch, sspcab: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def image_score_loss(anomaly_maps: Tensor, defective: Tensor, weights: Tensor, eps: float = 1e-6) -> Tensor:
+    """Binary cross-entropy of the image score the evaluation reads against whether the sample holds an anomaly
+    (defective (B,) in {0, 1}), averaged with weights (B,). The focal loss is a mean over pixels: one bright blob
+    on a good image costs it little, yet that blob is the image's score and decides its rank."""
+    score = image_scores(anomaly_maps).clamp(eps, 1 - eps)
+    bce = -(defective * score.log() + (1 - defective) * (1 - score).log())
+    return (bce * weights).sum() / weights.sum().clamp(min=1)
+
+
+def draem_loss(out: DraemOutput, batch: Batch, sspcab: bool = False, score_weight: float = 0.0
+               ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total DRAEM loss of a step's output on its batch, and its parts (unweighted sum; the SSPCAB term added
-    when sspcab), in the dtype of out's tensors.
+    when sspcab; score_weight x image_score_loss on every sample with pixel labels when score_weight > 0), in the
+    dtype of out's tensors.
 
     With real defects, the last `batch.real` samples are real defect images: they have no clean target (no
     reconstruction loss), the focal loss covers those with masks (batch.has_mask; area_balanced) together with
@@ -116,6 +127,9 @@ def draem_loss(out: DraemOutput, batch: Batch, sspcab: bool = False) -> tuple[Te
     if real:
         image_level = 1 - pixel_labelled[simulated:]
         parts["image_label"] = image_label_loss(probs[simulated:, 1], image_level)
+    if score_weight:
+        defective = mask.flatten(1).amax(1).to(probs.dtype)
+        parts["image_score"] = score_weight * image_score_loss(probs[:, 1], defective, pixel_labelled)
     if sspcab:
         parts["sspcab"] = SSPCAB_LAMBDA * F.mse_loss(out.block5_output, out.block5_input)
     total = torch.stack(list(parts.values())).sum()

@@ -57,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="; ".join(f"{name}: {r.describe()}" for name, r in RECIPES.items()).replace("%", "%%")
            + " (default official)")
     a("--sspcab", action="store_true", help="replace encoder block5 with SSPCAB and add its loss (x0.1)")
+    a("--score_loss", type=float, default=0.0, metavar="WEIGHT",
+      help="add WEIGHT x binary cross-entropy of each sample's image score (the max of the 21x21 mean-filtered map, "
+           "as scored) against whether it holds an anomaly; not in the paper (default 0: off)")
     a("--bs", "--batch_size", type=int, default=8, dest="bs", help="batch size per process (default 8)")
     a("--lr", type=float, default=1e-4, help="Adam learning rate (default 0.0001)")
     a("--epochs", type=int, default=700, help="passes over the training images (default 700)")
@@ -285,7 +288,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
         batch = engine.step_batch(images, order, step, sources, config, simulation_g, run.defects)
 
         # step: forward under autocast, L2 + SSIM + focal loss in fp32, backward, Adam
-        out, total, parts = engine.train_step(net, batch, optimizer, scaler, autocast, config.sspcab)
+        out, total, parts = engine.train_step(net, batch, optimizer, scaler, autocast, config.sspcab,
+                                              config.score_loss)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total), step, first_bad)
         done = step + 1
         progress.advance()

@@ -53,13 +53,14 @@ def export_args(checkpoint: Path, out: Path, *flags):
                                     *map(str, flags)])
 
 
-def loss_on(reconstruction, clean, logits, mask, block5=None, **real):
+def loss_on(reconstruction, clean, logits, mask, block5=None, score_weight=0.0, **real):
     """draem_loss on bare tensors: block5 (input, output) adds the SSPCAB term; real: Batch's real-defect fields."""
     from loss import draem_loss
     from model_unet import DraemOutput
     from perlin import Batch
     out = DraemOutput(reconstruction, logits, *(block5 or (None, None)))
-    return draem_loss(out, Batch(clean, reconstruction, mask, **real), sspcab=block5 is not None)
+    return draem_loss(out, Batch(clean, reconstruction, mask, **real), sspcab=block5 is not None,
+                      score_weight=score_weight)
 
 
 def run_settings(**changes) -> dict:

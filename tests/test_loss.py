@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from skimage.metrics import structural_similarity
 
@@ -53,3 +54,24 @@ def test_total_is_the_sum_of_its_parts_and_keeps_dtype():
     total, parts = loss_on(rec, clean, logits, mask, (b_in, b_out))
     torch.testing.assert_close(parts["sspcab"], 0.1 * ((b_in - b_out) ** 2).mean())
     torch.testing.assert_close(total, sum(parts.values()))
+
+
+def test_the_image_score_loss_is_the_cross_entropy_of_the_evaluated_score_on_pixel_labelled_samples():
+    g = torch.Generator().manual_seed(0)
+    b, h = 5, 32
+    rec, clean = torch.rand(b, 3, h, h, generator=g), torch.rand(b, 3, h, h, generator=g)
+    logits = torch.randn(b, 2, h, h, generator=g, requires_grad=True)
+    mask = torch.zeros(b, 1, h, h)
+    mask[1, :, 4:9, 4:9] = mask[3, :, 20:30, 2:12] = mask[4, :, 0:3, 0:3] = 1  # 0 and 2 good; 4: image label only
+    has_mask = torch.tensor([True, True, True, True, False])
+    total, parts = loss_on(rec, clean, logits, mask, score_weight=0.5, real=2, has_mask=has_mask)
+    plain_total, plain = loss_on(rec, clean, logits, mask, real=2, has_mask=has_mask)
+    assert "image_score" not in plain
+    scores = torch.nn.functional.avg_pool2d(torch.softmax(logits, 1)[:, 1:], 21, stride=1, padding=10).amax((1, 2, 3))
+    s, y = scores[:4].detach().double().numpy(), np.array([0.0, 1.0, 0.0, 1.0])
+    expected = -np.mean(y * np.log(s) + (1 - y) * np.log(1 - s))  # the four pixel-labelled samples
+    assert parts["image_score"].item() == pytest.approx(0.5 * expected, rel=1e-5)
+    torch.testing.assert_close(total, plain_total + parts["image_score"])
+    parts["image_score"].backward()  # it lowers a good image's score and raises a defective one's
+    assert logits.grad[0, 1].sum() > 0 > logits.grad[1, 1].sum()  # descent lowers the anomaly logit of 0 only
+    assert logits.grad[4].abs().sum() == 0  # the image-level sample is image_label_loss's alone
