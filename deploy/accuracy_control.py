@@ -19,7 +19,7 @@ import torch
 
 from deploy import int8
 from deploy.accuracy_gate import judge, passes
-from deploy.export import export_model, float_share, int8_calibration, scoring_graph
+from deploy.export import export_model, float_share, int8_calibration, measured_layers
 from scoring.model_files import load_model, move_model_file
 
 MAX_FLOAT_SHARE = 50.0  # percent of the multiply-adds: beyond it int8 would buy little over bf16 or fp32
@@ -31,8 +31,7 @@ def ranked_layers(args: argparse.Namespace, ref: dict) -> tuple[list[str], list[
     info = ref["info"]
     calibration, recorded = int8_calibration(args, tuple(ref["images"].shape[-2:]), info.bit_depth,
                                              info.config["recipe"])
-    sensitivity, macs = int8.measure_layers(scoring_graph(args.checkpoint), calibration,
-                                            int(recorded["calibration_good"]))
+    sensitivity, macs = measured_layers(args.checkpoint, calibration, int(recorded["calibration_good"]))
     start = int8.choose_float_layers(sensitivity, macs, args.float_budget) \
         if args.float_layers is None else list(args.float_layers)
     return start, [name for name in int8.by_sensitivity(sensitivity) if name not in start], macs

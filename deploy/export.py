@@ -7,6 +7,7 @@ float): ONNX Runtime's QDQ quantization, or NNCF's for OpenVINO. bf16 is OpenVIN
 CPUs with bf16 instructions; the file holds fp32 weights.
 """
 import argparse
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -120,6 +121,20 @@ def float_share(macs: dict[str, int], layers: list[str]) -> float:
     return 100 * sum(macs[name] for name in layers) / sum(macs.values())
 
 
+MEASURED: dict[tuple, tuple[dict[str, float], dict[str, int]]] = {}  # measured_layers' results in this process
+
+
+def measured_layers(checkpoint: Path, calibration: np.ndarray, good: int) -> tuple[dict[str, float], dict[str, int]]:
+    """int8.measure_layers on the checkpoint's scoring graph, once per checkpoint file and calibration set in a
+    process: --precision auto's post-training int8 and its accuracy control start from one measurement (each is
+    a pass per convolution over SENSITIVITY_IMAGES)."""
+    key = (str(checkpoint.resolve()), checkpoint.stat().st_mtime_ns, good,
+           hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest())
+    if key not in MEASURED:
+        MEASURED[key] = int8.measure_layers(scoring_graph(checkpoint), calibration, good)
+    return MEASURED[key]
+
+
 def prepare_int8(args: argparse.Namespace, props: dict[str, str]) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """The calibration images, the layers kept in float and the metadata that records both."""
     size = tuple(int(s) for s in props["image_size"].split("x"))
@@ -127,7 +142,7 @@ def prepare_int8(args: argparse.Namespace, props: dict[str, str]) -> tuple[np.nd
     graph = scoring_graph(args.checkpoint)
     macs = int8.multiply_adds(graph, calibration[0])
     if args.float_layers is None:
-        sensitivity, _ = int8.measure_layers(graph, calibration, int(recorded["calibration_good"]))
+        sensitivity, _ = measured_layers(args.checkpoint, calibration, int(recorded["calibration_good"]))
         kept = int8.choose_float_layers(sensitivity, macs, args.float_budget)
         how = f"the most sensitive of {len(macs)} convolutions, budget {100 * args.float_budget:g} %"
     else:
