@@ -216,13 +216,13 @@ def export_model(args: argparse.Namespace, out: Path, precision: str, fp32: Path
             props |= {"format": OPENVINO_FORMAT} | recorded
             save_ir(ov.convert_model(str(qdq)), out, props)
             return props
+        if precision == "int8":  # before exporting: a bad flag or calibration folder costs no export
+            calibration, float_layers, recorded = prepare_int8(args, checkpoint_metadata(checkpoint, image_size))
         if fp32 is None:
             fp32 = Path(tmp) / "fp32.onnx"
             props = export_onnx(checkpoint, fp32, image_size)
         else:
             props = read_metadata(require("onnx").load(fp32))
-        if precision == "int8":
-            calibration, float_layers, recorded = prepare_int8(args, props)
         if format == "onnx":
             int8.quantize_onnx(fp32, out, calibration, float_layers, recorded, **quantizer)
             return read_metadata(require("onnx").load(out))

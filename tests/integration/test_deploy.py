@@ -70,6 +70,22 @@ def exported(tmp_path_factory):
     return work, data, ckpt, files
 
 
+@pytest.fixture(scope="module")
+def calibrated(exported, tmp_path_factory):
+    """The checkpoint with thresholds for a 25 % false-alarm budget on its training images, and its fp32 ONNX and
+    OpenVINO files (the IR converted from that ONNX graph: torch.onnx takes ~10 s a graph here)."""
+    import test_draem
+    work, data, ckpt, _ = exported
+    folder = tmp_path_factory.mktemp("calibrated")
+    pt, onnx_file, xml = folder / "weave.pt", folder / "weave.onnx", folder / "weave.xml"
+    shutil.copyfile(ckpt, pt)
+    test_draem.main(test_draem.parse_args(["--checkpoint", str(pt), "--calibrate", str(data / "weave" / "train" / "good"),
+                                           "--false_alarm_rate", "0.25", "--device", "cpu"]))
+    export_model(export_args(pt, onnx_file), onnx_file, "fp32")
+    export_model(export_args(pt, xml), xml, "fp32", onnx_file)
+    return pt, onnx_file, xml
+
+
 def images_to_check(data):
     images = [load_test_set(data, "weave", SIZE).images]
     if (SHARED_DATA / "mtd").is_dir():
@@ -188,21 +204,14 @@ def test_missing_openvino_is_one_line_naming_the_requirements_file(exported, tmp
     assert stopped.value.code == 2 and "--precision bf16: onnx supports fp32, int8" in capsys.readouterr().err
 
 
-def test_the_python_api_equals_the_command_line_on_pt_onnx_and_xml(exported, tmp_path, capsys):
+def test_the_python_api_equals_the_command_line_on_pt_onnx_and_xml(exported, calibrated, tmp_path, capsys):
     """scoring.detector.load(file).predict(...) gives test_draem.py --images' scores, verdicts and defect masks at
     the thresholds the file stores, for a checkpoint and both exports of it; an image array scores as its file."""
     import cv2
     import test_draem
     from scoring.detector import load
     work, data, ckpt, _ = exported
-    calibrated = tmp_path / "weave.pt"
-    calibrated.write_bytes(ckpt.read_bytes())
-    test_draem.main(test_draem.parse_args(["--checkpoint", str(calibrated), "--calibrate", str(data / "weave" / "train" / "good"),
-                     "--false_alarm_rate", "0.25", "--device", "cpu"]))
-    files = [calibrated]
-    for out in (tmp_path / "weave.onnx", tmp_path / "weave.xml"):
-        export_model(export_args(calibrated, out), out, "fp32")
-        files.append(out)
+    files = list(calibrated)
     photos = sorted((data / "weave" / "test").rglob("*.png"))
     for path in files:
         out = tmp_path / f"cli_{path.suffix[1:]}"
@@ -306,7 +315,6 @@ def crush_quantizer_scales(source, out):
 
 def good_only_copy(data, root):
     """The category with its good images alone: train/good and test/good."""
-    import shutil
     for part in ("train/good", "test/good"):
         shutil.copytree(data / "weave" / part, root / "weave" / part)
     return root
@@ -322,25 +330,16 @@ def gate(args, capsys):
     return code, capsys.readouterr().out
 
 
-def calibrated_copy(ckpt, data, tmp_path):
-    """The checkpoint with thresholds for a 25 % false-alarm budget on its training images."""
-    import test_draem
-    calibrated = tmp_path / "weave.pt"
-    calibrated.write_bytes(ckpt.read_bytes())
-    test_draem.main(test_draem.parse_args(["--checkpoint", str(calibrated), "--calibrate", str(data / "weave" / "train" / "good"),
-                     "--false_alarm_rate", "0.25", "--device", "cpu"]))
-    return calibrated
 
 
-def test_a_collapsed_int8_export_fails_the_labelled_and_the_good_only_gate(exported, tmp_path, capsys):
+def test_a_collapsed_int8_export_fails_the_labelled_and_the_good_only_gate(exported, calibrated, tmp_path, capsys):
     work, data, ckpt, files = exported
     crushed = tmp_path / "crushed.onnx"
     crush_quantizer_scales(files[("onnx", "int8")], crushed)
     maps = predict(load_model(crushed, CPU)[0], images_to_check(data), CPU)[0]
     assert maps.std() < 1e-3  # collapsed: one value everywhere
-    calibrated = calibrated_copy(ckpt, data, tmp_path)
     for checked in (data, good_only_copy(data, tmp_path / "good_only")):
-        result = compare(calibrated, crushed, checked, CPU)
+        result = compare(calibrated[0], crushed, checked, CPU)
         failed = {f.split(":")[0] for f in result["failures"]}
         assert "simulated-anomaly AUROC" in failed and "good + simulated" in failed
         assert ("labelled" in failed) == (checked == data)  # labelled checks run on labelled data only
@@ -451,14 +450,14 @@ def test_int8_flags_give_one_line_errors(exported, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, tmp_path):
+def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, calibrated, tmp_path):
     """examples/openvino_inference.py (numpy, OpenCV, OpenVINO only) on colour, 16-bit grayscale, grayscale and
     RGBA files of other sizes: test_draem.py's score within 1e-5 and its verdict at the file's threshold."""
     import cv2
     import test_draem
     work, data, ckpt, files = exported
-    calibrated = calibrated_copy(ckpt, data, tmp_path)
-    export_model(export_args(calibrated, tmp_path / "weave.xml"), tmp_path / "weave.xml", "fp32")
+    for part in (".xml", ".bin"):  # calibrated again below: a copy
+        shutil.copyfile(calibrated[2].with_suffix(part), (tmp_path / "weave").with_suffix(part))
     folder = tmp_path / "photos"
     folder.mkdir()
     colour = cv2.imread(str(sorted((data / "weave" / "test").rglob("*.png"))[0]))

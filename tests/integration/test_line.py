@@ -37,6 +37,15 @@ def calibrated(tmp_path_factory):
     return work, data, next((work / "checkpoints").glob("*.pt"))
 
 
+@pytest.fixture(scope="module")
+def calibrated_onnx(calibrated):
+    """The calibrated checkpoint exported to ONNX once, by export_draem.py (torch.onnx takes ~10 s a graph here)."""
+    pytest.importorskip("onnxruntime")
+    work, _, ckpt = calibrated
+    run("export_draem.py", "--checkpoint", ckpt, "--out", work / "m.onnx")
+    return work / "m.onnx"
+
+
 def scores_and_maxima(checkpoint, images):
     model, info = model_from_checkpoint(checkpoint)
     maps, _ = predict(model, images, torch.device("cpu"))
@@ -59,7 +68,8 @@ def test_calibration_split_holds_out_seeded_images_and_the_run_ends_with_their_t
     assert info.threshold("image") == expected["image"]["threshold"]
 
 
-def test_the_calibrated_threshold_is_the_deployed_one_over_the_test_sets_max_f1(calibrated, tmp_path, capsys):
+def test_the_calibrated_threshold_is_the_deployed_one_over_the_test_sets_max_f1(calibrated, calibrated_onnx, tmp_path,
+                                                                                capsys):
     """The engineer asked for a false-alarm budget: the default, auto, an export's metadata and the Python API
     give its thresholds, not the test set's max F1 (stored too, one flag away)."""
     from scoring.detector import load
@@ -81,12 +91,10 @@ def test_the_calibrated_threshold_is_the_deployed_one_over_the_test_sets_max_f1(
     own = json.loads((tmp_path / "f" / "results.json").read_text())["runs"][ckpt.stem]["thresholds"]["image"]
     assert own["source"] == "max F1 on this test set" and own["optimistic"]
     assert all((r["verdict"] == "ANOMALY") == (float(r["score"]) >= own["value"]) for r in rows)
-    pytest.importorskip("onnxruntime")
     import onnx
-    run("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx")
-    meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    meta = {p.key: p.value for p in onnx.load(calibrated_onnx).metadata_props}
     assert float(meta["image_threshold"]) == calibrated_t["image"] and float(meta["pixel_threshold"]) == calibrated_t["pixel"]
-    assert load(tmp_path / "m.onnx").image_threshold.value == calibrated_t["image"]
+    assert load(calibrated_onnx).image_threshold.value == calibrated_t["image"]
 
 
 def test_the_own_part_commands_on_good_images_alone_end_with_verdicts_and_masks(tmp_path):
@@ -149,14 +157,12 @@ def test_calibrate_stores_thresholds_in_the_checkpoint_and_in_an_export(calibrat
     assert stored.calibration["false_alarm_rate"] == 0.5 and stored.threshold("image") == stored.calibration["image"]["threshold"]
 
 
-def test_tiled_onnx_equals_tiled_pytorch(calibrated, tmp_path):
-    pytest.importorskip("onnxruntime")
+def test_tiled_onnx_equals_tiled_pytorch(calibrated, calibrated_onnx):
     from scoring.model_files import load_onnx
     work, data, ckpt = calibrated
-    run("export_draem.py", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx")
     images = load_test_set(data, "weave", None).images[:4]  # 160x160: tiles of 32 overlapping by 8
     model, _ = model_from_checkpoint(ckpt)
-    exported, _ = load_onnx(tmp_path / "m.onnx")
+    exported, _ = load_onnx(calibrated_onnx)
     cpu = torch.device("cpu")
     reference, _ = predict(TiledModel(model, (32, 32), 8, 16), images, cpu, batch_size=1)
     maps, _ = predict(TiledModel(exported, (32, 32), 8, 16), images, cpu, batch_size=1)
