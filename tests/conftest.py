@@ -36,12 +36,12 @@ def shared_data() -> Path:
 def tiny_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     """The README's commands on a tiny dataset, once per test run, for every test that reads a trained run: train
     (with --visualize: TensorBoard images too) and score (results without panels in res/). (work, data, checkpoint)."""
-    from helpers import TINY, run_script, tiny_dataset
+    from helpers import TINY, call_script, tiny_dataset
     work = tmp_path_factory.mktemp("tiny_run")
     data = tiny_dataset(work / "data")
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-               "--epochs", "2", "--visualize", *TINY, cwd=work)
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+                "--epochs", "2", "--visualize", *TINY, cwd=work)
     [ckpt] = (work / "checkpoints").glob("*.pt")
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res", "--device", "cpu",
-               "--no-save_images", cwd=work)
+    call_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res", "--device", "cpu",
+                "--no-save_images", cwd=work)
     return work, data, ckpt
