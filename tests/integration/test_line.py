@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_loader import list_images, load_images, load_test_set
-from helpers import TINY, run_script, tiny_dataset
+from helpers import TINY, call_script, tiny_dataset
 from engine import calibration_holdout
 from model_unet import image_scores
 from scoring.calibration import calibrate
@@ -31,9 +31,9 @@ def calibrated(tmp_path_factory):
     stores the test set's max-F1 thresholds and the calibrated ones."""
     work = tmp_path_factory.mktemp("line")
     data = tiny_dataset(work / "data")
-    run_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-               "--epochs", "2", "--calibration_split", "0.25", "--false_alarm_rate", "0.4",
-               *TINY, cwd=work)
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
+                "--epochs", "2", "--calibration_split", "0.25", "--false_alarm_rate", "0.4",
+                *TINY, cwd=work)
     return work, data, next((work / "checkpoints").glob("*.pt"))
 
 
@@ -103,22 +103,22 @@ def test_the_own_part_commands_on_good_images_alone_end_with_verdicts_and_masks(
     demo = tiny_dataset(tmp_path / "demo")
     part = tmp_path / "data" / "my_part" / "train" / "good"
     shutil.copytree(demo / "weave" / "train" / "good", part)
-    proc = run_script("train_draem.py", "--obj_id", "my_part", "--data_path", tmp_path / "data",
-                      "--anomaly_source_path", demo / "sources", "--epochs", "1", *TINY, cwd=tmp_path)
+    proc = call_script("train_draem.py", "--obj_id", "my_part", "--data_path", tmp_path / "data",
+                       "--anomaly_source_path", demo / "sources", "--epochs", "1", *TINY, cwd=tmp_path)
     assert "no labelled test set: holding out 1 of 12 good images (--calibration_split 0.1)" in proc.stdout
     [ckpt] = (tmp_path / "checkpoints").glob("DRAEM_my_part_*.pt")
     info = load_checkpoint(ckpt)[1]
     assert info.config["calibration_split"] == 0.1 and len(info.calibration["held_out"]) == 1
-    run_script("test_draem.py", "--checkpoint", ckpt, "--images", demo / "weave" / "test", "--out",
-               tmp_path / "heatmaps", "--device", "cpu", cwd=tmp_path)
+    call_script("test_draem.py", "--checkpoint", ckpt, "--images", demo / "weave" / "test", "--out",
+                tmp_path / "heatmaps", "--device", "cpu", cwd=tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "heatmaps" / "scores.csv")))
     assert len(rows) == 10 and all(r["verdict"] in ("OK", "ANOMALY") for r in rows)
     threshold = info.calibration["image"]["threshold"]
     assert all((r["verdict"] == "ANOMALY") == (float(r["score"]) >= threshold) for r in rows)
     assert all(r["mask"] and cv2.imread(r["mask"], cv2.IMREAD_GRAYSCALE) is not None for r in rows)
     # the default applies only without a labelled test set: the demo layout (which has one) holds nothing out
-    proc = run_script("train_draem.py", "--obj_id", "weave", "--data_path", demo, "--anomaly_source_path",
-                      demo / "sources", "--epochs", "1", "--eval_every", "-1", "--preview", "4", *TINY, cwd=tmp_path)
+    proc = call_script("train_draem.py", "--obj_id", "weave", "--data_path", demo, "--anomaly_source_path",
+                       demo / "sources", "--epochs", "1", "--eval_every", "-1", "--preview", "4", *TINY, cwd=tmp_path)
     assert "holding out" not in proc.stdout
 
 

@@ -19,7 +19,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from data_loader import load_test_set
 from scoring.evaluate import predict
 from training.checkpoint import model_from_checkpoint
-from helpers import ROOT, read_json, run_script
+from helpers import ROOT, call_script, read_json
 from scoring.detector import resize_map
 from scoring.metrics import METRICS
 from test_metrics import brute_force_aupro
@@ -66,8 +66,8 @@ def test_images_default_to_the_stored_thresholds_and_keep_nested_folders(tiny_ru
     work, data, ckpt = tiny_run
     names = ["a.png", "line1/b.png", "line2/cam/c.png"]
     make_folder(tmp_path / "mine", data, names)
-    proc = run_script("test_draem.py", "--checkpoint", ckpt, "--images", tmp_path / "mine", "--out", tmp_path / "out",
-                      "--device", "cpu", cwd=work)  # no --threshold, no --pixel_threshold: auto
+    proc = call_script("test_draem.py", "--checkpoint", ckpt, "--images", tmp_path / "mine", "--out", tmp_path / "out",
+                       "--device", "cpu", cwd=work)  # no --threshold, no --pixel_threshold: auto
     points = torch.load(ckpt, weights_only=True)["metrics"]["operating_points"]
     image_threshold, pixel_threshold = points["image"]["threshold"], points["pixel"]["threshold"]
     assert f"image threshold: {image_threshold}" in proc.stdout and f"pixel threshold: {pixel_threshold}" in proc.stdout
@@ -88,8 +88,8 @@ def test_images_default_to_the_stored_thresholds_and_keep_nested_folders(tiny_ru
         assert Path(row["mask"]) == stem.with_name(stem.name + "_mask.png")
         assert np.array_equal(mask > 0, expected), name
     # a single file: outputs under its own name
-    run_script("test_draem.py", "--checkpoint", ckpt, "--images", tmp_path / "mine" / "line1" / "b.png", "--out",
-               tmp_path / "one", "--device", "cpu", cwd=work)
+    call_script("test_draem.py", "--checkpoint", ckpt, "--images", tmp_path / "mine" / "line1" / "b.png", "--out",
+                tmp_path / "one", "--device", "cpu", cwd=work)
     assert (tmp_path / "one" / "b.png").is_file() and (tmp_path / "one" / "b_mask.png").is_file()
     assert len(list(csv.DictReader(open(tmp_path / "one" / "scores.csv")))) == 1
 
@@ -121,8 +121,8 @@ def test_a_stopped_streamed_run_keeps_the_rows_it_wrote(tiny_run, tmp_path):
 def test_obj_id_overrides_the_checkpoint_category(tiny_run, tmp_path):
     work, data, ckpt = tiny_run
     shutil.copytree(data / "weave", tmp_path / "d" / "other")
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--obj_id", "other", "--out",
-               tmp_path / "res", "--device", "cpu", "--no-save_images", cwd=work)
+    call_script("test_draem.py", "--checkpoint", ckpt, "--data_path", tmp_path / "d", "--obj_id", "other", "--out",
+                tmp_path / "res", "--device", "cpu", "--no-save_images", cwd=work)
     run = read_json(tmp_path / "res" / "results.json")["runs"][ckpt.stem]
     assert run["category"] == "other"
     rows = list(csv.DictReader(open(tmp_path / "res" / f"scores_{ckpt.stem}.csv")))
@@ -132,8 +132,8 @@ def test_obj_id_overrides_the_checkpoint_category(tiny_run, tmp_path):
 
 
 def test_demo_end_to_end(tmp_path):
-    proc = run_script("train_draem.py", "--demo", "--epochs", "1", "--image_size", "32", "--base_width", "4",
-                      "--seg_base_width", "4", "--device", "cpu", cwd=tmp_path, timeout=600)
+    proc = call_script("train_draem.py", "--demo", "--epochs", "1", "--image_size", "32", "--base_width", "4",
+                       "--seg_base_width", "4", "--device", "cpu", cwd=tmp_path)
     assert (tmp_path / "datasets" / "demo" / ".complete").is_file()
     [ckpt] = (tmp_path / "checkpoints").glob("*.pt")
     results = read_json(tmp_path / "results" / "demo" / "results.json")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, TINY, call_script, run_script, tiny_dataset
+from helpers import ROOT, TINY, call_script, tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_bad_checkpoints_are_named(tmp_path, data):
     torch.save({"a": torch.zeros(3)}, tmp_path / "dict.pt")
     fails("test_draem.py", "--checkpoint", tmp_path / "dict.pt", "--data_path", data, cwd=tmp_path,
           expect="not a DRAEM checkpoint")
-    run_script("train_draem.py", "--data_path", data, "--obj_id", "weave", "--epochs", "1", "--eval_every", "-1",
-               *TINY, cwd=tmp_path)
+    call_script("train_draem.py", "--data_path", data, "--obj_id", "weave", "--epochs", "1", "--eval_every", "-1",
+                *TINY, cwd=tmp_path)
     good = next((tmp_path / "checkpoints").glob("*.pt"))
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     fails("test_draem.py", "--checkpoint", tmp_path / "cut.pt", "--data_path", data, cwd=tmp_path, expect="truncated")
@@ -142,7 +142,7 @@ def test_sigterm_stops_mid_run_and_resume_continues_where_it_stopped(tmp_path, d
     total = 48  # 16 epochs of 3 steps: the signal lands long before the end
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    run_script("train_draem.py", *train_args(data, 16), cwd=tmp_path / "a")
+    call_script("train_draem.py", *train_args(data, 16), cwd=tmp_path / "a")
     proc = start(train_args(data, 16), tmp_path / "b")
     read = wait_for_step(proc, 5)
     proc.send_signal(signal.SIGTERM)
@@ -152,7 +152,7 @@ def test_sigterm_stops_mid_run_and_resume_continues_where_it_stopped(tmp_path, d
     stopped_at = torch.load(ckpt, weights_only=True)["step"]
     assert 5 <= stopped_at < total and f"stopped at step {stopped_at}" in err and "SIGTERM" in err
     assert max(progress_steps("".join(read) + out)) == stopped_at
-    resumed = run_script("train_draem.py", *train_args(data, 16), "--resume", cwd=tmp_path / "b")
+    resumed = call_script("train_draem.py", *train_args(data, 16), "--resume", cwd=tmp_path / "b")
     # The resumed process started at the stopped step: its first progress line is the next step. (Every random
     # stream is a function of the step, so a run restarted from step 0 would end with the same weights:
     # equal weights alone would prove nothing.)
@@ -201,7 +201,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_pa
     [ckpt] = folder.glob("*.pt")
     state = torch.load(ckpt, weights_only=True)
     assert state["format"] == "draem-checkpoint-v1" and state["step"] == previous and previous % 3 == 0
-    run_script("train_draem.py", *args, "--resume", cwd=tmp_path, timeout=600)
+    call_script("train_draem.py", *args, "--resume", cwd=tmp_path)
     assert torch.load(ckpt, weights_only=True)["step"] == 12
 
 

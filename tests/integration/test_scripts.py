@@ -39,8 +39,8 @@ def test_tensorboard_holds_loss_curves_and_images(tiny_run):
 
 def test_test_script_writes_results_csv_and_panels(tiny_run):
     work, data, ckpt = tiny_run
-    run_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res_panels", "--device",
-               "cpu", "--save_images", cwd=work)
+    call_script("test_draem.py", "--checkpoint", ckpt, "--data_path", data, "--out", work / "res_panels", "--device",
+                "cpu", "--save_images", cwd=work)
     results = read_json(work / "res_panels" / "results.json")
     run = results["runs"][ckpt.stem]
     # each metric's value is checked against scikit-learn in test_promises.py; here: one run, its own mean
@@ -100,8 +100,8 @@ def test_inference_on_a_folder_of_images(tiny_run, tmp_path):
     folder.mkdir()
     for i, size in enumerate([(50, 70), (97, 33), (128, 128)]):
         cv2.imwrite(str(folder / f"img{i}.jpg"), cv2.resize(cv2.imread(str(data / "weave" / "test" / "hole" / "000.png")), size[::-1]))
-    proc = run_script("test_draem.py", "--checkpoint", ckpt, "--images", folder, "--out", tmp_path / "out",
-                      "--threshold", "0.5", "--device", "cpu", cwd=work)
+    proc = call_script("test_draem.py", "--checkpoint", ckpt, "--images", folder, "--out", tmp_path / "out",
+                       "--threshold", "0.5", "--device", "cpu", cwd=work)
     rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
     assert len(rows) == 3 and all(r["verdict"] in ("OK", "ANOMALY") for r in rows)
     assert proc.stdout.count("OK") + proc.stdout.count("ANOMALY") == 3
