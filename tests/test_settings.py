@@ -11,7 +11,8 @@ from training.settings import LOCATIONS, differences, run_name
 
 # A different value for every setting of the identity: each must change the run's name.
 CHANGED = {"category": "bottle", "image_size": [256, 512], "train_crop": [128, 128], "base_width": 64,
-           "seg_base_width": 32, "recipe": "paper", "sspcab": True, "bs": 16, "lr": 2e-4, "epochs": 800, "seed": 1,
+           "seg_base_width": 32, "recipe": "paper", "sspcab": True, "score_loss": 0.1, "bs": 16, "lr": 2e-4,
+           "epochs": 800, "seed": 1,
            "amp": "bf16", "processes": 4, "sync_bn": True, "channel_order": "RGB",
            "bit_depth": 12, "calibration_split": 0.1, "train_defects": 16, "pixel_labels": "5", "defect_share": 0.5,
            "unsupervised": True, "paste_defects": False}

@@ -86,6 +86,21 @@ def calibrated(exported, tmp_path_factory):
     return pt, onnx_file, xml
 
 
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """The fixture's model with every discriminator weight 5 % off, exported to OpenVINO fp32: a broken export, as a
+    scaling bug would make it."""
+    model = informative_model()
+    with torch.no_grad():
+        for p in model.discriminative_subnetwork.parameters():
+            p.mul_(1.05)
+    folder = tmp_path_factory.mktemp("damaged")
+    save_training(folder / "damaged.pt", model, run_settings(category="weave", image_size=SIZE, base_width=8,
+                                                             seg_base_width=8))
+    export_model(export_args(folder / "damaged.pt", folder / "damaged.xml"), folder / "damaged.xml", "fp32")
+    return folder / "damaged.xml"
+
+
 def images_to_check(data):
     images = [load_test_set(data, "weave", SIZE).images]
     if (SHARED_DATA / "mtd").is_dir():
@@ -168,24 +183,16 @@ def test_xml_scores_like_its_checkpoint_in_the_test_script(exported, tmp_path):
         assert ir[m] == pytest.approx(pt[m], abs=1e-4), m
 
 
-def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, tmp_path, capsys):
+def test_gate_passes_an_honest_export_and_fails_a_damaged_one(exported, damaged, capsys):
     import export_draem
     work, data, ckpt, files = exported
     export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(files[("openvino", "fp32")])]))
     out = capsys.readouterr().out
     assert "PASSES the accuracy gate" in out and "PyTorch fp32 (reference)" in out
-    damaged_model = informative_model()
-    with torch.no_grad():
-        for p in damaged_model.discriminative_subnetwork.parameters():
-            p.mul_(1.05)  # every weight 5 % off: a broken export, as a scaling bug would make it
-    damaged = tmp_path / "damaged.pt"
-    save_training(damaged, damaged_model, run_settings(category="weave", image_size=SIZE, base_width=8,
-                                                      seg_base_width=8))
-    export_model(export_args(damaged, tmp_path / "damaged.xml"), tmp_path / "damaged.xml", "fp32")
     with pytest.raises(SystemExit) as stopped:
-        export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(tmp_path / "damaged.xml")]))
+        export_draem.main(export_draem.parse_args(["--checkpoint", str(ckpt), "--check", str(data), "--compare", str(damaged)]))
     assert stopped.value.code == 1 and "FAILS the accuracy gate" in capsys.readouterr().out
-    result = compare(ckpt, tmp_path / "damaged.xml", data, CPU)
+    result = compare(ckpt, damaged, data, CPU)
     assert any(f.startswith("labelled: map difference p99.9") for f in result["failures"])
     assert result["labelled"]["p999_map_difference"] > MAP_TOLERANCE["fp32"]
 
@@ -347,7 +354,7 @@ def test_a_collapsed_int8_export_fails_the_labelled_and_the_good_only_gate(expor
 
 
 def test_the_good_only_gate_passes_an_honest_export_fails_a_damaged_one_and_names_what_did_not_run(
-        exported, tmp_path, capsys):
+        exported, damaged, tmp_path, capsys):
     work, data, ckpt, files = exported
     good_only = good_only_copy(data, tmp_path / "good_only")
     code, out = gate(["--checkpoint", str(ckpt), "--check", str(good_only), "--out", str(tmp_path / "fp32.xml"),
@@ -356,16 +363,7 @@ def test_the_good_only_gate_passes_an_honest_export_fails_a_damaged_one_and_name
     assert "PASSES the accuracy gate: the" in out and "(not run: image AUROC, pixel AP" in out
     assert "pass    image AUROC" not in out and "not run image AUROC" in out
     assert "4 simulated anomalies (Perlin noise)" in out and "pass    simulated-anomaly AUROC" in out
-    damaged_model = informative_model()
-    with torch.no_grad():
-        for p in damaged_model.discriminative_subnetwork.parameters():
-            p.mul_(1.05)
-    damaged = tmp_path / "damaged.pt"
-    save_training(damaged, damaged_model, run_settings(category="weave", image_size=SIZE, base_width=8,
-                                                      seg_base_width=8))
-    export_model(export_args(damaged, tmp_path / "damaged.xml"), tmp_path / "damaged.xml", "fp32")
-    code, out = gate(["--checkpoint", str(ckpt), "--check", str(good_only), "--compare", str(tmp_path / "damaged.xml")],
-                     capsys)
+    code, out = gate(["--checkpoint", str(ckpt), "--check", str(good_only), "--compare", str(damaged)], capsys)
     assert code == 1 and "FAILS the accuracy gate" in out and "PASSES" not in out
 
 
