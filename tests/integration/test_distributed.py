@@ -69,12 +69,12 @@ def worker_pid(parent: int, rank: int) -> int:
 
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_is_exact(two_categories, tmp_path):
     """SIGTERM reaches rank 1 only; the ranks agree at the next log point, rank 0 saves that step; the resumed
-    run starts there, crosses both learning-rate milestones (epochs 16 and 18 of 20) and ends with the
+    run starts there, crosses both learning-rate milestones (epochs 8 and 9 of 10) and ends with the
     weights of an uninterrupted run, equal on both ranks."""
     _, data = two_categories
     common = ["--ddp", "--obj_id", "weave", "--data_path", data, "--anomaly_source_path", data / "sources",
-              "--eval_every", "-1", "--epochs", "20", *TINY, "--log_every", "1"]
-    total = 40  # 12 images, global batch 2 x 4 = 8: two steps per epoch
+              "--eval_every", "-1", "--epochs", "10", *TINY, "--log_every", "1"]
+    total = 20  # 12 images, global batch 2 x 4 = 8: two steps per epoch
     for run in ("whole", "split"):
         (tmp_path / run).mkdir()
     torchrun(*common, cwd=tmp_path / "whole")
