@@ -167,6 +167,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--unsupervised trains on good images alone: drop --train_defects and --pixel_labels")
     if not 0 < args.defect_share < 1:
         parser.error(f"--defect_share {args.defect_share:g}: expected a share of the batch in (0, 1), such as 0.25")
+    if not args.score_loss >= 0:  # also refuses nan
+        parser.error(f"--score_loss {args.score_loss:g}: expected a weight of 0 (off) or more, such as 0.1")
 
 
 # Flags that say which categories, where outputs go and how this process runs: not what a run trains, so neither
