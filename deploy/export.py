@@ -168,11 +168,14 @@ def finetuned_int8(args: argparse.Namespace, props: dict[str, str], calibration:
     against the fp32 model on the checkpoint's good images with fresh simulated anomalies, written to out (ONNX);
     returns what the metadata records of it."""
     checkpoint = args.checkpoint
-    config = checkpoint_config(checkpoint)
     size = tuple(int(s) for s in props["image_size"].split("x"))
     teacher = scoring_graph(checkpoint)
     ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration))
     student = qat.int8_graph(teacher, ranges, float_layers)
+    if args.finetune == 0:  # accuracy control's rounds: the graph as calibrated, no training images to load
+        qat.export_onnx(student, size, out)
+        return {"quantizer": "draem-qdq", "finetune_steps": "0"}
+    config = checkpoint_config(checkpoint)
     good = load_images(list_images(calibration_folder(config, args.calibration_images), recursive=True), size,
                        bit_depth=int(props["bit_depth"]))
     sources = anomaly_sources(config, args.anomaly_source_path)
