@@ -172,21 +172,21 @@ def finetuned_int8(args: argparse.Namespace, props: dict[str, str], calibration:
     teacher = scoring_graph(checkpoint)
     ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration))
     student = qat.int8_graph(teacher, ranges, float_layers)
-    if args.finetune == 0:  # accuracy control's rounds: the graph as calibrated, no training images to load
-        qat.export_onnx(student, size, out)
-        return {"quantizer": "draem-qdq", "finetune_steps": "0"}
-    config = checkpoint_config(checkpoint)
-    good = load_images(list_images(calibration_folder(config, args.calibration_images), recursive=True), size,
-                       bit_depth=int(props["bit_depth"]))
-    sources = anomaly_sources(config, args.anomaly_source_path)
-    # at most FINETUNE_TEXTURES of them, evenly spaced: all of DTD at 256 px would hold a gigabyte
-    textures = load_images(int8.evenly_spaced(list_images(sources, recursive=True), qat.FINETUNE_TEXTURES), size) \
-        if sources is not None else None
-    record = qat.finetune(student, teacher, good, textures, props["recipe"], args.finetune, device_for_finetuning())
+    record = {"quantizer": "draem-qdq", "finetune_steps": "0"}
+    if args.finetune > 0:  # accuracy control's rounds (0 steps): the graph as calibrated, no training images loaded
+        config = checkpoint_config(checkpoint)
+        good = load_images(list_images(calibration_folder(config, args.calibration_images), recursive=True), size,
+                           bit_depth=int(props["bit_depth"]))
+        sources = anomaly_sources(config, args.anomaly_source_path)
+        # at most FINETUNE_TEXTURES of them, evenly spaced: all of DTD at 256 px would hold a gigabyte
+        textures = load_images(int8.evenly_spaced(list_images(sources, recursive=True), qat.FINETUNE_TEXTURES),
+                               size) if sources is not None else None
+        record |= qat.finetune(student, teacher, good, textures, props["recipe"], args.finetune,
+                               device_for_finetuning())
+        record |= {"finetune_teacher": checkpoint.name,
+                   "finetune_images": f"{len(good)} good, sources: {sources or 'Perlin noise'}"}
     qat.export_onnx(student, size, out)
-    return record | {"quantizer": "draem-qdq", "finetune_teacher": checkpoint.name,
-                     "finetune_images": f"{len(good)} good, sources: {sources or 'Perlin noise'}"}
-
+    return record
 
 def export_model(args: argparse.Namespace, out: Path, precision: str, fp32: Path | None = None, **quantizer
                  ) -> dict[str, str]:

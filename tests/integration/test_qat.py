@@ -122,6 +122,7 @@ def test_accuracy_control_returns_the_most_sensitive_convolutions_to_float_until
     assert result["failures"] and "still failing" in said[-1]
     assert info_metadata(out)["float_layers"] == props["float_layers"]  # the last round's file is the one written
     assert props["float_layers_by"] == f"accuracy control, round {len(rounds)}" and props["quantizer"] == "draem-qdq"
+    assert props["finetune_steps"] == "0" and "finetune_loss_before" not in props  # 0 steps: no images, no probe
     calibration, recorded = accuracy_control.int8_calibration(args, SIZE, 8, "official")
     sensitivity, macs = int8.measure_layers(teacher, calibration, int(recorded["calibration_good"]))
     ranked = sorted(sensitivity, key=lambda name: -sensitivity[name])
