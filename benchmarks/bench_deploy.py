@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import memory_mib, random_checkpoint, report, reset_peak_memory  # noqa: E402
-import export_draem  # noqa: E402
-from deploy.export import export_model  # noqa: E402
+from deploy.export import export_model, export_settings  # noqa: E402
 from scoring.evaluate import predict  # noqa: E402
 from scoring.model_files import load_model  # noqa: E402
 from training.cli import cpu_has_bf16  # noqa: E402
@@ -59,11 +58,10 @@ def prepare(folder: Path, widths: tuple[int, int], size: int, float_layers: list
         cv2.imwrite(str(calibration / f"{i:02d}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
     for runtime, precision in [r for r in runtimes if r[0] != "pytorch"]:
         out = model_file(folder, runtime, precision)
-        flags = ["--checkpoint", str(ckpt), "--out", str(out), "--calibration_images", str(calibration),
-                 "--format", "onnx" if runtime == "onnxruntime" else runtime,
-                 "--float_layers", "auto" if float_layers is None else ",".join(float_layers) or "none",
-                 *(["--precision", "int8", "--finetune", "0"] if precision == "int8-qdq" else [])]
-        export_model(export_draem.parse_args(flags), out, precision.split("-")[0])
+        settings = export_settings(ckpt, format="onnx" if runtime == "onnxruntime" else runtime,
+                                   calibration_images=calibration, float_layers=float_layers,
+                                   finetune=0 if precision == "int8-qdq" else None)
+        export_model(settings, out, precision.split("-")[0])
 
 
 def runner(folder: Path, runtime: str, precision: str, images: torch.Tensor):
@@ -102,7 +100,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.add_argument("--float_layers", default="auto",
-                   help="int8's layers kept in float: auto (measured on the random model) or comma-separated names")
+                   help="int8's layers kept in float: auto (measured on the random model), none or comma-separated names")
     p.add_argument("--runtimes", help="only these, comma-separated runtime:precision pairs, e.g. "
                                       "pytorch:fp32,openvino:int8-qdq (default all; PyTorch fp32 always runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -119,12 +117,12 @@ def main() -> None:
             p.error(f"--runtimes: no runtime:precision {':'.join(sorted(unknown)[0])}; choose from "
                     + ", ".join(f"{r}:{q}" for r, q in RUNTIMES))
         runtimes = [r for r in runtimes if r in asked]
+    float_layers = None if args.float_layers == "auto" else [n for n in args.float_layers.split(",") if n not in ("", "none")]
     results = []
     for widths in [tuple(map(int, w.split("/"))) for w in args.widths.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            prepare(folder, widths, args.image_size, None if args.float_layers == "auto" else args.float_layers.split(","),
-                    runtimes)
+            prepare(folder, widths, args.image_size, float_layers, runtimes)
             for batch in args.batches:
                 images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8)
                 runs = {r: runner(folder, *r, images) for r in runtimes}

@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.accuracy_gate import judge, mask_iou, passes, reference, scored  # noqa: E402
-import export_draem  # noqa: E402
-from deploy.export import export_model  # noqa: E402
+from deploy.export import export_model, export_settings  # noqa: E402
 from scoring.evaluate import evaluate  # noqa: E402
 from scoring.metrics import auroc  # noqa: E402
 from scoring.model_files import load_model  # noqa: E402
@@ -34,32 +33,33 @@ CPU = torch.device("cpu")
 
 
 def variants(measured: list[str]) -> list[tuple[str, str, list[str], dict]]:
-    """(format, setting, export_draem.py's int8 flags, quantizer options) of each row."""
+    """(format, setting, int8 settings (deploy/export.py's EXPORT_DEFAULTS for the rest), quantizer options) of
+    each row."""
     ort = require("onnxruntime.quantization")
     nncf = require("nncf")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-    measured_flag = ["--float_layers", ",".join(measured) or "none"]
+    chosen = {"float_layers": measured}
     rows = []
     for fmt in ("onnx", "openvino"):
-        rows += [(fmt, "naive: good images only, last conv float", ["--calibration_anomalies", "0", "--float_layers",
-                                                                    LAST], {}),
-                 (fmt, "+ simulated anomalies (half)", ["--float_layers", LAST], {}),
-                 (fmt, "+ measured float layers (default)", measured_flag, {})]
-    rows += [("onnx", "default + symmetric activations", measured_flag,
+        rows += [(fmt, "naive: good images only, last conv float", {"calibration_anomalies": 0.0, "float_layers": [LAST]},
+                  {}),
+                 (fmt, "+ simulated anomalies (half)", {"float_layers": [LAST]}, {}),
+                 (fmt, "+ measured float layers (default)", chosen, {})]
+    rows += [("onnx", "default + symmetric activations", chosen,
               {"extra_options": {"ActivationSymmetric": True}}),
-             ("onnx", "default + per-tensor weights", measured_flag, {"per_channel": False}),
-             ("onnx", "default + percentile ranges (99.999)", measured_flag,
+             ("onnx", "default + per-tensor weights", chosen, {"per_channel": False}),
+             ("onnx", "default + percentile ranges (99.999)", chosen,
               {"calibrate_method": ort.CalibrationMethod.Percentile}),
-             ("openvino", "default + preset mixed (asymmetric activations)", measured_flag,
+             ("openvino", "default + preset mixed (asymmetric activations)", chosen,
               {"preset": nncf.QuantizationPreset.MIXED}),
-             ("openvino", "default + full bias correction", measured_flag, {"fast_bias_correction": False}),
-             ("openvino", "default + overflow fix off", measured_flag, {
+             ("openvino", "default + full bias correction", chosen, {"fast_bias_correction": False}),
+             ("openvino", "default + overflow fix off", chosen, {
                  "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=OverflowFix.DISABLE)}),
-             ("openvino", "default + min-max activation ranges", measured_flag, {
+             ("openvino", "default + min-max activation ranges", chosen, {
                  "advanced_parameters": AdvancedQuantizationParameters(
                      activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)}),
-             ("openvino", "default + no bias correction", measured_flag, {
+             ("openvino", "default + no bias correction", chosen, {
                  "advanced_parameters": AdvancedQuantizationParameters(disable_bias_correction=True)})]
     return rows
 
@@ -116,17 +116,15 @@ def main() -> None:
         print(json.dumps({"seed_spread": report["seed_spread"]}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
-        given = [f"--{flag}={value}" for flag, value in (("calibration_images", args.calibration_images),
-                                                          ("anomaly_source_path", args.anomaly_source_path)) if value]
-        flags = ["--checkpoint", str(args.checkpoint), "--precision", "int8", *given]
-        measured = export_model(export_draem.parse_args([*flags, "--out", str(probe)]), probe, "int8")
-        for fmt, name, int8_flags, quantizer in variants(measured["float_layers"].split(",")):
+        given = {"calibration_images": args.calibration_images, "anomaly_source_path": args.anomaly_source_path}
+        measured = export_model(export_settings(args.checkpoint, **given), probe, "int8")
+        for fmt, name, settings, quantizer in variants([n for n in measured["float_layers"].split(",") if n]):
             if (args.only and args.only not in name) or (args.format and args.format != fmt):
                 continue
             out = Path(tmp) / f"model{'.onnx' if fmt == 'onnx' else '.xml'}"
-            export_args = export_draem.parse_args([*flags, "--format", fmt, "--out", str(out), *int8_flags])
             try:
-                props = export_model(export_args, out, "int8", **quantizer)
+                props = export_model(export_settings(args.checkpoint, format=fmt, **given, **settings), out, "int8",
+                                     **quantizer)
             except Exception as exc:  # a setting the quantizer cannot apply to this graph is a row too
                 row = {"format": fmt, "setting": name, "error": f"{type(exc).__name__}: {exc}"[:200]}
             else:

@@ -27,6 +27,12 @@ PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml"}
 MAX_CALIBRATION_IMAGES = 300
 FINETUNE_BUDGET = 10.0  # minutes --precision auto may spend fine-tuning int8 (--finetune_budget)
+# What export_model reads besides the checkpoint, as export_draem.py's flags default (float_layers: None when
+# measured, else the names; float_layers_by: who chose them).
+EXPORT_DEFAULTS = {"format": "onnx", "image_size": None, "calibration_images": None,
+                   "calibration_count": MAX_CALIBRATION_IMAGES, "calibration_anomalies": int8.ANOMALY_SHARE,
+                   "anomaly_source_path": None, "float_layers": None, "float_layers_by": "as asked",
+                   "float_budget": int8.FLOAT_BUDGET, "finetune": None}
 
 
 class ScoringGraph(nn.Module):
@@ -187,6 +193,16 @@ def finetuned_int8(args: argparse.Namespace, props: dict[str, str], calibration:
                    "finetune_images": f"{len(good)} good, sources: {sources or 'Perlin noise'}"}
     qat.export_onnx(student, size, out)
     return record
+
+
+def export_settings(checkpoint: Path, **given: object) -> argparse.Namespace:
+    """export_model's settings for checkpoint without export_draem.py's command line (the benchmarks): the given
+    ones, EXPORT_DEFAULTS' for the rest."""
+    unknown = given.keys() - EXPORT_DEFAULTS.keys()
+    if unknown:
+        raise TypeError(f"export_settings: no setting {', '.join(sorted(unknown))}")
+    return argparse.Namespace(checkpoint=checkpoint, **EXPORT_DEFAULTS | given)
+
 
 def export_model(args: argparse.Namespace, out: Path, precision: str, fp32: Path | None = None, **quantizer
                  ) -> dict[str, str]:

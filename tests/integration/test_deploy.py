@@ -448,6 +448,24 @@ def test_int8_flags_give_one_line_errors(exported, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_export_settings_are_the_flags_defaults_and_refuse_a_misspelt_setting(tmp_path):
+    """The benchmarks export through deploy.export.export_settings, not export_draem.py's command line: what they
+    get by default must be what a user's export gets, and a misspelt setting must not pass silently."""
+    from deploy.export import export_settings
+    import export_draem
+    ckpt = tmp_path / "c.pt"
+    built = vars(export_settings(ckpt))
+    parsed = vars(export_draem.parse_args(["--checkpoint", str(ckpt), "--out", str(tmp_path / "c.onnx")]))
+    assert built == {name: parsed[name] for name in built}
+    given = vars(export_settings(ckpt, format="openvino", float_layers=[], finetune=0))
+    parsed = vars(export_draem.parse_args(["--checkpoint", str(ckpt), "--out", str(tmp_path / "c.xml"), "--format",
+                                           "openvino", "--precision", "int8", "--float_layers", "none",
+                                           "--finetune", "0"]))
+    assert given == {name: parsed[name] for name in given}
+    with pytest.raises(TypeError, match="no setting float_layer$"):
+        export_settings(ckpt, float_layer=[])
+
+
 def test_the_standalone_openvino_example_scores_as_test_draem_does(exported, calibrated, tmp_path):
     """examples/openvino_inference.py (numpy, OpenCV, OpenVINO only) on colour, 16-bit grayscale, grayscale and
     RGBA files of other sizes: test_draem.py's score within 1e-5 and its verdict at the file's threshold."""
