@@ -32,7 +32,7 @@ LAST = "discriminative_subnetwork.decoder_segment.fin_out.0"
 CPU = torch.device("cpu")
 
 
-def variants(measured: list[str]) -> list[tuple[str, str, list[str], dict]]:
+def variants(measured: list[str]) -> list[tuple[str, str, dict, dict]]:
     """(format, setting, int8 settings (deploy/export.py's EXPORT_DEFAULTS for the rest), quantizer options) of
     each row."""
     ort = require("onnxruntime.quantization")
