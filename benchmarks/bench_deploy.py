@@ -100,7 +100,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.add_argument("--float_layers", default="auto",
-                   help="int8's layers kept in float: auto (measured on the random model), none or comma-separated names")
+                   help="int8's layers kept in float: auto (measured on the random model), none or comma-separated "
+                        "names")
     p.add_argument("--runtimes", help="only these, comma-separated runtime:precision pairs, e.g. "
                                       "pytorch:fp32,openvino:int8-qdq (default all; PyTorch fp32 always runs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -117,7 +118,8 @@ def main() -> None:
             p.error(f"--runtimes: no runtime:precision {':'.join(sorted(unknown)[0])}; choose from "
                     + ", ".join(f"{r}:{q}" for r, q in RUNTIMES))
         runtimes = [r for r in runtimes if r in asked]
-    float_layers = None if args.float_layers == "auto" else [n for n in args.float_layers.split(",") if n not in ("", "none")]
+    float_layers = None if args.float_layers == "auto" else \
+        [name for name in args.float_layers.split(",") if name not in ("", "none")]
     results = []
     for widths in [tuple(map(int, w.split("/"))) for w in args.widths.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:

@@ -42,8 +42,8 @@ def variants(measured: list[str]) -> list[tuple[str, str, dict, dict]]:
     chosen = {"float_layers": measured}
     rows = []
     for fmt in ("onnx", "openvino"):
-        rows += [(fmt, "naive: good images only, last conv float", {"calibration_anomalies": 0.0, "float_layers": [LAST]},
-                  {}),
+        rows += [(fmt, "naive: good images only, last conv float",
+                  {"calibration_anomalies": 0.0, "float_layers": [LAST]}, {}),
                  (fmt, "+ simulated anomalies (half)", {"float_layers": [LAST]}, {}),
                  (fmt, "+ measured float layers (default)", chosen, {})]
     rows += [("onnx", "default + symmetric activations", chosen,

@@ -178,8 +178,9 @@ def finetuned_int8(args: argparse.Namespace, props: dict[str, str], calibration:
     teacher = scoring_graph(checkpoint)
     ranges, _ = int8.input_ranges(teacher, torch.from_numpy(calibration))
     student = qat.int8_graph(teacher, ranges, float_layers)
+    # with 0 steps (accuracy control's rounds) the graph as calibrated: no training images loaded, no probe run
     record = {"quantizer": "draem-qdq", "finetune_steps": "0"}
-    if args.finetune > 0:  # accuracy control's rounds (0 steps): the graph as calibrated, no training images loaded
+    if args.finetune > 0:
         config = checkpoint_config(checkpoint)
         good = load_images(list_images(calibration_folder(config, args.calibration_images), recursive=True), size,
                            bit_depth=int(props["bit_depth"]))
