@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -174,33 +173,51 @@ def test_sigterm_stops_mid_run_and_resume_continues_where_it_stopped(tmp_path, d
     assert [v for _, v in split] == pytest.approx([v for _, v in whole], rel=1e-4)
 
 
+# Runs train_draem.py with torch.save replaced: the first save is whole; the second writes half its bytes to the
+# temporary file, says so on stderr and hangs, so the test kills the process inside a write every time (polling
+# for the temporary file raced the write and missed it on a fast disk).
+HALF_WRITE = """
+import io, runpy, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+save, saves = torch.save, []
+def save_half_then_hang(obj, file):
+    saves.append(file)
+    if len(saves) == 1:
+        return save(obj, file)
+    whole = io.BytesIO()
+    save(obj, whole)
+    with open(file, "wb") as out:
+        out.write(whole.getvalue()[: whole.tell() // 2])
+    print("half written:", file, file=sys.stderr, flush=True)
+    time.sleep(600)
+torch.save = save_half_then_hang
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, data):
-    """Kill the process while a checkpoint write is in progress (its temporary file is there, and still there
-    after the kill): the checkpoint at the path is the previous one, whole. Widths 64/32 make a checkpoint of
-    225 MiB, whose write (about 0.5 s here) a 1 ms poll catches."""
-    args = train_args(data, 4, "--base_width", "64", "--seg_base_width", "16", "--log_every", "50")
-    folder = tmp_path / "checkpoints"
-    for attempt in range(4):
-        shutil.rmtree(folder, ignore_errors=True)
-        proc = start(args, tmp_path)
-        previous, deadline = None, time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            names = os.listdir(folder) if folder.is_dir() else []
-            done = [n for n in names if n.endswith(".pt")]
-            if done and any(".tmp" in n for n in names):  # a later save is being written
-                previous = torch.load(folder / done[0], weights_only=True)["step"]
-                proc.kill()
-                break
-            time.sleep(0.001)
-        proc.wait()
-        leftovers = [n for n in os.listdir(folder) if ".tmp" in n]
-        if previous is not None and leftovers:  # the kill landed inside the write
+    """Kill the process while its second checkpoint is half written: the checkpoint at the path is the first one,
+    whole, the half-written temporary file never takes its name, and --resume continues from it."""
+    args = train_args(data, 4)
+    proc = subprocess.Popen([sys.executable, "-c", HALF_WRITE, str(ROOT), str(ROOT / "train_draem.py"),
+                             *map(str, args)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if line.startswith("half written:"):
             break
-    else:
-        raise AssertionError("never killed the process during a checkpoint write")
+    killed_inside_the_write = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert killed_inside_the_write, "".join(said)
+    folder = tmp_path / "checkpoints"
+    [half] = [n for n in os.listdir(folder) if ".tmp" in n]  # the kill left the half-written file behind
+    assert 0 < (folder / half).stat().st_size
     [ckpt] = folder.glob("*.pt")
     state = torch.load(ckpt, weights_only=True)
-    assert state["format"] == "draem-checkpoint-v1" and state["step"] == previous and previous % 3 == 0
+    assert state["format"] == "draem-checkpoint-v1" and state["step"] == 3  # the first save: the end of epoch 1
     call_script("train_draem.py", *args, "--resume", cwd=tmp_path)
     assert torch.load(ckpt, weights_only=True)["step"] == 12
 
