@@ -255,7 +255,7 @@ def real_defects(layout: Layout, config: argparse.Namespace, paths: list[Path], 
     chosen = [] if config.unsupervised else choose_defects(
         layout, config.train_defects, config.pixel_labels, paths,
         torch.Generator().manual_seed(stream_seed(config.seed, "real defects")))
-    if config.train_crop and any(d.mask is None for d, _ in chosen):
+    if config.train_crop and any(d["mask"] is None for d, _ in chosen):
         raise DataError("--train_crop with defect images that have no mask: a crop may cut the defect out of an "
                         "image labelled defective; give their masks or train without --train_crop")
     if chosen and config.bs < 2:

@@ -197,6 +197,8 @@ def test_bad_real_defect_input_gets_one_line_and_loses_nothing(tmp_path):
     split.write_bytes(b"not a pickle")
     fails("--train_defects", "2", "--pixel_labels", split, expect=f"{split}: not a readable split file")
     fails("--pixel_labels", "5", expect="has no training defects")
+    fails("--train_defects", "2", "--pixel_labels", "1", "--image_size", "64", "--train_crop", "32",
+          expect="--train_crop with defect images that have no mask")
     # a training defect whose mask is of another size than its image
     own = data / "weave" / "train" / "tear"
     own.mkdir()
@@ -204,3 +206,13 @@ def test_bad_real_defect_input_gets_one_line_and_loses_nothing(tmp_path):
     (data / "weave" / "ground_truth" / "tear").mkdir()
     cv2.imwrite(str(data / "weave" / "ground_truth" / "tear" / "t0_mask.png"), np.zeros((10, 20), np.uint8))
     fails(expect=f"mask {data / 'weave' / 'ground_truth' / 'tear' / 't0_mask.png'} is 20x10")
+
+
+def test_real_defects_train_on_crops_as_normal_images_do(tmp_path):
+    """--train_crop crops a real defect and its mask alike (draw_real), so masked defects train with it."""
+    data = tiny_dataset(tmp_path / "data")
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--epochs", "1", "--eval_every", "-1",
+                "--run_name", "crops", *TINY, "--image_size", "64", "--train_crop", "32", "--train_defects", "2",
+                cwd=tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "crops.pt", weights_only=True)
+    assert state["step"] > 0 and len(state["trained_defects"]) == 2
