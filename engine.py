@@ -248,13 +248,17 @@ def check_finite(first_bad: torch.Tensor, ckpt_path: Path) -> None:
         raise FloatingPointError(f"loss is NaN or Inf at step {bad + 1}; stopped ({kept})")
 
 
+def defect_draw(seed: int) -> torch.Generator:
+    """The stream that chooses which real defects a run trains on (--train_defects N, --pixel_labels N)."""
+    return torch.Generator().manual_seed(stream_seed(seed, "real defects"))
+
+
 def real_defects(layout: Layout, config: argparse.Namespace, paths: list[Path], device: torch.device
                  ) -> RealDefects | None:
     """The real defect images the run trains on (training/defects.py: train/<type>/, and --train_defects of the
     test set's, drawn by the seed's own stream) on the device; None when it trains on good images alone."""
     chosen = [] if config.unsupervised else choose_defects(
-        layout, config.train_defects, config.pixel_labels, paths,
-        torch.Generator().manual_seed(stream_seed(config.seed, "real defects")))
+        layout, config.train_defects, config.pixel_labels, paths, defect_draw(config.seed))
     if config.train_crop and any(d["mask"] is None for d, _ in chosen):
         raise DataError("--train_crop with defect images that have no mask: a crop may cut the defect out of an "
                         "image labelled defective; give their masks or train without --train_crop")

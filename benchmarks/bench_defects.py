@@ -8,7 +8,9 @@ scored on the same remaining defects.
 Each (N, seed) trains once with train_draem.py (the flags after -- go to every run; a run whose checkpoint
 exists is not trained again). Then every checkpoint is scored on one test set: the category's test set without
 every defect image any of the runs trained on (the union of their recorded files), so the rows differ in the
-training alone. Writes results.json and results.md (the table, and each N's change against N = 0 per seed).
+training alone. --leave_out M also leaves out the M defects each seed's run would draw for N = M, so a later batch
+of runs (other flags, fewer counts) is scored on the same images as an earlier one that ran N = M. Writes
+results.json and results.md (the table, and each N's change against N = 0 per seed).
 """
 import argparse
 import json
@@ -21,10 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_loader import load_test_set  # noqa: E402
+from data_loader import category_layout, file_digest, load_test_set  # noqa: E402
+from engine import defect_draw  # noqa: E402
 from scoring.evaluate import evaluate  # noqa: E402
 from scoring.metrics import percent  # noqa: E402
 from training.checkpoint import model_from_checkpoint  # noqa: E402
+from training.defects import moved_from_test  # noqa: E402
 
 SHOWN = {"image_auroc": "image AUROC", "image_ap": "image AP", "pixel_ap": "pixel AP", "aupro": "AUPRO"}
 
@@ -37,6 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", type=int, nargs="+", default=[0, 5, 16, 53], help="N real defects (default 0 5 16 53)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, default=Path("bench_results/defects"))
+    p.add_argument("--leave_out", type=int, default=0, metavar="M",
+                   help="also leave out the M defects each seed would train on at N = M (default 0: only those "
+                        "the runs trained on)")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then flags for every train_draem.py run")
     return p
 
@@ -57,10 +64,18 @@ def train(args: argparse.Namespace, count: int, seed: int, extra: list[str]) -> 
     return checkpoint
 
 
+def drawn_for(args: argparse.Namespace, count: int) -> frozenset[str]:
+    """The digests of the test defects that --train_defects count moves into training, for each of the seeds."""
+    layout = category_layout(args.data_path, args.obj_id)
+    return frozenset(file_digest(d["path"]) for seed in args.seeds
+                     for d in moved_from_test(layout, count, defect_draw(seed)))
+
+
 def markdown(rows: list[dict], common: dict) -> str:
     head = "| N real defects | seed | " + " | ".join(SHOWN.values()) + " |"
     lines = [f"Scored on {common['good']} good and {common['defects']} defect images of {common['category']}: "
-             f"{common['left_out']} defect images left out, the union of those the runs trained on.", "",
+             f"{common['left_out']} defect images left out, the union of those the runs trained on"
+             + (f" and of the N = {common['leave_out']} draws of their seeds." if common["leave_out"] else "."), "",
              head, "|---|---|" + "---|" * len(SHOWN)]
     lines += [f"| {r['count']} | {r['seed']} | " + " | ".join(percent(r[m]) for m in SHOWN) + " |" for r in rows]
     base = {r["seed"]: r for r in rows if r["count"] == 0}
@@ -75,11 +90,12 @@ def main() -> None:
     extra = [f for f in args.train_flags if f != "--"]
     runs = {(n, s): train(args, n, s, extra) for n in args.counts for s in args.seeds}
     models = {key: model_from_checkpoint(path) for key, path in runs.items()}
-    trained = frozenset().union(*(info.trained_digests for _, info in models.values()))
+    trained = frozenset().union(*(info.trained_digests for _, info in models.values()),
+                                drawn_for(args, args.leave_out))
     info = next(iter(models.values()))[1]
     test_set = load_test_set(args.data_path, args.obj_id, info.image_size, None, info.bit_depth, trained)
     common = {"category": args.obj_id, "good": int((test_set.labels == 0).sum()), "defects": int(test_set.labels.sum()),
-              "left_out": len(test_set.left_out), "train_flags": extra}
+              "left_out": len(test_set.left_out), "leave_out": args.leave_out, "train_flags": extra}
     rows = []
     for (count, seed), (model, info) in models.items():
         metrics = evaluate(model, test_set, torch.device("cpu"), info.channel_order)["metrics"]

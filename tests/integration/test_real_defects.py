@@ -216,3 +216,17 @@ def test_real_defects_train_on_crops_as_normal_images_do(tmp_path):
                 cwd=tmp_path)
     state = torch.load(tmp_path / "checkpoints" / "crops.pt", weights_only=True)
     assert state["step"] > 0 and len(state["trained_defects"]) == 2
+
+
+def test_bench_defects_leaves_out_what_a_run_of_that_seed_and_n_trains_on(tmp_path):
+    """bench_defects --leave_out M scores later batches of runs on the images an N = M run left: its draw is the
+    training's own, per seed (a run of seed 5 with --train_defects 3 records the same three files)."""
+    from benchmarks.bench_defects import drawn_for, get_args_parser
+    data = tiny_dataset(tmp_path / "data")
+    call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--epochs", "1", "--eval_every", "-1",
+                "--run_name", "three", "--seed", "5", "--train_defects", "3", *TINY, cwd=tmp_path)
+    trained = {f["digest"] for f in torch.load(tmp_path / "checkpoints" / "three.pt")["trained_defects"]}
+    args = get_args_parser().parse_args(["--data_path", str(data), "--obj_id", "weave", "--seeds", "5"])
+    assert len(trained) == 3 and drawn_for(args, 3) == trained
+    args.seeds = [5, 6]
+    assert trained < drawn_for(args, 3) and drawn_for(args, 0) == frozenset()
