@@ -176,8 +176,8 @@ def test_a_pasted_defect_lies_on_a_good_image_which_is_its_clean_target():
     masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
     masks[:3, :, 8:20, 10:24] = 1  # the fourth has none: zeros, as loaded
     files = [{"mask": "a.png"}, {"mask": "b.png"}, {"mask": "c.png"}, {"mask": None}]
-    defects = RealDefects(torch.full((4, 3, 32, 32), 250, dtype=torch.uint8), masks,
-                          torch.tensor([True, True, True, False]), files)
+    defect_images = (200 + 50 * masks).expand(-1, 3, -1, -1).contiguous()  # 1.25 times as bright as around it
+    defects = RealDefects(defect_images, masks, torch.tensor([True, True, True, False]), files)
     config = Namespace(**run_settings(category="c", bs=8, seed=0, defect_share=0.5, recipe="official"), ddp=False)
     batch = step_batch(images, epoch_order(8, 8, 0, 0, torch.device("cpu")), 0, None, config, torch.Generator(),
                        defects)
@@ -185,13 +185,32 @@ def test_a_pasted_defect_lies_on_a_good_image_which_is_its_clean_target():
     pasted = slice(4, 7)
     inside = batch.mask[pasted].bool().expand(-1, 3, -1, -1)
     assert inside.any(dim=(1, 2, 3)).all()
-    assert torch.allclose(batch.augmented[pasted][inside], torch.tensor(250 / 255))  # the defect's pixels
+    # the defect's pixels, as much brighter than the good image around them as they were than their own
+    ring = F.max_pool2d(batch.mask[pasted], 3, stride=1, padding=1) - batch.mask[pasted]
+    around = (batch.image[pasted] * ring).sum((1, 2, 3)) / ring.sum((1, 2, 3)) / 3
+    within = (batch.augmented[pasted] * batch.mask[pasted]).sum((1, 2, 3)) / batch.mask[pasted].sum((1, 2, 3)) / 3
+    assert within / around == pytest.approx([1.25] * 3, rel=0.03)
     assert torch.equal(batch.augmented[pasted][~inside], batch.image[pasted][~inside])  # the good image elsewhere
     assert (batch.image[pasted] < 100 / 255 + 1e-6).all()  # the clean target is a good image, not the defect
     assert batch.has_mask.tolist() == [True] * 7 + [False]  # the image-level label last, on its own image
     assert torch.equal(batch.augmented[7], batch.image[7]) and batch.mask[7].sum() == 0
     assert [pasted_per_step(defects, real, True) for real in (1, 2, 4, 7)] == [1, 1, 3, 5]
     assert pasted_per_step(defects, 4, False) == 0
+
+
+def test_a_pasted_defect_meets_its_new_surroundings_as_it_met_its_own():
+    """Pasting scales the defect by the brightness of the good image around the mask over its own: a brighter copy
+    of the good image pastes back as the good image (no step at the border), and a defect keeps its contrast."""
+    from training.defects import paste
+    g = torch.Generator().manual_seed(0)
+    good = 0.1 + 0.4 * torch.rand(2, 3, 64, 64, generator=g)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, :, 10:30, 20:40] = 1
+    masks[1, :, 40:60, 5:50] = 1
+    assert torch.allclose(paste(good * 1.8, masks, good), good, atol=1e-5)
+    dented = good * 1.8 * (1 - 0.3 * masks)  # 30 % darker inside the mask than the part around it
+    assert torch.allclose(paste(dented, masks, good), good * (1 - 0.3 * masks), atol=1e-5)
+    assert torch.equal(paste(dented, masks, good) * (1 - masks), good * (1 - masks))
 
 
 def test_pasted_defects_take_the_published_loss_and_are_watched():

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from data_loader import (DataError, Layout, Size, decode, defect_files, default_workers, file_digest,
@@ -239,5 +240,11 @@ def draw_real(defects: RealDefects, count: int, recipe: Recipe, crop: tuple[int,
 
 def paste(defects: Tensor, masks: Tensor, onto: Tensor) -> Tensor:
     """Each defect's masked pixels over a good image (all (k, C, H, W), masks (k, 1, H, W) {0, 1}): a real defect
-    on a part whose clean look is known, so it trains as a simulated anomaly does (reconstruction and focal loss)."""
-    return onto * (1 - masks) + defects * masks
+    on a part whose clean look is known, so it trains as a simulated anomaly does (reconstruction and focal loss).
+    The defect is first scaled, per channel, by how much brighter the good image is than the defect's own just
+    around the mask (a ring of H/32 pixels): parts lit differently would otherwise give every pasted defect a step
+    in brightness at its border, which no real defect has and which the discriminator would learn instead."""
+    width = max(1, masks.shape[-2] // 32)
+    ring = F.max_pool2d(masks, 2 * width + 1, stride=1, padding=width) - masks
+    gain = ((onto * ring).sum((2, 3), keepdim=True) + 1e-3) / ((defects * ring).sum((2, 3), keepdim=True) + 1e-3)
+    return onto * (1 - masks) + (defects * gain).clamp(0, 1) * masks
