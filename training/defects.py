@@ -246,5 +246,6 @@ def paste(defects: Tensor, masks: Tensor, onto: Tensor) -> Tensor:
     in brightness at its border, which no real defect has and which the discriminator would learn instead."""
     width = max(1, masks.shape[-2] // 32)
     ring = F.max_pool2d(masks, 2 * width + 1, stride=1, padding=width) - masks
+    # + 1e-3: an empty ring (a mask over the whole image) leaves the defect as it is; a black ring cannot divide by 0
     gain = ((onto * ring).sum((2, 3), keepdim=True) + 1e-3) / ((defects * ring).sum((2, 3), keepdim=True) + 1e-3)
     return onto * (1 - masks) + (defects * gain).clamp(0, 1) * masks
