@@ -26,7 +26,7 @@ from scoring.evaluate import evaluate, predict
 from scoring.metrics import METRICS
 from scoring.visualize import sample_grid, write_png
 from training.checkpoint import load_checkpoint, load_weights, save_training
-from training.defects import (RealDefects, choose_defects, draw_real, load_real_defects, paste, pasted_per_step,
+from training.defects import (RealDefects, choose_defects, draw_pasted, draw_real, load_real_defects, pasted_per_step,
                               real_per_step)
 from training.cli import UsageError
 from training.processes import batch_slice
@@ -85,7 +85,8 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
     real = real_per_step(args.defect_share, args.bs) if defects is not None else 0
     pasted = pasted_per_step(defects, real, args.paste_defects) if real else 0
     own = real - pasted  # the pasted ones keep their good image: it is their clean target
-    normal = normal[:len(normal) - own]
+    kept = len(normal) - own - pasted  # the simulated places; the pasted ones take the next good images
+    normal, good = normal[:kept], normal[kept:len(normal) - own]
     generator.manual_seed(stream_seed(args.seed, "simulation", rank, step))
     if args.train_crop:
         normal = random_crops(normal, args.train_crop, generator)
@@ -94,18 +95,16 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
         return simulated
     generator.manual_seed(stream_seed(args.seed, "real defects", rank, step))
     recipe = RECIPES[args.recipe]
-    augmented, mask = simulated.augmented, simulated.mask
+    clean, augmented, mask = simulated.image, simulated.augmented, simulated.mask
     if pasted:
-        defect, defect_mask, _ = draw_real(defects, pasted, recipe, args.train_crop, generator, defects.pools[True])
-        kept = len(normal) - pasted
-        augmented = torch.cat((augmented[:kept], paste(defect, defect_mask, simulated.image[kept:])))
-        mask = torch.cat((mask[:kept], defect_mask))
+        parts = draw_pasted(defects, good, recipe, args.train_crop, generator)
+        clean, augmented, mask = (torch.cat((a, b)) for a, b in zip((clean, augmented, mask), parts))
     if not own:
-        return Batch(simulated.image, augmented, mask, 0, None, pasted)
+        return Batch(clean, augmented, mask, 0, None, pasted)
     image, own_mask, has_mask = draw_real(defects, own, recipe, args.train_crop, generator,
                                           defects.pools[False] if args.paste_defects else None)
-    return Batch(torch.cat((simulated.image, image)), torch.cat((augmented, image)), torch.cat((mask, own_mask)), own,
-                 torch.cat((torch.ones(len(normal), dtype=torch.bool, device=image.device), has_mask)), pasted)
+    return Batch(torch.cat((clean, image)), torch.cat((augmented, image)), torch.cat((mask, own_mask)), own,
+                 torch.cat((torch.ones(len(clean), dtype=torch.bool, device=image.device), has_mask)), pasted)
 
 
 def first_samples(images: torch.Tensor, sources: torch.Tensor | None, args: argparse.Namespace, count: int,

@@ -213,6 +213,31 @@ def test_a_pasted_defect_meets_its_new_surroundings_as_it_met_its_own():
     assert torch.equal(paste(dented, masks, good) * (1 - masks), good * (1 - masks))
 
 
+def test_a_pasted_defect_turns_and_flips_with_its_new_part():
+    """The defect, its good image and its mask get one flip and turn: here every defect image is the good image
+    itself, so a pasted sample must equal its clean target whatever was drawn; moved apart, they would differ."""
+    from engine import epoch_order, step_batch
+    g = torch.Generator().manual_seed(3)
+    part = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g)  # no symmetry: any move shows
+    masks = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    for i in range(4):
+        masks[i, :, 2 + 3 * i:10 + 3 * i, 3:9] = 1  # off centre: a flip or turn moves it
+    defects = RealDefects(part.expand(4, -1, -1, -1).contiguous(), masks, torch.ones(4, dtype=torch.bool),
+                          [{"mask": f"{i}.png"} for i in range(4)])
+    config = Namespace(**run_settings(category="c", bs=8, seed=0, defect_share=0.5, recipe="official"), ddp=False)
+    images, order = part.expand(8, -1, -1, -1), epoch_order(8, 8, 0, 0, torch.device("cpu"))
+    moved = 0
+    for step in range(8):
+        batch = step_batch(images, order, step, None, config, torch.Generator(), defects)
+        assert (batch.pasted, batch.real) == (4, 0)
+        for clean, pasted, mask in zip(batch.image[4:], batch.augmented[4:], batch.mask[4:]):
+            assert mask.sum() > 0 and torch.allclose(pasted, clean, atol=1e-5)
+            if not any(torch.equal(mask, m.float()) for m in masks):  # the mask was moved: flipped or turned ...
+                moved += 1
+                assert not torch.allclose(clean, part[0].float() / 255)  # ... and the part with it
+    assert moved >= 8  # about three in four draws move (a flip on each axis with p 0.5, a turn with p 0.3)
+
+
 def test_pasted_defects_take_the_published_loss_and_are_watched():
     g = torch.Generator().manual_seed(2)
     rec, clean = torch.rand(6, 3, 32, 32, generator=g), torch.rand(6, 3, 32, 32, generator=g)

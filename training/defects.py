@@ -218,15 +218,10 @@ def pasted_per_step(defects: RealDefects, real: int, paste: bool) -> int:
     return min(max(1, round(real * masked / len(defects))), real - 1 if unmasked and real > 1 else real)
 
 
-def draw_real(defects: RealDefects, count: int, recipe: Recipe, crop: tuple[int, int] | None,
-              generator: torch.Generator, among: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """count real defects for one step (from the indices among, default all), drawn uniformly with replacement
-    and augmented on the device as the recipe augments normal images (a flip on each axis with p 0.5, the recipe's
-    rotation), masks moved alike: (images (k, 3, H, W) float in [0, 1], masks (k, 1, H, W) {0, 1}, has_mask (k,))."""
-    device = defects.images.device
-    pool = torch.arange(len(defects), device=device) if among is None else among
-    index = pool[torch.randint(0, len(pool), (count,), generator=generator, device=device)]
-    x = torch.cat((defects.images[index].float() / 255, defects.masks[index].float()), dim=1)
+def augment_alike(x: Tensor, recipe: Recipe, crop: tuple[int, int] | None, generator: torch.Generator) -> Tensor:
+    """Each sample of x (k, C, H, W) cropped when the run crops, flipped on each axis with p 0.5 and turned as the
+    recipe turns normal images: one move for all its channels (image, mask, clean target), so they stay aligned."""
+    count, device = len(x), x.device
     if crop:
         x = random_crops(x, crop, generator)
     for axis in (-1, -2):
@@ -234,8 +229,36 @@ def draw_real(defects: RealDefects, count: int, recipe: Recipe, crop: tuple[int,
                         x.flip(axis), x)
     turn = torch.rand(count, generator=generator, device=device) < recipe.rotate_p
     degrees = recipe.rotate_degrees
-    x = apply_where(turn, lambda t: rotate(t, uniform((t.shape[0],), -degrees, degrees, generator, device)), x)
+    return apply_where(turn, lambda t: rotate(t, uniform((t.shape[0],), -degrees, degrees, generator, device)), x)
+
+
+def pick(defects: RealDefects, count: int, generator: torch.Generator, among: Tensor | None = None) -> Tensor:
+    """count indices of defects (from the indices among, default all), uniformly with replacement."""
+    pool = torch.arange(len(defects), device=defects.images.device) if among is None else among
+    return pool[torch.randint(0, len(pool), (count,), generator=generator, device=pool.device)]
+
+
+def draw_real(defects: RealDefects, count: int, recipe: Recipe, crop: tuple[int, int] | None,
+              generator: torch.Generator, among: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """count real defects for one step, trained on their own image (augment_alike, masks moved alike): (images
+    (k, 3, H, W) float in [0, 1], masks (k, 1, H, W) {0, 1}, has_mask (k,))."""
+    index = pick(defects, count, generator, among)
+    x = augment_alike(torch.cat((defects.images[index].float() / 255, defects.masks[index].float()), dim=1),
+                      recipe, crop, generator)
     return x[:, :3], (x[:, 3:] >= 0.5).float(), defects.has_mask[index]
+
+
+def draw_pasted(defects: RealDefects, good: Tensor, recipe: Recipe, crop: tuple[int, int] | None,
+                generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """One defect with a mask pasted at its own place onto each good image (k, 3, H, W, uint8 as cached), then the
+    good image (the clean target), the pasted image and the mask moved alike (augment_alike). Moving the defect
+    apart from its new part would turn its texture against the part's (the tiles' grooves run one way), a seam
+    no real defect has: (clean (k, 3, h, w), pasted (k, 3, h, w), masks (k, 1, h, w) {0, 1})."""
+    index = pick(defects, len(good), generator, defects.pools[True])
+    clean, mask = good.float() / 255, defects.masks[index].float()
+    pasted = paste(defects.images[index].float() / 255, mask, clean)
+    x = augment_alike(torch.cat((clean, pasted, mask), dim=1), recipe, crop, generator)
+    return x[:, :3], x[:, 3:6], (x[:, 6:] >= 0.5).float()
 
 
 def paste(defects: Tensor, masks: Tensor, onto: Tensor) -> Tensor:
