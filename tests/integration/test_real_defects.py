@@ -211,7 +211,7 @@ def test_bad_real_defect_input_gets_one_line_and_loses_nothing(tmp_path):
 
 
 def test_real_defects_train_on_crops_as_normal_images_do(tmp_path):
-    """--train_crop crops a real defect and its mask alike (draw_real), so masked defects train with it."""
+    """--train_crop crops a pasted defect with its part and mask (draw_pasted), so masked defects train with it."""
     data = tiny_dataset(tmp_path / "data")
     call_script("train_draem.py", "--obj_id", "weave", "--data_path", data, "--epochs", "1", "--eval_every", "-1",
                 "--run_name", "crops", *TINY, "--image_size", "64", "--train_crop", "32", "--train_defects", "2",
