@@ -97,7 +97,7 @@ def step_batch(images: torch.Tensor, order: torch.Tensor, step: int, sources: to
     recipe = RECIPES[args.recipe]
     clean, augmented, mask = simulated.image, simulated.augmented, simulated.mask
     if pasted:
-        parts = draw_pasted(defects, good, recipe, args.train_crop, generator)
+        parts = draw_pasted(defects, good, recipe, args.train_crop, generator, args.paste_contrast)
         clean, augmented, mask = (torch.cat((a, b)) for a, b in zip((clean, augmented, mask), parts))
     if not own:
         return Batch(clean, augmented, mask, 0, None, pasted)

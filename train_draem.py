@@ -89,6 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
            "clean target, and train it as a simulated anomaly (reconstruction and focal loss); --no-paste_defects "
            "trains on the defect image itself (focal loss on its mask, no reconstruction loss). Image-level labels "
            "always train on their own image (default on: measured better, docs/training.md)")
+    a("--paste_contrast", type=float, default=0.0, metavar="SPREAD",
+      help="with pasted defects: scale each one's difference from its new surroundings by a factor drawn in "
+           "[1 - SPREAD, 1 + SPREAD] (default 0: as it is)")
     a("--defect_share", type=float, default=0.25,
       help="with real training defects: the share of each batch they fill, at least one sample and leaving one "
            "simulated (default 0.25: 2 of 8)")

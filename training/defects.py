@@ -249,19 +249,20 @@ def draw_real(defects: RealDefects, count: int, recipe: Recipe, crop: tuple[int,
 
 
 def draw_pasted(defects: RealDefects, good: Tensor, recipe: Recipe, crop: tuple[int, int] | None,
-                generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+                generator: torch.Generator, contrast: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """One defect with a mask pasted at its own place onto each good image (k, 3, H, W, uint8 as cached), then the
     good image (the clean target), the pasted image and the mask moved alike (augment_alike). Moving the defect
     apart from its new part would turn its texture against the part's (the tiles' grooves run one way), a seam
     no real defect has: (clean (k, 3, h, w), pasted (k, 3, h, w), masks (k, 1, h, w) {0, 1})."""
     index = pick(defects, len(good), generator, defects.pools[True])
     clean, mask = good.float() / 255, defects.masks[index].float()
-    pasted = paste(defects.images[index].float() / 255, mask, clean)
+    spread = uniform((len(good),), 1 - contrast, 1 + contrast, generator, good.device) if contrast else None
+    pasted = paste(defects.images[index].float() / 255, mask, clean, spread)
     x = augment_alike(torch.cat((clean, pasted, mask), dim=1), recipe, crop, generator)
     return x[:, :3], x[:, 3:6], (x[:, 6:] >= 0.5).float()
 
 
-def paste(defects: Tensor, masks: Tensor, onto: Tensor) -> Tensor:
+def paste(defects: Tensor, masks: Tensor, onto: Tensor, contrast: Tensor | None = None) -> Tensor:
     """Each defect's masked pixels over a good image (all (k, C, H, W), masks (k, 1, H, W) {0, 1}): a real defect
     on a part whose clean look is known, so it trains as a simulated anomaly does (reconstruction and focal loss).
     The defect is first scaled, per channel, by how much brighter the good image is than the defect's own just
@@ -271,4 +272,8 @@ def paste(defects: Tensor, masks: Tensor, onto: Tensor) -> Tensor:
     ring = F.max_pool2d(masks, 2 * width + 1, stride=1, padding=width) - masks
     # + 1e-3: an empty ring (a mask over the whole image) leaves the defect as it is; a black ring cannot divide by 0
     gain = ((onto * ring).sum((2, 3), keepdim=True) + 1e-3) / ((defects * ring).sum((2, 3), keepdim=True) + 1e-3)
-    return onto * (1 - masks) + (defects * gain).clamp(0, 1) * masks
+    matched = defects * gain
+    if contrast is not None:  # the defect's difference from its surroundings' level, scaled: fainter or stronger
+        level = (onto * ring).sum((2, 3), keepdim=True) / (ring.sum((2, 3), keepdim=True) + 1e-6)
+        matched = level + contrast[:, None, None, None] * (matched - level)
+    return onto * (1 - masks) + matched.clamp(0, 1) * masks
