@@ -90,8 +90,9 @@ def get_args_parser() -> argparse.ArgumentParser:
            "trains on the defect image itself (focal loss on its mask, no reconstruction loss). Image-level labels "
            "always train on their own image (default on: measured better, docs/training.md)")
     a("--paste_contrast", type=float, default=0.0, metavar="SPREAD",
-      help="with pasted defects: scale each one's difference from its new surroundings by a factor drawn in "
-           "[1 - SPREAD, 1 + SPREAD] (default 0: as it is)")
+      help="with pasted defects: scale each one's difference from the brightness around it by a factor drawn in "
+           "[1 - SPREAD, 1 + SPREAD], showing fainter and stronger versions of the few defects there are; measured "
+           "at 0.5 in docs/training.md (default 0: as it is)")
     a("--defect_share", type=float, default=0.25,
       help="with real training defects: the share of each batch they fill, at least one sample and leaving one "
            "simulated (default 0.25: 2 of 8)")
@@ -170,6 +171,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--unsupervised trains on good images alone: drop --train_defects and --pixel_labels")
     if not 0 < args.defect_share < 1:
         parser.error(f"--defect_share {args.defect_share:g}: expected a share of the batch in (0, 1), such as 0.25")
+    if not 0 <= args.paste_contrast < 1:  # also refuses nan
+        parser.error(f"--paste_contrast {args.paste_contrast:g}: expected a spread in [0, 1), such as 0.5")
     if not args.score_loss >= 0:  # also refuses nan
         parser.error(f"--score_loss {args.score_loss:g}: expected a weight of 0 (off) or more, such as 0.1")
 

@@ -238,6 +238,35 @@ def test_a_pasted_defect_turns_and_flips_with_its_new_part():
     assert moved >= 8  # about three in four draws move (a flip on each axis with p 0.5, a turn with p 0.3)
 
 
+def test_paste_contrast_scales_a_defect_against_the_brightness_around_it():
+    """--paste_contrast: a factor c turns a defect d on a part of level L into L + c (d - L) (a direct formula on a
+    flat part), 1 leaves it as it was; and the flag reaches the step: a pasted copy of the part itself, which pastes
+    back as the part without it, now differs from its clean target inside the mask (by c - 1 times its contrast)."""
+    from engine import epoch_order, step_batch
+    from training.defects import paste
+    flat = torch.full((3, 3, 64, 64), 0.4)
+    masks = torch.zeros(3, 1, 64, 64)
+    masks[:, :, 20:40, 10:30] = 1
+    dented = flat * 1.8 * (1 - 0.3 * masks)  # pastes as 0.28 inside the mask: 0.12 darker than the part
+    factors = torch.tensor([0.5, 1.0, 1.5])
+    inside = paste(dented, masks, flat, factors)[:, :, 30, 20]
+    assert torch.allclose(inside, (0.4 - factors * 0.12)[:, None].expand(-1, 3), atol=1e-5)
+    assert torch.allclose(paste(dented, masks, flat, torch.ones(3)), paste(dented, masks, flat), atol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    part = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g)
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
+    mask[:, :, 8:20, 8:20] = 1
+    defects = RealDefects(part.expand(2, -1, -1, -1).contiguous(), mask, torch.ones(2, dtype=torch.bool),
+                          [{"mask": f"{i}.png"} for i in range(2)])
+    images, order = part.expand(8, -1, -1, -1), epoch_order(8, 8, 0, 0, torch.device("cpu"))
+    for spread, differs in ((0.0, False), (0.5, True)):
+        config = Namespace(**run_settings(category="c", bs=8, seed=0, defect_share=0.5, recipe="official",
+                                          paste_contrast=spread), ddp=False)
+        batch = step_batch(images, order, 0, None, config, torch.Generator(), defects)
+        gap = (batch.augmented[4:] - batch.image[4:]).abs() * batch.mask[4:]
+        assert (gap.amax() > 0.01) == differs
+
+
 def test_pasted_defects_take_the_published_loss_and_are_watched():
     g = torch.Generator().manual_seed(2)
     rec, clean = torch.rand(6, 3, 32, 32, generator=g), torch.rand(6, 3, 32, 32, generator=g)

@@ -253,7 +253,8 @@ def draw_pasted(defects: RealDefects, good: Tensor, recipe: Recipe, crop: tuple[
     """One defect with a mask pasted at its own place onto each good image (k, 3, H, W, uint8 as cached), then the
     good image (the clean target), the pasted image and the mask moved alike (augment_alike). Moving the defect
     apart from its new part would turn its texture against the part's (the tiles' grooves run one way), a seam
-    no real defect has: (clean (k, 3, h, w), pasted (k, 3, h, w), masks (k, 1, h, w) {0, 1})."""
+    no real defect has. contrast > 0: each defect's contrast scaled by a factor drawn in [1 - contrast,
+    1 + contrast] (paste): (clean (k, 3, h, w), pasted (k, 3, h, w), masks (k, 1, h, w) {0, 1})."""
     index = pick(defects, len(good), generator, defects.pools[True])
     clean, mask = good.float() / 255, defects.masks[index].float()
     spread = uniform((len(good),), 1 - contrast, 1 + contrast, generator, good.device) if contrast else None
@@ -267,13 +268,15 @@ def paste(defects: Tensor, masks: Tensor, onto: Tensor, contrast: Tensor | None 
     on a part whose clean look is known, so it trains as a simulated anomaly does (reconstruction and focal loss).
     The defect is first scaled, per channel, by how much brighter the good image is than the defect's own just
     around the mask (a ring of H/32 pixels): parts lit differently would otherwise give every pasted defect a step
-    in brightness at its border, which no real defect has and which the discriminator would learn instead."""
+    in brightness at its border, which no real defect has and which the discriminator would learn instead.
+    contrast (k,), if given: each defect's difference from the mean brightness of the ring around it is scaled by
+    its factor, a fainter or stronger version of the same defect."""
     width = max(1, masks.shape[-2] // 32)
     ring = F.max_pool2d(masks, 2 * width + 1, stride=1, padding=width) - masks
     # + 1e-3: an empty ring (a mask over the whole image) leaves the defect as it is; a black ring cannot divide by 0
     gain = ((onto * ring).sum((2, 3), keepdim=True) + 1e-3) / ((defects * ring).sum((2, 3), keepdim=True) + 1e-3)
     matched = defects * gain
-    if contrast is not None:  # the defect's difference from its surroundings' level, scaled: fainter or stronger
+    if contrast is not None:
         level = (onto * ring).sum((2, 3), keepdim=True) / (ring.sum((2, 3), keepdim=True) + 1e-6)
         matched = level + contrast[:, None, None, None] * (matched - level)
     return onto * (1 - masks) + matched.clamp(0, 1) * masks

@@ -54,7 +54,8 @@ def test_anomaly_source_problems(tmp_path, data):
 
 
 @pytest.mark.parametrize("flag,value", [("--bs", "0"), ("--epochs", "0"), ("--lr", "0"), ("--image_size", "100"),
-                                        ("--obj_id", "99"), ("--score_loss", "-1")])
+                                        ("--obj_id", "99"), ("--score_loss", "-1"),
+                                        ("--paste_contrast", "1")])
 def test_invalid_flags(tmp_path, data, flag, value):
     fails("train_draem.py", "--data_path", data, *TINY, flag, value, cwd=tmp_path, expect=flag)
 
