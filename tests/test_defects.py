@@ -252,6 +252,9 @@ def test_paste_contrast_scales_a_defect_against_the_brightness_around_it():
     inside = paste(dented, masks, flat, factors)[:, :, 30, 20]
     assert torch.allclose(inside, (0.4 - factors * 0.12)[:, None].expand(-1, 3), atol=1e-5)
     assert torch.allclose(paste(dented, masks, flat, torch.ones(3)), paste(dented, masks, flat), atol=1e-6)
+    whole = torch.ones(1, 1, 64, 64)  # no ring around it: the defect's own mean is the level it keeps
+    defect = 0.2 + 0.4 * (torch.arange(64.0) / 63).expand(1, 3, 64, 64)
+    assert torch.allclose(paste(defect, whole, flat[:1], torch.tensor([0.5])), 0.4 + 0.5 * (defect - 0.4), atol=1e-5)
     g = torch.Generator().manual_seed(3)
     part = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g)
     mask = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)

@@ -277,6 +277,9 @@ def paste(defects: Tensor, masks: Tensor, onto: Tensor, contrast: Tensor | None 
     gain = ((onto * ring).sum((2, 3), keepdim=True) + 1e-3) / ((defects * ring).sum((2, 3), keepdim=True) + 1e-3)
     matched = defects * gain
     if contrast is not None:
-        level = (onto * ring).sum((2, 3), keepdim=True) / (ring.sum((2, 3), keepdim=True) + 1e-6)
+        # the ring's mean brightness; where there is no ring (a mask over the whole image), the defect's own mean
+        ring_area, area = ring.sum((2, 3), keepdim=True), masks.sum((2, 3), keepdim=True).clamp_min(1)
+        level = torch.where(ring_area > 0, (onto * ring).sum((2, 3), keepdim=True) / ring_area.clamp_min(1),
+                            (matched * masks).sum((2, 3), keepdim=True) / area)
         matched = level + contrast[:, None, None, None] * (matched - level)
     return onto * (1 - masks) + matched.clamp(0, 1) * masks
