@@ -274,12 +274,12 @@ def paste(defects: Tensor, masks: Tensor, onto: Tensor, contrast: Tensor | None 
     width = max(1, masks.shape[-2] // 32)
     ring = F.max_pool2d(masks, 2 * width + 1, stride=1, padding=width) - masks
     # + 1e-3: an empty ring (a mask over the whole image) leaves the defect as it is; a black ring cannot divide by 0
-    gain = ((onto * ring).sum((2, 3), keepdim=True) + 1e-3) / ((defects * ring).sum((2, 3), keepdim=True) + 1e-3)
-    matched = defects * gain
+    around = (onto * ring).sum((2, 3), keepdim=True)
+    matched = defects * ((around + 1e-3) / ((defects * ring).sum((2, 3), keepdim=True) + 1e-3))
     if contrast is not None:
         # the ring's mean brightness; where there is no ring (a mask over the whole image), the defect's own mean
         ring_area, area = ring.sum((2, 3), keepdim=True), masks.sum((2, 3), keepdim=True).clamp_min(1)
-        level = torch.where(ring_area > 0, (onto * ring).sum((2, 3), keepdim=True) / ring_area.clamp_min(1),
+        level = torch.where(ring_area > 0, around / ring_area.clamp_min(1),
                             (matched * masks).sum((2, 3), keepdim=True) / area)
         matched = level + contrast[:, None, None, None] * (matched - level)
     return onto * (1 - masks) + matched.clamp(0, 1) * masks
