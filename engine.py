@@ -354,18 +354,11 @@ def write_preview(run: Run, sources: torch.Tensor | None) -> Path:
     return path
 
 
-def defect_start_epoch(config: argparse.Namespace) -> int:
-    """The first epoch (from 0) whose batches hold real defects: --defect_start of the epochs come before it."""
-    return math.ceil(config.defect_start * config.epochs)
-
-
 def defects_per_batch(defects: RealDefects, config: argparse.Namespace) -> str:
-    """'2 per batch of 8 (2 pasted onto good images), from epoch 21': what each step trains on."""
+    """'2 per batch of 8 (2 pasted onto good images)': what each step trains on."""
     real = real_per_step(config.defect_share, config.bs)
     pasted = pasted_per_step(defects, real, config.paste_defects)
-    start = defect_start_epoch(config)
-    return (f"{real} per batch of {config.bs}" + (f" ({pasted} pasted onto good images)" if pasted else "")
-            + (f", from epoch {start + 1} of {config.epochs}" if start else ""))
+    return f"{real} per batch of {config.bs}" + (f" ({pasted} pasted onto good images)" if pasted else "")
 
 
 def format_metrics(metrics: dict) -> str:

@@ -96,9 +96,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--defect_share", type=float, default=0.25,
       help="with real training defects: the share of each batch they fill, at least one sample and leaving one "
            "simulated (default 0.25: 2 of 8)")
-    a("--defect_start", type=float, default=0.0, metavar="SHARE",
-      help="with real training defects: the share of the epochs trained on simulated anomalies alone before the real "
-           "defects join the batches (default 0: from the first step)")
     # ---- PROCESS_FLAGS: which categories, where the outputs go, how this process runs ------------------------
     a("--obj_id", default="-1", help="category: 0..14 (official MVTec order), -1 for every category under "
                                      "--data_path, or a folder name such as my_part (default -1)")
@@ -176,8 +173,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--defect_share {args.defect_share:g}: expected a share of the batch in (0, 1), such as 0.25")
     if not 0 <= args.paste_contrast < 1:  # also refuses nan
         parser.error(f"--paste_contrast {args.paste_contrast:g}: expected a spread in [0, 1), such as 0.5")
-    if not 0 <= args.defect_start < 1:  # also refuses nan
-        parser.error(f"--defect_start {args.defect_start:g}: expected a share of the epochs in [0, 1), such as 0.5")
     if not args.score_loss >= 0:  # also refuses nan
         parser.error(f"--score_loss {args.score_loss:g}: expected a weight of 0 (off) or more, such as 0.1")
 
@@ -297,10 +292,8 @@ def train_category(args: argparse.Namespace, category: str, device: torch.device
             engine.set_learning_rate(optimizer, RECIPES[config.recipe].learning_rate(config.lr, epoch,
                                                                                              config.epochs))
 
-        # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream; the real
-        # defects, if any, from epoch defect_start x epochs on
-        defects = run.defects if epoch >= engine.defect_start_epoch(config) else None
-        batch = engine.step_batch(images, order, step, sources, config, simulation_g, defects)
+        # batch and simulate: this rank's slice of the batch, anomalies from this step's own stream
+        batch = engine.step_batch(images, order, step, sources, config, simulation_g, run.defects)
 
         # step: forward under autocast, L2 + SSIM + focal loss in fp32, backward, Adam
         out, total, parts = engine.train_step(net, batch, optimizer, scaler, autocast, config.sspcab,

@@ -15,7 +15,7 @@ CHANGED = {"category": "bottle", "image_size": [256, 512], "train_crop": [128, 1
            "epochs": 800, "seed": 1,
            "amp": "bf16", "processes": 4, "sync_bn": True, "channel_order": "RGB",
            "bit_depth": 12, "calibration_split": 0.1, "train_defects": 16, "pixel_labels": "5", "defect_share": 0.5,
-           "defect_start": 0.5, "unsupervised": True, "paste_defects": False, "paste_contrast": 0.5}
+           "unsupervised": True, "paste_defects": False, "paste_contrast": 0.5}
 
 
 def test_every_setting_that_shapes_the_weights_changes_the_run_name():
