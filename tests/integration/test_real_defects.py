@@ -163,27 +163,6 @@ def test_resume_with_real_defects_equals_an_uninterrupted_run(tmp_path):
     assert refused.returncode == 2 and "it trained on 2 real defect image(s), this run has 3" in refused.stderr
 
 
-def test_defects_from_defect_start_on_and_draem_alone_before(tmp_path):
-    """--defect_start 0.5 of 4 epochs: the first two train exactly as DRAEM alone does (the same losses, step for
-    step), the real defects join at epoch 3 and their loss is logged from then on only."""
-    data = tiny_dataset(tmp_path / "data")
-    common = ["--obj_id", "weave", "--data_path", data, "--epochs", "4", "--eval_every", "-1", "--run_name", "r",
-              *TINY, "--log_every", "1"]
-    for work in ("alone", "late"):
-        (tmp_path / work).mkdir()
-    call_script("train_draem.py", *common, cwd=tmp_path / "alone")
-    late = call_script("train_draem.py", *common, "--train_defects", "2", "--defect_start", "0.5",
-                       cwd=tmp_path / "late")
-    assert "2 per batch of 4 (2 pasted onto good images), from epoch 3 of 4" in late.stdout
-    alone, mixed = (logged(tmp_path / w, "r", "loss/total") for w in ("alone", "late"))
-    assert [s for s, _ in alone] == [s for s, _ in mixed] == list(range(1, 13))  # 12 images, 4 a step
-    assert [v for _, v in mixed[:6]] == pytest.approx([v for _, v in alone[:6]], rel=1e-6)
-    assert all(abs(a - m) > 1e-6 for (_, a), (_, m) in zip(alone[6:], mixed[6:]))
-    assert [s for s, _ in logged(tmp_path / "late", "r", "loss/real_defects")] == list(range(7, 13))
-    refused = call_script("train_draem.py", *common, "--defect_start", "1", cwd=tmp_path / "late", check=False)
-    assert refused.returncode == 2 and "--defect_start 1: expected a share of the epochs in [0, 1)" in refused.stderr
-
-
 class MakesAFolder:
     """A pickle that would make a folder if unpickled by plain pickle.load."""
 
