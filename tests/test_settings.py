@@ -6,7 +6,7 @@ import train_draem
 from helpers import run_settings
 from model_unet import DraemModel
 from scoring.results import configuration_means, seed_summaries
-from training.checkpoint import model_from_checkpoint, save_training
+from training.checkpoint import UNRECORDED, model_from_checkpoint, save_training
 from training.settings import LOCATIONS, differences, run_name
 
 # A different value for every setting of the identity: each must change the run's name.
@@ -33,6 +33,20 @@ def test_every_setting_that_shapes_the_weights_changes_the_run_name():
     # ... but the same data at another path is the same one
     moved = base | {"data_path": "/mnt/other", "anomaly_source_path": "/mnt/dtd"}
     assert run_name(moved) == run_name(base) and differences(base, moved) == []
+
+
+# The settings every checkpoint has recorded since they became one plain dict (d73f8dc, 2026-12-03).
+FIRST_RECORDED = {"amp", "anomaly_source_path", "base_width", "bit_depth", "bs", "calibration_split", "category",
+                  "channel_order", "data_path", "defect_share", "epochs", "image_size", "lr", "paste_defects",
+                  "pixel_labels", "processes", "recipe", "seed", "seg_base_width", "sspcab", "sync_bn", "train_crop",
+                  "train_defects", "unsupervised"}
+
+
+def test_a_setting_added_later_says_what_older_checkpoints_trained_with():
+    later = set(run_settings()) - FIRST_RECORDED
+    assert later, "the list above is out of date"
+    # without it, --resume refuses every checkpoint written before the flag existed (tests/integration/test_runs.py)
+    assert later <= set(UNRECORDED), f"add {sorted(later - set(UNRECORDED))} to UNRECORDED (training/checkpoint.py)"
 
 
 def spelled(value):

@@ -18,10 +18,12 @@ from model_unet import DraemModel
 from training.files import first_line, write_atomically
 
 FORMAT = "draem-checkpoint-v1"
-# What scoring reads from a model's settings, for files that do not record it (official and anomalib weights, and
-# checkpoints written before the setting existed): the value those were trained and are read with.
+# A setting a file does not record (official and anomalib weights, and checkpoints written before the setting
+# existed): the value those were trained and are read with. Scoring reads it, and --resume compares it, so that a
+# run trained before a flag was added continues under the code that adds it. A flag added to train_draem.py gets
+# its entry here: the value at which it trains as the code did before it (tests/test_settings.py checks).
 UNRECORDED = {"image_size": [256, 256], "channel_order": CHANNEL_ORDER, "bit_depth": FULL_RANGE, "sspcab": False,
-              "recipe": "official"}
+              "recipe": "official", "score_loss": 0.0, "paste_contrast": 0.0}
 ANOMALIB_PREFIX = "model."
 
 
@@ -159,7 +161,7 @@ def run_settings_of(path: Path) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a damaged or foreign file: no settings of ours
         return None
-    return state["config"] if isinstance(state, dict) and state.get("format") == FORMAT else None
+    return UNRECORDED | state["config"] if isinstance(state, dict) and state.get("format") == FORMAT else None
 
 
 def infer_widths(reconstructive: dict, discriminative: dict) -> dict:

@@ -95,6 +95,25 @@ def test_resume_alone_finds_its_run_when_epochs_grow_and_never_restarts_silently
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 2
 
 
+def test_a_checkpoint_written_before_a_flag_existed_is_resumed_by_the_code_that_adds_it(data, tmp_path):
+    train(data, tmp_path, "--epochs", "1", "--eval_every", "-1")
+    [new] = (tmp_path / "checkpoints").glob("*.pt")
+    # as written before --score_loss and --paste_contrast existed: neither recorded, and another name then
+    state = torch.load(new, weights_only=True)
+    assert state["config"].pop("score_loss") == 0.0 and state["config"].pop("paste_contrast") == 0.0
+    older = new.with_name("DRAEM_weave_written_before.pt")
+    torch.save(state, older)
+    new.unlink()
+    proc = train(data, tmp_path, "--epochs", "2", "--eval_every", "-1", "--resume")
+    assert f"resumed from {Path('checkpoints') / older.name} at step 3" in proc.stdout, proc.stdout + proc.stderr
+    steps = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("[weave] step ")]
+    assert steps == ["4/6", "6/6"]
+    # a flag set away from the value older files trained with is another run: refused, in one line
+    proc = train(data, tmp_path, "--epochs", "2", "--score_loss", "0.1", "--resume", older, check=False)
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "score_loss 0.0 -> 0.1" in line, proc.stderr
+
+
 def test_a_defect_image_without_a_mask_costs_only_its_pixel_metrics(data, tmp_path):
     shutil.copytree(data / "weave", tmp_path / "d" / "weave")
     (tmp_path / "d" / "weave" / "ground_truth" / "hole" / "001_mask.png").unlink()
